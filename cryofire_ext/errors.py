@@ -1,0 +1,10 @@
+"""Errors a user can act on.
+
+`InputError` carries a one-paragraph message that names the file, the row or
+field, and what was expected. The CLI prints it without a traceback and exits
+with status 2; library code raises it for bad input and nothing else.
+"""
+
+
+class InputError(ValueError):
+    """Bad user input (file, row, field, value) with a message that says what was expected."""

@@ -1,0 +1,88 @@
+"""ParticleStack: what the core knows about a set of particles.
+
+No STAR or .cs column names here. Adapters in `integrations` build a stack and
+may attach an opaque `passthrough` (their own table) so that their exporters can
+keep every input column; the core never looks inside it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import numpy as np
+
+from cryofire_ext.ctf import CTFParams
+from cryofire_ext.errors import InputError
+from cryofire_ext.images import ImageSource
+
+
+@dataclass
+class ParticleStack:
+    """A set of `n` particles.
+
+    ids: `(n,)` stable particle ids (str; e.g. RELION image names or cryoSPARC uids as text).
+    pixel_size_A: Angstrom per pixel of the images (one value for the stack).
+    box: image size in pixels (square).
+    ctf: per-particle CTF parameters in internal units.
+    images: lazy image source, or None when only metadata was read.
+    A: `(n, 3, 3)` RELION rotation matrices (left-multiply xyz column vectors), or None.
+    shifts_A: `(n, 2)` RELION-sign origins in Angstrom, (x, y), or None.
+    class_id: `(n,)` 0-based class, or None.  subset: `(n,)` half-set 0/1, or None.
+    optics_group: `(n,)` 0-based optics group.
+    source_rows: `(n,)` row of each particle in `passthrough`.
+    passthrough: the adapter's own table (opaque to the core).
+    """
+
+    ids: np.ndarray
+    pixel_size_A: float
+    box: int
+    ctf: CTFParams
+    images: ImageSource | None = None
+    A: np.ndarray | None = None
+    shifts_A: np.ndarray | None = None
+    class_id: np.ndarray | None = None
+    subset: np.ndarray | None = None
+    optics_group: np.ndarray | None = None
+    source_rows: np.ndarray | None = None
+    passthrough: Any = field(default=None, repr=False)
+    missing_stacks: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        n = len(self.ids)
+        self.ids = np.asarray(self.ids).astype(str)
+        if self.source_rows is None:
+            self.source_rows = np.arange(n)
+        if self.optics_group is None:
+            self.optics_group = np.zeros(n, dtype=np.int64)
+        if len(self.ctf) != n:
+            raise InputError(f"{len(self.ctf)} CTF rows for {n} particles")
+        for name, shape in (("A", (n, 3, 3)), ("shifts_A", (n, 2)), ("class_id", (n,)), ("subset", (n,)),
+                            ("optics_group", (n,)), ("source_rows", (n,))):
+            value = getattr(self, name)
+            if value is not None and np.shape(value) != shape:
+                raise InputError(f"ParticleStack.{name} has shape {np.shape(value)}, expected {shape}")
+        if self.images is not None and len(self.images) != n:
+            raise InputError(f"{len(self.images)} images for {n} particles")
+        if not self.pixel_size_A > 0:
+            raise InputError(f"pixel size must be positive, got {self.pixel_size_A} A")
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @property
+    def has_poses(self) -> bool:
+        return self.A is not None
+
+    def require_images(self) -> ImageSource:
+        """The image source, or an InputError listing the stacks that could not be found."""
+        if self.images is None:
+            listed = ", ".join(self.missing_stacks[:5]) or "(none named)"
+            more = f" and {len(self.missing_stacks) - 5} more" if len(self.missing_stacks) > 5 else ""
+            raise InputError(f"the particle images are not available: missing stack files {listed}{more}. "
+                             "Pass --datadir with the folder that holds them.")
+        return self.images
+
+    def with_poses(self, A: np.ndarray, shifts_A: np.ndarray) -> "ParticleStack":
+        """A copy with new poses (the passthrough is shared, not copied)."""
+        return replace(self, A=np.asarray(A, dtype=np.float64), shifts_A=np.asarray(shifts_A, dtype=np.float64))

@@ -1,0 +1,70 @@
+"""Predictions: one row per particle from the final inference pass; versioned .npz, no pickle."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from cryofire_ext.errors import InputError
+from cryofire_ext.safe_io import atomic_path
+
+FORMAT = "cryofire-predictions"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class Predictions:
+    """ids `(n,)` str; A `(n, 3, 3)` RELION matrices (left-multiply xyz column vectors);
+    shifts_A `(n, 2)` RELION-sign origins in Angstrom; z `(n, d)` (d may be 0);
+    loss `(n,)` per-particle loss; meta: JSON-able run facts (pixel_size_A, box, ...)."""
+
+    ids: np.ndarray
+    A: np.ndarray
+    shifts_A: np.ndarray
+    z: np.ndarray
+    loss: np.ndarray
+    meta: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        n = len(self.ids)
+        self.ids = np.asarray(self.ids).astype(str)
+        self.z = np.asarray(self.z, dtype=np.float32).reshape(n, -1)
+        for name, shape in (("A", (n, 3, 3)), ("shifts_A", (n, 2)), ("loss", (n,))):
+            if np.shape(getattr(self, name)) != shape:
+                raise InputError(f"Predictions.{name} has shape {np.shape(getattr(self, name))}, expected {shape}")
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @property
+    def zdim(self) -> int:
+        return int(self.z.shape[1])
+
+    def save(self, path: str | os.PathLike, force: bool = False) -> Path:
+        """Write a versioned `.npz` (atomic; refuses to overwrite unless `force`)."""
+        header = {"format": FORMAT, "version": FORMAT_VERSION, "meta": self.meta}
+        with atomic_path(path, force=force) as tmp:
+            with open(tmp, "wb") as fh:
+                np.savez(fh, header=np.array(json.dumps(header)), ids=self.ids.astype("U"), A=self.A,
+                         shifts_A=self.shifts_A, z=self.z, loss=self.loss)
+        return Path(path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "Predictions":
+        path = Path(path)
+        if not path.is_file():
+            raise InputError(f"{path}: predictions file not found")
+        try:
+            with np.load(path, allow_pickle=False) as npz:
+                header = json.loads(str(npz["header"]))
+                arrays = {k: npz[k] for k in ("ids", "A", "shifts_A", "z", "loss")}
+        except (KeyError, ValueError, OSError) as exc:
+            raise InputError(f"{path}: not a cryofire predictions file ({exc})") from exc
+        if header.get("format") != FORMAT or header.get("version", 0) > FORMAT_VERSION:
+            raise InputError(f"{path}: format {header.get('format')} v{header.get('version')} is not "
+                             f"{FORMAT} v<={FORMAT_VERSION}")
+        return cls(meta=header.get("meta", {}), **arrays)

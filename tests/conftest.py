@@ -1,0 +1,32 @@
+"""Shared test setup: where the real third-party fixtures lie, and RELION availability."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+SHARED_FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"
+
+
+def shared_fixture(relpath: str) -> Path:
+    """Path of a real third-party fixture in ../shared/fixtures; skips the test when absent."""
+    path = SHARED_FIXTURES / relpath
+    if not path.exists():
+        pytest.skip(f"real fixture {relpath} not found under {SHARED_FIXTURES} (../shared/fixtures is absent)")
+    return path
+
+
+def require_relion(*programs: str) -> None:
+    """Skip with a reason when a RELION program is not installed (CI installs it)."""
+    for prog in programs or ("relion_reconstruct",):
+        if shutil.which(prog) is None:
+            pytest.skip(f"{prog} not installed (apt-get install -y relion)")
+
+
+def pytest_generate_tests(metafunc):
+    """Parametrise contract tests over each class's `fixtures` list (see tests/contract.py)."""
+    if "fixture_name" in metafunc.fixturenames and metafunc.cls is not None:
+        names = list(getattr(metafunc.cls, "fixtures", []))
+        metafunc.parametrize("fixture_name", names, ids=[n.replace("/", "_") for n in names])
