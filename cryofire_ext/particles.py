@@ -32,6 +32,11 @@ class ParticleStack:
     optics_group: `(n,)` 0-based optics group.
     source_rows: `(n,)` row of each particle in `passthrough`.
     passthrough: the adapter's own table (opaque to the core).
+    missing_stacks: stack files named by the metadata that could not be found (images is then None).
+    image_names: `(n,)` str, where each particle's image lives in RELION's `N@path` form (N 1-based),
+        known even when the stacks are absent (metadata-only conversion), or None when unknown.
+        Readers fill it (cryoSPARC: `blob/idx + 1 @ blob/path`), writers use it for rlnImageName / blob/path
+        when `images` is None. The path is absolute when the stack was found, else as the source wrote it.
     """
 
     ids: np.ndarray
@@ -47,6 +52,7 @@ class ParticleStack:
     source_rows: np.ndarray | None = None
     passthrough: Any = field(default=None, repr=False)
     missing_stacks: list[str] = field(default_factory=list)
+    image_names: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         n = len(self.ids)
@@ -55,10 +61,12 @@ class ParticleStack:
             self.source_rows = np.arange(n)
         if self.optics_group is None:
             self.optics_group = np.zeros(n, dtype=np.int64)
+        if self.image_names is not None:
+            self.image_names = np.asarray(self.image_names).astype(str)
         if len(self.ctf) != n:
             raise InputError(f"{len(self.ctf)} CTF rows for {n} particles")
         for name, shape in (("A", (n, 3, 3)), ("shifts_A", (n, 2)), ("class_id", (n,)), ("subset", (n,)),
-                            ("optics_group", (n,)), ("source_rows", (n,))):
+                            ("optics_group", (n,)), ("source_rows", (n,)), ("image_names", (n,))):
             value = getattr(self, name)
             if value is not None and np.shape(value) != shape:
                 raise InputError(f"ParticleStack.{name} has shape {np.shape(value)}, expected {shape}")
