@@ -1,16 +1,25 @@
 """CTF parameters (units in names) and, below, their evaluation on Fourier grids.
 
-Convention (RELION, checked on relion_project images; see ../shared/CONVENTIONS.md):
-`CTF = -sin(gamma) * scale * exp(-B/4 s^2)`,
-`gamma = pi*lambda*df(theta)*s^2 - (pi/2)*Cs*lambda^3*s^4 ... ` with defocus
-positive for underfocus, `df(theta) = (U+V)/2 + (U-V)/2 cos(2 (theta - angle))`.
+Convention (RELION `ctf.h`, checked against relion_project images; see ../shared/CONVENTIONS.md).
+With `df` positive for underfocus and `s` in 1/A:
+
+    CTF(s) = scale * exp(-B/4 s^2) * sin(pi*lambda*df(theta)*s^2 - (pi/2)*Cs*lambda^3*s^4
+                                         + phase_shift + atan(Q0/sqrt(1-Q0^2)))
+    df(theta) = (U+V)/2 + (U-V)/2 * cos(2*(theta - defocus_angle)),   theta = atan2(sy, sx)
+
+This is RELION's `-sin(gamma)` with RELION's internal defocus `deltaf = -df`
+(`gamma = pi*lambda*deltaf*s^2 + (pi/2)*Cs*lambda^3*s^4 - phase_shift - atan(...)`).
+Cs is converted from mm to Angstrom (x 1e7); lambda is the relativistic wavelength.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
+import math
+
 import numpy as np
+import torch
 
 from cryofire_ext.errors import InputError
 
@@ -81,6 +90,65 @@ class CTFParams:
 
 
 def electron_wavelength_A(voltage_kv) -> np.ndarray:
-    """Relativistic electron wavelength in Angstrom for an accelerating voltage in kV."""
+    """Relativistic electron wavelength in Angstrom for an accelerating voltage in kV (RELION's constant)."""
     v = np.asarray(voltage_kv, dtype=np.float64) * 1e3
-    return 12.2642598 / np.sqrt(v + 0.978466e-6 * v * v)
+    return 12.2643247 / np.sqrt(v + 0.978466e-6 * v * v)
+
+
+def electron_wavelength_A_torch(voltage_kv: torch.Tensor) -> torch.Tensor:
+    """Relativistic electron wavelength in Angstrom, torch version of `electron_wavelength_A`."""
+    v = voltage_kv * 1e3
+    return 12.2643247 / torch.sqrt(v + 0.978466e-6 * v * v)
+
+
+def _as_params(params, like: torch.Tensor) -> torch.Tensor:
+    if isinstance(params, CTFParams):
+        params = params.as_array()
+    p = torch.as_tensor(params, device=like.device)
+    if p.ndim == 1:
+        p = p[None]
+    if p.ndim != 2 or p.shape[1] != 9:
+        raise InputError(f"CTF parameters must be (n, 9) in CTFParams.as_array() order, got shape {tuple(p.shape)}")
+    return p
+
+
+def evaluate_ctf(params, freqs_per_A: torch.Tensor) -> torch.Tensor:
+    """The CTF of `n` particles at spatial frequencies shared by all of them.
+
+    params: `(n, 9)` tensor (or array, or a `CTFParams`) in `CTFParams.as_array()` order:
+        defocus_u_A, defocus_v_A, defocus_angle_rad, voltage_kv, cs_mm, amplitude_contrast,
+        phase_shift_rad, bfactor_A2, scale.
+    freqs_per_A: `(..., 2)` `(sx, sy)` in 1/A.
+    Returns `(n, ...)` in the dtype of `freqs_per_A` (at least float32); RELION's sign
+    (see the module docstring: positive at low frequency for amplitude contrast > 0).
+    """
+    freqs = torch.as_tensor(freqs_per_A)
+    if not freqs.is_floating_point():
+        freqs = freqs.to(torch.get_default_dtype())
+    dtype = freqs.dtype
+    p = _as_params(params, freqs).to(torch.float64)
+    lead = (-1,) + (1,) * (freqs.ndim - 1)
+    du, dv, ang, kv, cs, q0, phase, bfac, scale = (p[:, i].reshape(lead) for i in range(9))
+    lam = electron_wavelength_A_torch(kv)
+    sx = freqs[..., 0].to(torch.float64)
+    sy = freqs[..., 1].to(torch.float64)
+    s2 = sx * sx + sy * sy
+    theta = torch.atan2(sy, sx)
+    df = 0.5 * (du + dv) + 0.5 * (du - dv) * torch.cos(2.0 * (theta - ang))
+    w = torch.atan(q0 / torch.sqrt(1.0 - q0 * q0))
+    chi = math.pi * lam * df * s2 - 0.5 * math.pi * (cs * 1e7) * lam ** 3 * s2 * s2 + phase + w
+    ctf = scale * torch.sin(chi) * torch.exp(-0.25 * bfac * s2)
+    return ctf.to(dtype)
+
+
+def ctf_on_lattice(params, box: int, pixel_size_A: float, device=None, dtype=torch.float32) -> torch.Tensor:
+    """The CTF `(n, box, box)` on the centred Fourier lattice of `box`-pixel images.
+
+    Frequencies `s = k / (2 * pixel_size_A)` with `k = fourier.slice_lattice(box)` (units of
+    Nyquist), indexed `[y, x]` like `fourier.fft2_centered` output.
+    """
+    from cryofire_ext.fourier import slice_lattice
+
+    k = slice_lattice(box, device=device, dtype=torch.float64)[..., :2]
+    ctf = evaluate_ctf(_as_params(params, k), k / (2.0 * float(pixel_size_A)))
+    return ctf.to(dtype)

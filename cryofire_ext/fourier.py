@@ -1,0 +1,231 @@
+"""Centred Fourier and Hartley transforms, the slice lattice, masks, phase shifts, cropping.
+
+Conventions (checked on RELION-simulated images, see ../shared/CONVENTIONS.md):
+
+- Centred transforms: `F = fftshift(fft2(ifftshift(img)))` over the last two
+  (or three) dims, unnormalised forward, `1/N` on the inverse (torch's "backward").
+  The zero frequency sits at index `box // 2` for even and odd boxes.
+- Lattice `k` in units of Nyquist: `k = (j - box//2) / (box/2)`, so `k` runs over
+  `[-1, 1)` for an even box; cycles/pixel = `k / 2`; spatial frequency in 1/A is
+  `s = k / (2 * pixel_size_A)`.
+- Arrays are `(..., y, x)`; lattice points carry `(kx, ky, 0)`.
+- The Hartley transform is `H = Re F - Im F`. For a real image `F(-k) = conj F(k)`,
+  so `H(k) = Re F(k) - Im F(k)` and `H(-k) = Re F(k) + Im F(k)`.
+- `-k` on the centred lattice is the index `(2*(box//2) - j) mod box`: for an
+  even box the row/column at `k = -1` is its own partner (it wraps).
+
+Every function takes torch tensors with any leading batch dims and keeps their
+device; dtypes follow the input (complex64 for float32 images).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+_DIMS2 = (-2, -1)
+_DIMS3 = (-3, -2, -1)
+
+
+def fft2_centered(img: torch.Tensor) -> torch.Tensor:
+    """Centred 2D DFT `(..., h, w)` real or complex -> complex `(..., h, w)`: `fftshift(fft2(ifftshift(img)))`."""
+    img = torch.as_tensor(img)
+    return torch.fft.fftshift(torch.fft.fft2(torch.fft.ifftshift(img, dim=_DIMS2), dim=_DIMS2), dim=_DIMS2)
+
+
+def ifft2_centered(F: torch.Tensor) -> torch.Tensor:
+    """Inverse of `fft2_centered`, complex `(..., h, w)` -> complex `(..., h, w)` (take `.real` for images)."""
+    F = torch.as_tensor(F)
+    return torch.fft.fftshift(torch.fft.ifft2(torch.fft.ifftshift(F, dim=_DIMS2), dim=_DIMS2), dim=_DIMS2)
+
+
+def fft3_centered(vol: torch.Tensor) -> torch.Tensor:
+    """Centred 3D DFT over the last three dims `(..., d, h, w)` -> complex, zero frequency at `[d//2, h//2, w//2]`."""
+    vol = torch.as_tensor(vol)
+    return torch.fft.fftshift(torch.fft.fftn(torch.fft.ifftshift(vol, dim=_DIMS3), dim=_DIMS3), dim=_DIMS3)
+
+
+def ifft3_centered(F: torch.Tensor) -> torch.Tensor:
+    """Inverse of `fft3_centered`, complex `(..., d, h, w)` -> complex (take `.real` for maps)."""
+    F = torch.as_tensor(F)
+    return torch.fft.fftshift(torch.fft.ifftn(torch.fft.ifftshift(F, dim=_DIMS3), dim=_DIMS3), dim=_DIMS3)
+
+
+def hartley2_centered(img: torch.Tensor) -> torch.Tensor:
+    """Centred 2D Hartley transform, real `(..., h, w)` -> real `(..., h, w)`: `Re F - Im F` of `fft2_centered`."""
+    F = fft2_centered(img)
+    return F.real - F.imag
+
+
+def ihartley2_centered(H: torch.Tensor) -> torch.Tensor:
+    """Inverse of `hartley2_centered`: the Hartley transform is its own inverse up to `1/(h*w)`."""
+    H = torch.as_tensor(H)
+    h, w = H.shape[-2:]
+    return hartley2_centered(H) / (h * w)
+
+
+def hartley_from_fourier(F: torch.Tensor) -> torch.Tensor:
+    """`H = Re F - Im F`, complex `(..., h, w)` -> real `(..., h, w)`."""
+    return F.real - F.imag
+
+
+def negate_centered(x: torch.Tensor, ndim: int = 2) -> torch.Tensor:
+    """`x(-k)` on the centred lattice over the last `ndim` dims, `(..., h, w)` -> same shape.
+
+    Index `j` maps to `(2*(n//2) - j) mod n`; on an even box the `k = -1` row/column
+    maps to itself.
+    """
+    x = torch.as_tensor(x)
+    for d in range(-ndim, 0):
+        n = x.shape[d]
+        idx = (2 * (n // 2) - torch.arange(n, device=x.device)) % n
+        x = x.index_select(d, idx)
+    return x
+
+
+def fourier_from_hartley(H: torch.Tensor) -> torch.Tensor:
+    """Complex `F` of a real image from its centred Hartley transform `(..., h, w)`.
+
+    `F(k) = (H(k) + H(-k))/2 - i (H(k) - H(-k))/2`.
+    """
+    H = torch.as_tensor(H)
+    Hn = negate_centered(H)
+    return torch.complex(0.5 * (H + Hn), -0.5 * (H - Hn))
+
+
+def _axis_k(box: int, device=None, dtype=None) -> torch.Tensor:
+    dtype = dtype or torch.get_default_dtype()
+    return (torch.arange(box, device=device, dtype=dtype) - box // 2) / (box / 2)
+
+
+def slice_lattice(box: int, device=None, dtype=None) -> torch.Tensor:
+    """The central-slice lattice `(box, box, 3)`, indexed `[y, x]`, rows `(kx, ky, 0)` in units of Nyquist.
+
+    `k = (j - box//2) / (box/2)` per axis (`[-1, 1)` for an even box). For a pose
+    `A` (RELION matrix, left-multiplies xyz column vectors) the projection samples the
+    3D transform at `A^T k`; with lattice points as row vectors that is
+    `slice_lattice(box) @ A` (shape `(..., box, box, 3)` for `A` `(..., 1, 1, 3, 3)`,
+    or `(box*box, 3) @ A` for `A` `(n, 3, 3)` -> `(n, box*box, 3)`).
+    """
+    k = _axis_k(box, device, dtype)
+    ky, kx = torch.meshgrid(k, k, indexing="ij")
+    return torch.stack((kx, ky, torch.zeros_like(kx)), dim=-1)
+
+
+def radius_nyquist_grid(box: int, device=None, dtype=None) -> torch.Tensor:
+    """`|k|` on the centred 2D lattice `(box, box)` in units of Nyquist."""
+    k = slice_lattice(box, device, dtype)
+    return torch.linalg.vector_norm(k[..., :2], dim=-1)
+
+
+def circular_mask(box: int, radius_nyquist: float = 1.0, device=None) -> torch.Tensor:
+    """Bool `(box, box)`: lattice points with `|k| <= radius_nyquist` (units of Nyquist)."""
+    r = radius_nyquist_grid(box, device, torch.float64)
+    return r <= radius_nyquist + 1e-9
+
+
+def half_plane_mask(box: int, radius_nyquist: float = 1.0, device=None) -> torch.Tensor:
+    """Bool `(box, box)`: one point of every Hermitian pair `{k, -k}` inside the circle.
+
+    Holds `ky > 0`, the `ky = 0` line with `kx >= 0` (the origin included), and,
+    on an even box, the points of the wrapped `k = -1` row/column whose flattened
+    index is not smaller than their partner's (self-partners included). Together
+    with `negate_centered` it covers `circular_mask(box, radius_nyquist)` exactly.
+    """
+    circle = circular_mask(box, radius_nyquist, device)
+    lin = torch.arange(box * box, device=device).reshape(box, box)
+    partner = negate_centered(lin)
+    return circle & (lin >= partner)
+
+
+def expand_half(values_on_half: torch.Tensor, box: int, radius_nyquist: float = 1.0) -> torch.Tensor:
+    """Fill the full centred lattice from values on `half_plane_mask(box, radius_nyquist)`.
+
+    values_on_half: `(..., m)`, `m = half_plane_mask(...).sum()`, in the mask's row-major order.
+    Returns `(..., box, box)`: `F(k)` on the half, `F(-k) = conj F(k)` on the other half,
+    zero outside the circle. Complex input gives the transform of a real image; real
+    input is filled as an even function (`f(-k) = f(k)`, e.g. a CTF or a weight).
+
+    Hartley values: `H(-k)` is NOT determined by `H(k)` alone (`H(k) = Re F - Im F`,
+    `H(-k) = Re F + Im F`). Evaluate the complex `F` on the half, expand it here,
+    then take `hartley_from_fourier` of the result.
+    """
+    values_on_half = torch.as_tensor(values_on_half)
+    half = half_plane_mask(box, radius_nyquist, values_on_half.device)
+    m = int(half.sum())
+    if values_on_half.shape[-1] != m:
+        raise ValueError(f"expand_half: expected {m} values on the half lattice of box {box}, "
+                         f"got {values_on_half.shape[-1]}")
+    lead = values_on_half.shape[:-1]
+    out = values_on_half.new_zeros(lead + (box * box,))
+    flat_half = half.reshape(-1)
+    out[..., flat_half] = values_on_half
+    partner = negate_centered(torch.arange(box * box, device=half.device).reshape(box, box)).reshape(-1)
+    src = torch.nonzero(flat_half).squeeze(-1)
+    vals = values_on_half.conj() if values_on_half.is_complex() else values_on_half
+    # write partners first-come; self-partners keep F(k) (real for a real image)
+    dst = partner[src]
+    not_self = dst != src
+    out[..., dst[not_self]] = vals[..., not_self]
+    return out.reshape(lead + (box, box))
+
+
+def phase_shift_centered(F: torch.Tensor, shifts_px: torch.Tensor) -> torch.Tensor:
+    """Undo a RELION origin: `F (..., h, w)` complex times `exp(-i*pi*(kx*tx + ky*ty))`.
+
+    shifts_px: `(..., 2)` `(x, y)` in pixels, RELION origin sign (`image(x) =
+    centred_projection(x + origin)`), broadcast against `F`'s leading dims. The result
+    is the transform of the centred image. Pass `-shifts_px` to apply an origin.
+    """
+    F = torch.as_tensor(F)
+    shifts_px = torch.as_tensor(shifts_px, device=F.device)
+    phase = _phase(F.shape[-2], F.shape[-1], shifts_px, F.real.dtype, F.device)
+    return F * torch.polar(torch.ones_like(phase), -phase)
+
+
+def _phase(h: int, w: int, shifts_px: torch.Tensor, dtype, device) -> torch.Tensor:
+    """`pi * (kx*tx + ky*ty)`, `(..., h, w)`."""
+    kx = _axis_k(w, device, dtype)
+    ky = _axis_k(h, device, dtype)
+    t = shifts_px.to(dtype)
+    tx = t[..., 0, None, None]
+    ty = t[..., 1, None, None]
+    return math.pi * (kx[None, :] * tx + ky[:, None] * ty)
+
+
+def phase_shift_hartley(H: torch.Tensor, shifts_px: torch.Tensor) -> torch.Tensor:
+    """`phase_shift_centered` in the Hartley domain: the Hartley transform of the re-centred image.
+
+    H: `(..., h, w)` real centred Hartley transform; shifts_px: `(..., 2)` `(x, y)` RELION origin.
+    With `E = (H(k) + H(-k))/2`, `O = (H(k) - H(-k))/2`, `phi = pi k.t`:
+    `H'(k) = E (cos phi + sin phi) + O (cos phi - sin phi)`.
+    """
+    H = torch.as_tensor(H)
+    shifts_px = torch.as_tensor(shifts_px, device=H.device)
+    Hn = negate_centered(H)
+    E, O = 0.5 * (H + Hn), 0.5 * (H - Hn)
+    phi = _phase(H.shape[-2], H.shape[-1], shifts_px, H.dtype, H.device)
+    c, s = torch.cos(phi), torch.sin(phi)
+    return E * (c + s) + O * (c - s)
+
+
+def fourier_crop(img: torch.Tensor, new_box: int) -> torch.Tensor:
+    """Downsample real images `(..., h, w)` (square) to `(..., new_box, new_box)` by cropping the centred transform.
+
+    The pixel size grows by `box / new_box`; values are rescaled so that the image
+    mean (and hence real-space density per pixel) is preserved.
+    """
+    img = torch.as_tensor(img)
+    box = img.shape[-1]
+    if img.shape[-2] != box:
+        raise ValueError(f"fourier_crop needs square images, got {tuple(img.shape[-2:])}")
+    if not 0 < new_box <= box:
+        raise ValueError(f"fourier_crop: new_box must be in 1..{box}, got {new_box}")
+    if new_box == box:
+        return img.clone()
+    F = fft2_centered(img)
+    start = box // 2 - new_box // 2
+    Fc = F[..., start:start + new_box, start:start + new_box]
+    out = ifft2_centered(Fc).real * (new_box / box) ** 2
+    return out.to(img.dtype)
