@@ -1,0 +1,13 @@
+"""cryoSPARC particle files (.cs) through cryosparc-tools' `Dataset`: read, write, latent coordinates.
+
+Front doors: `read_cs`, `write_cs`, `read_latents`; `stack_from_dataset` / `dataset_from_stack`
+are the pure Dataset <-> ParticleStack steps (used by the cryoSPARC external job).
+Stacks read here have `ids` = uids as text and `image_names` = `N@path` (N = blob/idx + 1),
+so a STAR writer can name the images even when the stacks are absent.
+"""
+
+from integrations.cryosparc.cs import find_passthrough, read_cs, read_latents, stack_from_dataset
+from integrations.cryosparc.export import dataset_from_stack, uids_for_ids, write_cs
+
+__all__ = ["read_cs", "write_cs", "read_latents", "stack_from_dataset", "dataset_from_stack", "find_passthrough",
+           "uids_for_ids"]

@@ -1,0 +1,165 @@
+"""Write a `ParticleStack` (poses, latent coordinates) as a cryoSPARC particle `.cs` file.
+
+Two cases:
+- the stack came from a .cs (its passthrough is a cryosparc-tools `Dataset`): every input field is
+  kept; `alignments3D/pose` (= -rotvec(A)), `alignments3D/shift` (pixels of `alignments3D/psize_A`),
+  `alignments3D/psize_A` (the stack's pixel size), `alignments3D/split`/`class` (when the stack has
+  them) are set, added when absent;
+- otherwise (a STAR file, a simulation): a new Dataset with `uid`, `blob/*`, `ctf/*` and
+  `alignments3D/*`.
+Latent coordinates `z` `(n, d)` go to `components_mode_K/component` (u4, = K) and
+`components_mode_K/value` (f4), K = 0..d-1, the layout cryoSPARC's 3D Variability writes.
+
+uids of a new Dataset: the ids themselves when every id is an integer in [0, 2^64) and they are
+unique (a .cs read back); otherwise `uid = int.from_bytes(blake2b(id.encode(), digest_size=8).digest(), "little")`,
+so converting the same STAR twice gives the same uids (a repeated id gets `id + "#k"` hashed instead).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+from cryosparc.dataset import Dataset
+
+from cryofire_ext.errors import InputError
+from cryofire_ext.particles import ParticleStack
+from cryofire_ext.poses import matrix_to_cryosparc_pose
+from cryofire_ext.safe_io import atomic_path, check_writable
+
+log = logging.getLogger(__name__)
+
+ALIGN_FIELDS = [("alignments3D/pose", "<f4", (3,)), ("alignments3D/shift", "<f4", (2,)), ("alignments3D/psize_A", "<f4")]
+_COMPONENT = re.compile(r"^components_mode_(\d+)/")
+
+
+def uids_for_ids(ids: np.ndarray) -> np.ndarray:
+    """`(n,)` u8 uids for particle ids: the ids when they are unique integers < 2^64, else their blake2b-64 hashes."""
+    ids = np.asarray(ids).astype(str)
+    if len(ids) and all(s.isdigit() for s in ids):
+        values = [int(s) for s in ids]
+        if max(values) < 2**64 and len(set(values)) == len(values):
+            return np.asarray(values, dtype=np.uint64)
+    seen: dict[str, int] = {}
+    out = np.empty(len(ids), dtype=np.uint64)
+    for i, s in enumerate(ids):
+        k = seen.get(s, 0)
+        seen[s] = k + 1
+        key = s if k == 0 else f"{s}#{k}"
+        out[i] = int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little")
+    if len(np.unique(out)) != len(out):  # 2^-64 per pair: would mean a bug, not bad luck
+        raise InputError("particle ids hash to repeated cryoSPARC uids; give the particles unique ids")
+    return out
+
+
+def _image_refs(stack: ParticleStack) -> tuple[np.ndarray, np.ndarray]:
+    """(paths `(n,)` str, 0-based indices `(n,)`) of each particle's image.
+
+    From `stack.image_names` (`N@path`), else the image source's paths, else ids of the `N@path` form.
+    Paths of files that exist are made absolute; others are kept as the source wrote them.
+    """
+    names = stack.image_names
+    if names is None and stack.images is not None and hasattr(stack.images, "paths"):
+        paths = np.asarray(stack.images.paths).astype(str)
+        idx = np.asarray(stack.images.indices, dtype=np.int64)
+    else:
+        if names is None:
+            names = np.asarray(stack.ids).astype(str)
+        bad = [k for k, s in enumerate(names) if "@" not in s or not s.split("@", 1)[0].strip().isdigit()]
+        if bad:
+            raise InputError(f"particle {bad[0]} (id '{stack.ids[bad[0]]}') has no image file reference (expected "
+                             "'N@path'); a cryoSPARC .cs needs blob/path and blob/idx for every particle.")
+        split = [s.split("@", 1) for s in names]
+        idx = np.asarray([int(a) - 1 for a, _ in split], dtype=np.int64)
+        paths = np.asarray([b for _, b in split]).astype(str)
+    unique, inverse = np.unique(paths, return_inverse=True)
+    fixed = np.asarray([os.path.abspath(p) if os.path.isfile(p) else p for p in unique], dtype=object)
+    return fixed[inverse], idx
+
+
+def _new_dataset(stack: ParticleStack) -> Dataset:
+    n = len(stack)
+    paths, idx = _image_refs(stack)
+    ctf = stack.ctf
+    cols = [
+        ("uid", uids_for_ids(stack.ids)),
+        ("blob/path", np.asarray(paths, dtype=object)),
+        ("blob/idx", idx.astype(np.uint32)),
+        ("blob/shape", np.tile(np.asarray([stack.box, stack.box], dtype=np.uint32), (n, 1))),
+        ("blob/psize_A", np.full(n, stack.pixel_size_A, dtype=np.float32)),
+        ("ctf/type", np.asarray(["imported"] * n, dtype=object)),
+        ("ctf/exp_group_id", np.asarray(stack.optics_group, dtype=np.uint32)),
+        ("ctf/accel_kv", ctf.voltage_kv.astype(np.float32)),
+        ("ctf/cs_mm", ctf.cs_mm.astype(np.float32)),
+        ("ctf/amp_contrast", ctf.amplitude_contrast.astype(np.float32)),
+        ("ctf/df1_A", ctf.defocus_u_A.astype(np.float32)),
+        ("ctf/df2_A", ctf.defocus_v_A.astype(np.float32)),
+        ("ctf/df_angle_rad", ctf.defocus_angle_rad.astype(np.float32)),
+        ("ctf/phase_shift_rad", ctf.phase_shift_rad.astype(np.float32)),
+        ("ctf/scale", ctf.scale.astype(np.float32)),
+        ("ctf/bfactor", ctf.bfactor_A2.astype(np.float32)),
+    ]
+    return Dataset(cols) if n else Dataset.allocate(0, [(name, _dtype_of(v)) for name, v in cols])
+
+
+def _dtype_of(v: np.ndarray):
+    v = np.asarray(v)
+    return ("O" if v.dtype == object else v.dtype.str) if v.ndim == 1 else (v.dtype.str, v.shape[1:])
+
+
+def _set(dset: Dataset, name: str, values: np.ndarray, dtype: str, shape: tuple = ()) -> None:
+    if name not in dset.fields():
+        dset.add_fields([(name, dtype, shape)] if shape else [(name, dtype)])
+    dset[name] = np.asarray(values).astype(dtype)
+
+
+def dataset_from_stack(stack: ParticleStack, z: np.ndarray | None = None) -> Dataset:
+    """The cryoSPARC `Dataset` that `write_cs` saves for `stack` (and latent coordinates `z` `(n, d)`).
+
+    Pure: builds the table only. A Dataset passthrough is copied (rows in `stack.source_rows`
+    order), never modified.
+    """
+    n = len(stack)
+    if isinstance(stack.passthrough, Dataset):
+        dset = stack.passthrough.take(np.asarray(stack.source_rows, dtype=np.int64))
+    else:
+        dset = _new_dataset(stack)
+    if stack.A is not None and n:
+        psize = float(stack.pixel_size_A)
+        _set(dset, "alignments3D/pose", matrix_to_cryosparc_pose(stack.A), "<f4", (3,))
+        _set(dset, "alignments3D/shift", np.asarray(stack.shifts_A, dtype=np.float64) / psize, "<f4", (2,))
+        _set(dset, "alignments3D/psize_A", np.full(n, psize), "<f4")
+        if stack.subset is not None:
+            _set(dset, "alignments3D/split", stack.subset, "<u4")
+        if stack.class_id is not None:
+            _set(dset, "alignments3D/class", stack.class_id, "<u4")
+    if z is not None:
+        z = np.asarray(z, dtype=np.float32)
+        if z.ndim != 2 or z.shape[0] != n:
+            raise InputError(f"latent coordinates have shape {z.shape}; expected ({n}, d), one row per particle")
+        d = z.shape[1]
+        stale = [f for f in dset.fields() if (m := _COMPONENT.match(f)) and int(m.group(1)) >= d]
+        if stale:
+            dset.drop_fields(stale)
+        for k in range(d):
+            _set(dset, f"components_mode_{k}/component", np.full(n, k), "<u4")
+            _set(dset, f"components_mode_{k}/value", z[:, k], "<f4")
+    return dset
+
+
+def write_cs(stack: ParticleStack, path, z: np.ndarray | None = None, force: bool = False) -> Path:
+    """Save `stack` (poses, and `z` `(n, d)` when given) as a cryoSPARC `.cs` file; returns the path.
+
+    Refuses to overwrite unless `force`; writes to a temporary name beside `path`, then renames.
+    """
+    path = check_writable(path, force)
+    dset = dataset_from_stack(stack, z)
+    with atomic_path(path, force=force) as tmp:
+        with open(tmp, "wb") as fh:
+            dset.save(fh)
+    log.info("wrote %d particles to %s", len(dset), path)
+    return path
