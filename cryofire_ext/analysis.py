@@ -1,0 +1,434 @@
+"""Latent-space analysis: PCA and clustering of z, maps at points of z, FSC between maps.
+
+The front doors are verbs: `pca`, `cluster`, `pc_traversal`, `write_maps`,
+`map_fsc`, `load_run`, `analyze_run`, `eval_volumes`, `cluster_members`. Cluster
+labels are 0-based inside the library; users see 1-based cluster numbers
+(`cluster 1` is label 0) in file names, plots, the report and `cryofire select`.
+
+Shapes: `z` is `(n, d)` (n particles, latent dimension d); maps are `(D, D, D)`
+float32 `[z, y, x]` with a voxel size in Angstrom.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Protocol, Sequence
+
+import mrcfile
+import numpy as np
+
+from cryofire_ext.errors import InputError
+from cryofire_ext.results import Predictions
+from cryofire_ext.safe_io import atomic_path
+
+log = logging.getLogger(__name__)
+
+CLUSTERS_FORMAT = "cryofire-clusters"
+CLUSTERS_VERSION = 1
+K_CRITERION = "minimum BIC of a full-covariance Gaussian mixture over K = 1..k_max"
+
+
+# --------------------------------------------------------------------------- PCA
+@dataclass
+class PCAResult:
+    """mean `(d,)`; components `(p, d)` (unit rows, PC1 first); explained_variance `(p,)`;
+    explained_variance_ratio `(p,)` (fraction of the total variance of z); coords `(n, p)`."""
+
+    mean: np.ndarray
+    components: np.ndarray
+    explained_variance: np.ndarray
+    explained_variance_ratio: np.ndarray
+    coords: np.ndarray
+
+
+def _check_z(z: np.ndarray, what: str = "z") -> np.ndarray:
+    z = np.asarray(z, dtype=np.float64)
+    if z.ndim != 2 or z.shape[1] == 0:
+        raise InputError(f"{what}: latent coordinates must be (n, d) with d >= 1, got shape {z.shape}; "
+                         "a run trained without a latent space (zdim 0) has nothing to analyse")
+    if len(z) < 2:
+        raise InputError(f"{what}: need at least 2 particles to analyse the latent space, got {len(z)}")
+    if not np.all(np.isfinite(z)):
+        bad = int(np.nonzero(~np.all(np.isfinite(z), axis=1))[0][0])
+        raise InputError(f"{what}: row {bad} (0-based) holds a non-finite latent coordinate")
+    return z
+
+
+def pca(z: np.ndarray, n_components: int = 2) -> PCAResult:
+    """Principal components of `z` `(n, d)`; `n_components` is clipped to `min(n, d)`.
+
+    Signs are fixed so that the largest-magnitude loading of each component is positive
+    (deterministic across runs).
+    """
+    z = _check_z(z)
+    if n_components < 1:
+        raise InputError(f"--pcs must be at least 1, got {n_components}")
+    p = min(n_components, z.shape[0], z.shape[1])
+    mean = z.mean(axis=0)
+    _, s, vt = np.linalg.svd(z - mean, full_matrices=False)
+    vt = vt[:p]
+    sign = np.sign(vt[np.arange(p), np.argmax(np.abs(vt), axis=1)])
+    vt = vt * sign[:, None]
+    var = s ** 2 / max(len(z) - 1, 1)
+    total = var.sum()
+    ratio = var[:p] / total if total > 0 else np.zeros(p)
+    return PCAResult(mean=mean, components=vt, explained_variance=var[:p], explained_variance_ratio=ratio,
+                     coords=(z - mean) @ vt.T)
+
+
+def pc_traversal(result: PCAResult, pc: int, n_steps: int = 10, lo_pct: float = 5.0,
+                 hi_pct: float = 95.0) -> np.ndarray:
+    """Points `(n_steps, d)` along principal component `pc` (0-based) from its `lo_pct` to its
+    `hi_pct` percentile of the particles' coordinates, all other components at the mean."""
+    if not 0 <= pc < len(result.components):
+        raise InputError(f"PC{pc + 1} was not computed (only {len(result.components)} components)")
+    lo, hi = np.percentile(result.coords[:, pc], [lo_pct, hi_pct])
+    t = np.linspace(lo, hi, n_steps)
+    return result.mean[None, :] + t[:, None] * result.components[pc][None, :]
+
+
+# --------------------------------------------------------------------- clustering
+@dataclass
+class Clustering:
+    """A clustering of `n` particles into `k` clusters.
+
+    method: 'gmm' or 'kmeans' (which `labels` came from); labels `(n,)` 0-based;
+    kmeans_labels, gmm_labels `(n,)` both methods' labels (matched to `labels`' numbering);
+    centres `(k, d)` cluster centres in z; centre_particles `(k,)` index of the particle
+    nearest each centre (maps there are "on data"); k_source: 'user' or 'bic';
+    bic: {K: BIC of the Gaussian mixture with K components} where computed.
+    """
+
+    method: str
+    labels: np.ndarray
+    centres: np.ndarray
+    centre_particles: np.ndarray
+    kmeans_labels: np.ndarray
+    gmm_labels: np.ndarray
+    k_source: str
+    bic: dict = field(default_factory=dict)
+
+    @property
+    def k(self) -> int:
+        return int(len(self.centres))
+
+    def populations(self) -> np.ndarray:
+        """`(k,)` particle counts per cluster (label order)."""
+        return np.bincount(self.labels, minlength=self.k)
+
+
+def _gmm(z: np.ndarray, k: int, seed: int):
+    from sklearn.mixture import GaussianMixture
+
+    return GaussianMixture(n_components=k, covariance_type="full", n_init=2, reg_covar=1e-5,
+                           random_state=seed).fit(z)
+
+
+def choose_k(z: np.ndarray, k_max: int = 10, seed: int = 0) -> tuple[int, dict]:
+    """K with the smallest BIC of a full-covariance Gaussian mixture, K = 1..k_max; returns (K, {K: BIC})."""
+    z = _check_z(z)
+    k_max = max(1, min(k_max, len(z) - 1))
+    bic = {}
+    for k in range(1, k_max + 1):
+        bic[k] = float(_gmm(z, k, seed).bic(z))
+    best = min(bic, key=bic.get)
+    return best, bic
+
+
+def _match_labels(ref: np.ndarray, other: np.ndarray, k: int) -> np.ndarray:
+    """Renumber `other` to agree best with `ref` (Hungarian matching on the confusion matrix)."""
+    from scipy.optimize import linear_sum_assignment
+
+    conf = np.zeros((k, k))
+    np.add.at(conf, (ref, other), 1)
+    rows, cols = linear_sum_assignment(-conf)
+    mapping = np.empty(k, dtype=np.int64)
+    mapping[cols] = rows
+    return mapping[other]
+
+
+def cluster(z: np.ndarray, k: int | None = None, *, method: str = "gmm", k_max: int = 10,
+            seed: int = 0) -> Clustering:
+    """Cluster `z` `(n, d)` with k-means and a Gaussian mixture; `labels` come from `method`.
+
+    K: `k` when given (1 <= k <= n), else chosen by `choose_k` (minimum BIC). Clusters are
+    numbered by decreasing population (label 0 = the largest cluster), ties by PC order of
+    the centre, so numbering is stable for a given seed.
+    """
+    from sklearn.cluster import KMeans
+
+    z = _check_z(z)
+    n = len(z)
+    if method not in ("gmm", "kmeans"):
+        raise InputError(f"clustering method must be 'gmm' or 'kmeans', got {method!r}")
+    bic: dict = {}
+    if k is None:
+        k, bic = choose_k(z, k_max=k_max, seed=seed)
+        k_source = "bic"
+    else:
+        k_source = "user"
+        if not 1 <= k <= n:
+            raise InputError(f"--clusters {k}: K must be between 1 and the number of particles ({n})")
+    km = KMeans(n_clusters=k, n_init=10, random_state=seed).fit(z)
+    km_labels = km.labels_.astype(np.int64)
+    gmm = _gmm(z, k, seed)
+    gmm_labels = gmm.predict(z).astype(np.int64)
+    if not bic and k < n:
+        bic = {k: float(gmm.bic(z))}
+    labels = gmm_labels if method == "gmm" else km_labels
+    # renumber by decreasing population
+    counts = np.bincount(labels, minlength=k)
+    order = np.argsort(-counts, kind="stable")
+    relabel = np.empty(k, dtype=np.int64)
+    relabel[order] = np.arange(k)
+    labels = relabel[labels]
+    centres = np.stack([z[labels == j].mean(axis=0) if np.any(labels == j) else
+                        (gmm.means_ if method == "gmm" else km.cluster_centers_)[order[j]] for j in range(k)])
+    other = km_labels if method == "gmm" else gmm_labels
+    other = _match_labels(labels, other, k)
+    dist = ((z[None, :, :] - centres[:, None, :]) ** 2).sum(-1) if n * k < 5e7 else None
+    if dist is None:
+        centre_particles = np.array([int(np.argmin(((z - c) ** 2).sum(-1))) for c in centres])
+    else:
+        centre_particles = np.argmin(dist, axis=1)
+    return Clustering(method=method, labels=labels, centres=centres, centre_particles=centre_particles.astype(np.int64),
+                      kmeans_labels=labels if method == "kmeans" else other,
+                      gmm_labels=labels if method == "gmm" else other, k_source=k_source, bic=bic)
+
+
+def save_clustering(c: Clustering, ids: np.ndarray, out_dir: str | os.PathLike, force: bool = False,
+                    extra: dict | None = None) -> tuple[Path, Path]:
+    """Write `clusters.npz` (versioned arrays) and `clusters.json` (a readable summary) in `out_dir`."""
+    out_dir = Path(out_dir)
+    pops = c.populations()
+    summary = {"format": CLUSTERS_FORMAT, "version": CLUSTERS_VERSION, "method": c.method, "k": c.k,
+               "k_source": c.k_source, "k_criterion": K_CRITERION if c.k_source == "bic" else "given by the user",
+               "numbering": "cluster numbers are 1-based (cluster 1 = label 0 in clusters.npz)",
+               "bic": {str(k): v for k, v in c.bic.items()},
+               "clusters": [{"cluster": j + 1, "particles": int(pops[j]), "centre_z": c.centres[j].tolist(),
+                             "centre_particle": str(ids[c.centre_particles[j]])} for j in range(c.k)],
+               **(extra or {})}
+    npz_path, json_path = out_dir / "clusters.npz", out_dir / "clusters.json"
+    with atomic_path(npz_path, force=force) as tmp:
+        with open(tmp, "wb") as fh:
+            np.savez(fh, header=np.array(json.dumps(summary)), ids=np.asarray(ids).astype("U"), labels=c.labels,
+                     centres=c.centres, centre_particles=c.centre_particles, kmeans_labels=c.kmeans_labels,
+                     gmm_labels=c.gmm_labels)
+    with atomic_path(json_path, force=force) as tmp:
+        tmp.write_text(json.dumps(summary, indent=2))
+    return npz_path, json_path
+
+
+def load_clustering(path: str | os.PathLike) -> tuple[Clustering, np.ndarray]:
+    """Read `clusters.npz` written by `save_clustering`; returns (clustering, ids `(n,)`)."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: clusters file not found; run `cryofire analyze RUN` first "
+                         "(it writes RUN/analysis/clusters.npz) or pass the analysis folder")
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            header = json.loads(str(npz["header"]))
+            arr = {k: npz[k] for k in ("ids", "labels", "centres", "centre_particles", "kmeans_labels", "gmm_labels")}
+    except (KeyError, ValueError, OSError) as exc:
+        raise InputError(f"{path}: not a cryofire clusters file ({exc})") from exc
+    if header.get("format") != CLUSTERS_FORMAT or header.get("version", 0) > CLUSTERS_VERSION:
+        raise InputError(f"{path}: format {header.get('format')} v{header.get('version')} is not "
+                         f"{CLUSTERS_FORMAT} v<={CLUSTERS_VERSION}")
+    c = Clustering(method=header["method"], labels=arr["labels"], centres=arr["centres"],
+                   centre_particles=arr["centre_particles"], kmeans_labels=arr["kmeans_labels"],
+                   gmm_labels=arr["gmm_labels"], k_source=header["k_source"],
+                   bic={int(k): v for k, v in header.get("bic", {}).items()})
+    return c, arr["ids"].astype(str)
+
+
+def parse_cluster_numbers(text: str, k: int) -> list[int]:
+    """'1,3' -> [0, 2]: 1-based cluster numbers as shown to users -> 0-based labels; checks 1..k."""
+    try:
+        numbers = [int(t) for t in str(text).replace(" ", "").split(",") if t]
+    except ValueError:
+        raise InputError(f"--clusters {text!r}: expected comma-separated 1-based cluster numbers such as 1,3") from None
+    if not numbers:
+        raise InputError("--clusters: give at least one 1-based cluster number, such as 1 or 1,3")
+    bad = [m for m in numbers if not 1 <= m <= k]
+    if bad:
+        raise InputError(f"--clusters {text}: cluster {bad[0]} does not exist; clusters are numbered 1..{k} (1-based)")
+    return sorted({m - 1 for m in numbers})
+
+
+def cluster_members(labels: np.ndarray, clusters: Sequence[int]) -> np.ndarray:
+    """Indices (sorted, 0-based rows of the predictions) of the particles whose label is in `clusters` (0-based)."""
+    return np.nonzero(np.isin(labels, np.asarray(list(clusters))))[0]
+
+
+# ------------------------------------------------------------------------- maps
+class VolumeSource(Protocol):
+    """What makes maps from latent points (the trained model: `cryofire_ext.predict.TrainedModel`)."""
+
+    pixel_size_A: float
+
+    def volumes(self, z: np.ndarray) -> np.ndarray:
+        """`(m, d)` -> `(m, D, D, D)` float32 maps."""
+
+
+def write_mrc(vol: np.ndarray, path: str | os.PathLike, voxel_size_A: float, force: bool = False) -> Path:
+    """Write one `(D, D, D)` map as MRC with its voxel size (atomic; refuses to overwrite unless `force`)."""
+    with atomic_path(path, force=force) as tmp:
+        with mrcfile.new(tmp, overwrite=True) as mrc:
+            mrc.set_data(np.ascontiguousarray(vol, dtype=np.float32))
+            mrc.voxel_size = float(voxel_size_A)
+    return Path(path)
+
+
+def write_maps(source: VolumeSource, z: np.ndarray, out_dir: str | os.PathLike, names: Sequence[str],
+               force: bool = False, batch: int = 4) -> list[Path]:
+    """Maps at latent points `z` `(m, d)` written as `out_dir/<name>.mrc` with the model's voxel size."""
+    z = np.asarray(z, dtype=np.float32).reshape(len(names), -1)
+    out_dir = Path(out_dir)
+    paths = []
+    for start in range(0, len(z), batch):
+        vols = np.asarray(source.volumes(z[start:start + batch]))
+        for j, vol in enumerate(vols):
+            paths.append(write_mrc(vol, out_dir / f"{names[start + j]}.mrc", source.pixel_size_A, force=force))
+    return paths
+
+
+def map_fsc(a: np.ndarray, b: np.ndarray, pixel_size_A: float) -> tuple[np.ndarray, np.ndarray]:
+    """FSC between two `(D, D, D)` maps in shells of one Fourier voxel: (frequency_per_A `(D//2,)`, fsc `(D//2,)`)."""
+    try:
+        from cryofire_ext.reconstruct import fsc as _fsc  # the physics module's FSC when present
+    except ImportError:
+        _fsc = None
+    if _fsc is not None:
+        out = _fsc(a, b, pixel_size_A)
+        return np.asarray(out[0]), np.asarray(out[1])
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    D = a.shape[0]
+    fa, fb = np.fft.fftshift(np.fft.fftn(a)), np.fft.fftshift(np.fft.fftn(b))
+    g = np.arange(D) - D // 2
+    r = np.sqrt(g[:, None, None] ** 2 + g[None, :, None] ** 2 + g[None, None, :] ** 2)
+    shell = np.round(r).astype(np.int64).ravel()
+    keep = shell < D // 2
+    num = np.bincount(shell[keep], (fa * fb.conj()).real.ravel()[keep], minlength=D // 2)
+    da = np.bincount(shell[keep], (np.abs(fa) ** 2).ravel()[keep], minlength=D // 2)
+    db = np.bincount(shell[keep], (np.abs(fb) ** 2).ravel()[keep], minlength=D // 2)
+    fsc = num / np.maximum(np.sqrt(da * db), 1e-30)
+    return np.arange(D // 2) / (D * pixel_size_A), fsc
+
+
+# --------------------------------------------------------------------- run folders
+@dataclass
+class Run:
+    """What `analyze` reads from a training run folder.
+
+    path: the run folder; predictions: its `predictions.npz`; particle_files: the run's
+    `particles.star` / `particles.cs` that exist (subsets are written in the same formats);
+    loss_history: (x `(m,)`, loss `(m,)`, x label) or None when the run kept none.
+    """
+
+    path: Path
+    predictions: Predictions
+    particle_files: list[Path]
+    loss_history: tuple[np.ndarray, np.ndarray, str] | None = None
+
+    @property
+    def pixel_size_A(self) -> float | None:
+        v = self.predictions.meta.get("pixel_size_A")
+        return None if v is None else float(v)
+
+
+def _loss_history(run_dir: Path) -> tuple[np.ndarray, np.ndarray, str] | None:
+    """The training loss curve kept in the run folder, or None (see `cryofire_ext.train` for the format)."""
+    try:
+        from cryofire_ext.train.history import load_loss_history  # the trainer's reader, when it provides one
+    except ImportError:
+        load_loss_history = None
+    if load_loss_history is not None:
+        out = load_loss_history(run_dir)
+        return None if out is None else (np.asarray(out[0]), np.asarray(out[1]), str(out[2]))
+    for name in ("history.json", "loss_history.json", "train_history.json"):
+        path = run_dir / name
+        if path.is_file():
+            try:
+                data = json.loads(path.read_text())
+            except (OSError, ValueError):
+                log.warning("%s: not readable JSON; no loss curve", path)
+                return None
+            records = data.get("epochs", data.get("history", data)) if isinstance(data, dict) else data
+            if isinstance(records, list) and records and isinstance(records[0], dict) and "loss" in records[0]:
+                xkey = next((k for k in ("epoch", "step", "iteration") if k in records[0]), None)
+                x = np.array([r[xkey] for r in records], dtype=np.float64) if xkey else np.arange(1, len(records) + 1)
+                return x, np.array([r["loss"] for r in records], dtype=np.float64), xkey or "epoch"
+    return None
+
+
+def load_run(run_dir: str | os.PathLike) -> Run:
+    """Read a run folder: `predictions.npz` (required), the particle files and the loss curve."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise InputError(f"{run_dir}: run folder not found (expected the output folder of `cryofire train`)")
+    pred_path = run_dir / "predictions.npz"
+    if not pred_path.is_file():
+        raise InputError(f"{run_dir}: no predictions.npz in this run folder; it is written at the end of "
+                         "`cryofire train` (or by `cryofire predict`). Give the folder of a finished run.")
+    predictions = Predictions.load(pred_path)
+    files = [run_dir / name for name in ("particles.star", "particles.cs") if (run_dir / name).is_file()]
+    return Run(path=run_dir, predictions=predictions, particle_files=files, loss_history=_loss_history(run_dir))
+
+
+def load_volume_source(run_dir: str | os.PathLike, device: str = "cpu") -> VolumeSource:
+    """The trained model of a run, as a `VolumeSource` (`cryofire_ext.predict.load_trained`)."""
+    from cryofire_ext.predict import load_trained
+
+    try:
+        return load_trained(run_dir, device=device)
+    except TypeError:  # a loader without a device argument
+        return load_trained(run_dir)
+
+
+def read_z_points(text: str | None = None, path: str | os.PathLike | None = None, zdim: int | None = None) -> np.ndarray:
+    """Latent points `(m, zdim)` from `text` ("0.1,0.2;0.3,-1": points separated by ';', values by ','
+    or spaces) or from a file (`.npy`, or text with one point per line); checks the dimension."""
+    if (text is None) == (path is None):
+        raise InputError("give exactly one of --z \"z1,z2,...\" and --z-file FILE")
+    where = "--z" if text is not None else str(path)
+    if text is not None:
+        try:
+            rows = [[float(v) for v in row.replace(",", " ").split()] for row in text.split(";") if row.strip()]
+        except ValueError:
+            raise InputError(f"--z {text!r}: expected numbers separated by commas, points separated by ';'") from None
+        if not rows or len({len(r) for r in rows}) != 1:
+            raise InputError(f"--z {text!r}: every point must have the same number of values")
+        z = np.array(rows, dtype=np.float64)
+    else:
+        path = Path(path)
+        if not path.is_file():
+            raise InputError(f"{path}: z file not found")
+        try:
+            z = np.load(path, allow_pickle=False) if path.suffix == ".npy" else np.loadtxt(path, ndmin=2, comments="#")
+        except (ValueError, OSError) as exc:
+            raise InputError(f"{path}: not a z file (.npy, or text with one point per line): {exc}") from exc
+        z = np.atleast_2d(np.asarray(z, dtype=np.float64))
+    if z.ndim != 2:
+        raise InputError(f"{where}: latent points must be a 2D table (points x {zdim}), got shape {z.shape}")
+    if zdim is not None and z.shape[1] != zdim:
+        raise InputError(f"{where}: points have {z.shape[1]} values each but the model's latent space has "
+                         f"dimension {zdim}; give {zdim} values per point")
+    if not np.all(np.isfinite(z)):
+        raise InputError(f"{where}: latent points must be finite numbers")
+    return z
+
+
+def eval_volumes(run_dir: str | os.PathLike, z: np.ndarray, out_dir: str | os.PathLike, force: bool = False,
+                 source: VolumeSource | None = None, prefix: str = "vol") -> list[Path]:
+    """Maps of a run's model at latent points `z` `(m, d)`: `out_dir/<prefix>_001.mrc`, ... (1-based)."""
+    source = source if source is not None else load_volume_source(run_dir)
+    zdim = getattr(source, "zdim", None)
+    if zdim is not None and np.shape(z)[1] != zdim:
+        raise InputError(f"latent points have {np.shape(z)[1]} values each but the model of {run_dir} has "
+                         f"zdim {zdim}")
+    names = [f"{prefix}_{i + 1:03d}" for i in range(len(z))]
+    return write_maps(source, z, out_dir, names, force=force)

@@ -1,0 +1,297 @@
+"""The analysis folder of a run (`cryofire analyze`): clusters, maps, subsets, plots, one HTML page.
+
+`analyze_run` fills the folder; `render_html` / `write_report` make its one-page report.
+All links in the page are relative to the folder (the report travels with it); no
+scripts, no external resources: it opens offline in any browser. Cluster numbers
+shown to users are 1-based.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from cryofire_ext import analysis, plots
+from cryofire_ext.errors import InputError
+from cryofire_ext.poses import matrix_to_relion_euler
+from cryofire_ext.safe_io import atomic_path
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ClusterRow:
+    """One cluster's line in the report: 1-based `number`, particle count, fraction of all particles,
+    and relative links to its map and its subset files (may be empty)."""
+
+    number: int
+    particles: int
+    fraction: float
+    map_path: str | None = None
+    subset_paths: list[str] = field(default_factory=list)
+
+
+@dataclass
+class ReportContent:
+    """What goes on the page. `facts` are (label, value) lines; `plots` are (title, relative PNG path);
+    `map_series` are (title, [relative .mrc paths]); `notes` are plain sentences (skipped steps etc.)."""
+
+    title: str
+    facts: list[tuple[str, str]] = field(default_factory=list)
+    plots: list[tuple[str, str]] = field(default_factory=list)
+    clusters: list[ClusterRow] = field(default_factory=list)
+    map_series: list[tuple[str, list[str]]] = field(default_factory=list)
+    files: list[tuple[str, str]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+_STYLE = """body{font-family:sans-serif;margin:1.5em;max-width:1400px;color:#222}
+h1{font-size:1.4em}h2{font-size:1.1em;border-bottom:1px solid #ccc;margin-top:1.5em}
+table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:3px 8px;text-align:left}
+.grid{display:flex;flex-wrap:wrap;gap:12px}.grid figure{margin:0}.grid img{width:480px;border:1px solid #ddd}
+figcaption{font-size:.85em;color:#555}.note{color:#8a5a00}"""
+
+
+def _a(path: str, text: str | None = None) -> str:
+    return f'<a href="{html.escape(path, quote=True)}">{html.escape(text or path)}</a>'
+
+
+def render_html(content: ReportContent) -> str:
+    """The page as a string."""
+    e = html.escape
+    parts = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">', f"<title>{e(content.title)}</title>",
+             f"<style>{_STYLE}</style></head><body>", f"<h1>{e(content.title)}</h1>"]
+    if content.facts:
+        parts.append("<table>" + "".join(f"<tr><th>{e(k)}</th><td>{e(v)}</td></tr>" for k, v in content.facts)
+                     + "</table>")
+    for note in content.notes:
+        parts.append(f'<p class="note">{e(note)}</p>')
+    if content.clusters:
+        parts.append("<h2>Clusters (1-based numbers, as used by <code>cryofire select --clusters</code>)</h2>")
+        parts.append("<table><tr><th>cluster</th><th>particles</th><th>fraction</th><th>map at centre</th>"
+                     "<th>particle subset</th></tr>")
+        for row in content.clusters:
+            mp = _a(row.map_path, Path(row.map_path).name) if row.map_path else "-"
+            subs = " ".join(_a(p, Path(p).name) for p in row.subset_paths) or "-"
+            parts.append(f"<tr><td>{row.number}</td><td>{row.particles}</td><td>{100 * row.fraction:.1f}%</td>"
+                         f"<td>{mp}</td><td>{subs}</td></tr>")
+        parts.append("</table>")
+    if content.plots:
+        parts.append('<h2>Plots</h2><div class="grid">')
+        for title, path in content.plots:
+            q = html.escape(path, quote=True)
+            parts.append(f'<figure><a href="{q}"><img src="{q}" alt="{e(title)}"></a><figcaption>{e(title)}'
+                         "</figcaption></figure>")
+        parts.append("</div>")
+    if content.map_series:
+        parts.append("<h2>Maps along the landscape</h2><ul>")
+        for title, paths in content.map_series:
+            links = ", ".join(_a(p, Path(p).name) for p in paths)
+            parts.append(f"<li>{e(title)}: {links}</li>")
+        parts.append("</ul>")
+    if content.files:
+        parts.append("<h2>Files</h2><ul>" + "".join(f"<li>{_a(p)}: {e(what)}</li>" for what, p in content.files)
+                     + "</ul>")
+    parts.append("</body></html>")
+    return "\n".join(parts) + "\n"
+
+
+def write_report(content: ReportContent, path: str | os.PathLike, force: bool = False) -> Path:
+    """Write the page to `path` (atomic; refuses to overwrite unless `force`)."""
+    with atomic_path(path, force=force) as tmp:
+        tmp.write_text(render_html(content), encoding="utf-8")
+    return Path(path)
+
+
+# ------------------------------------------------------------------ the analysis
+SubsetWriter = Callable[[np.ndarray, Path, bool], list[Path]]
+"""`(rows (m,) 0-based rows of the predictions, path stem without suffix, force) -> files written`;
+the CLI builds one from the run's particle files with the RELION/cryoSPARC exporters."""
+
+
+@dataclass(frozen=True)
+class AnalyzeConfig:
+    """Settings of `cryofire analyze`.
+
+    n_clusters: K, or None to choose it by minimum GMM BIC over 1..k_max. method: 'gmm' or 'kmeans'
+    (whose labels are exported). n_pcs: principal components computed; maps are made along the first
+    min(n_pcs, 2) of them (traversal_steps maps each, 5th to 95th percentile). maps: make maps (needs
+    the trained model). subsets: write one particle subset per cluster. umap: try UMAP (needs the
+    `umap-learn` extra; skipped with a note otherwise). seed: for k-means, GMM and UMAP.
+    """
+
+    n_clusters: int | None = None
+    method: str = "gmm"
+    k_max: int = 10
+    n_pcs: int = 2
+    traversal_steps: int = 10
+    maps: bool = True
+    subsets: bool = True
+    umap: bool = True
+    seed: int = 0
+    device: str = "cpu"
+
+
+@dataclass
+class AnalysisResult:
+    """What `analyze_run` made: the folder, the clustering, PCA, and the paths written (relative to out_dir)."""
+
+    out_dir: Path
+    clustering: analysis.Clustering
+    pca: analysis.PCAResult
+    report: Path
+    plots: dict = field(default_factory=dict)
+    cluster_maps: list[Path] = field(default_factory=list)
+    traversal_maps: dict = field(default_factory=dict)
+    subsets: dict = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+
+def _umap(z: np.ndarray, seed: int) -> np.ndarray | None:
+    try:
+        import umap  # optional extra: umap-learn
+    except ImportError:
+        return None
+    return np.asarray(umap.UMAP(n_components=2, random_state=seed).fit_transform(z))
+
+
+def analyze_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None,
+                config: AnalyzeConfig = AnalyzeConfig(), *, source: analysis.VolumeSource | None = None,
+                subset_writer: SubsetWriter | None = None, force: bool = False) -> AnalysisResult:
+    """Analyse a run folder into `out_dir` (default `RUN/analysis`): PCA, clusters (`clusters.npz/.json`),
+    maps at cluster centres (`maps/cluster_NN.mrc`) and along PC traversals (`maps/pcN_traversal/`),
+    per-cluster subsets (`subsets/cluster_NN.star|.cs` via `subset_writer`), PNG plots (`plots/`),
+    `summary.json` and `report.html`. `source` makes the maps (default: the run's trained model)."""
+    run = analysis.load_run(run_dir)
+    pred = run.predictions
+    out = Path(out_dir) if out_dir is not None else run.path / "analysis"
+    z = pred.z
+    if pred.zdim == 0:
+        raise InputError(f"{run.path}/predictions.npz: the run has no latent coordinates (zdim 0); "
+                         "a homogeneous run has no landscape to analyse")
+    if config.n_clusters is not None and config.n_clusters > len(pred):
+        raise InputError(f"--clusters {config.n_clusters}: K is larger than the number of particles in "
+                         f"{run.path}/predictions.npz ({len(pred)})")
+    pcs = analysis.pca(z, config.n_pcs)
+    clus = analysis.cluster(z, config.n_clusters, method=config.method, k_max=config.k_max, seed=config.seed)
+    res = AnalysisResult(out_dir=out, clustering=clus, pca=pcs, report=out / "report.html")
+    log.info("%d particles, zdim %d: K = %d (%s), populations %s", len(pred), pred.zdim, clus.k, clus.k_source,
+             clus.populations().tolist())
+    analysis.save_clustering(clus, pred.ids, out, force=force)
+
+    # plots
+    P = out / "plots"
+    xy = pcs.coords[:, :2]
+    ev = pcs.explained_variance_ratio
+    xl = f"PC1 ({100 * ev[0]:.0f}% var)"
+    yl = f"PC2 ({100 * ev[1]:.0f}% var)" if len(ev) > 1 else "(z is 1D)"
+    res.plots["PC1-PC2 by cluster"] = plots.latent_scatter(xy, clus.labels, P / "pca_clusters.png", xlabel=xl,
+                                                           ylabel=yl, force=force)
+    res.plots["PC1-PC2 density"] = plots.latent_density(xy, P / "pca_density.png", xlabel=xl, ylabel=yl, force=force)
+    res.plots["Cluster populations"] = plots.cluster_populations(clus.populations(), P / "cluster_populations.png",
+                                                                 method=f"({clus.method}, K={clus.k})", force=force)
+    if run.loss_history is not None:
+        x, y, xlabel = run.loss_history
+        res.plots["Training loss"] = plots.loss_curve(x, y, P / "loss.png", xlabel=xlabel, force=force)
+    else:
+        res.notes.append("No loss curve: the run folder keeps no loss history.")
+    res.plots["Viewing directions"] = plots.viewing_directions(pred.A, P / "viewing_directions.png", force=force)
+    psi = matrix_to_relion_euler(pred.A)[:, 2]
+    res.plots["In-plane angle and shifts"] = plots.inplane_and_shifts(psi, pred.shifts_A, P / "inplane_shifts.png",
+                                                                      force=force)
+    if config.umap:
+        emb = _umap(z, config.seed) if pred.zdim > 2 else None
+        if emb is not None:
+            res.plots["UMAP by cluster"] = plots.latent_scatter(emb, clus.labels, P / "umap_clusters.png",
+                                                                xlabel="UMAP1", ylabel="UMAP2", title="UMAP",
+                                                                force=force)
+        elif pred.zdim > 2:
+            res.notes.append("UMAP skipped: the optional umap-learn package is not installed "
+                             "(pip install umap-learn to get a UMAP plot).")
+
+    # maps
+    if config.maps:
+        src = source if source is not None else analysis.load_volume_source(run.path, device=config.device)
+        voxel = float(src.pixel_size_A)
+        centres_z = z[clus.centre_particles]
+        vols = np.concatenate([np.asarray(src.volumes(centres_z[i:i + 4]), dtype=np.float32)
+                               for i in range(0, clus.k, 4)])
+        for j, vol in enumerate(vols):
+            res.cluster_maps.append(analysis.write_mrc(vol, out / "maps" / f"cluster_{j + 1:02d}.mrc", voxel, force))
+        curves, freq = {}, None
+        for i in range(clus.k):
+            for j in range(i + 1, clus.k):
+                freq, curves[(i, j)] = analysis.map_fsc(vols[i], vols[j], voxel)
+        if curves:
+            res.plots["FSC between cluster maps"] = plots.fsc_between_maps(freq, curves, P / "fsc_clusters.png",
+                                                                           force=force)
+        for pc in range(min(2, len(pcs.components))):
+            pts = analysis.pc_traversal(pcs, pc, config.traversal_steps)
+            names = [f"step_{s + 1:02d}" for s in range(len(pts))]
+            res.traversal_maps[pc + 1] = analysis.write_maps(src, pts, out / "maps" / f"pc{pc + 1}_traversal",
+                                                             names, force=force)
+    else:
+        res.notes.append("Maps not made (--no-maps).")
+
+    # subsets
+    if config.subsets and subset_writer is not None:
+        for j in range(clus.k):
+            rows = analysis.cluster_members(clus.labels, [j])
+            res.subsets[j + 1] = subset_writer(rows, out / "subsets" / f"cluster_{j + 1:02d}", force)
+    elif config.subsets:
+        res.notes.append("No particle subsets: the run folder holds no particles.star or particles.cs.")
+
+    _write_summary(res, run, force)
+    write_report(_content(res, run), res.report, force=force)
+    return res
+
+
+def _rel(path: Path, root: Path) -> str:
+    return Path(os.path.relpath(path, root)).as_posix()
+
+
+def _write_summary(res: AnalysisResult, run: analysis.Run, force: bool) -> Path:
+    c, p = res.clustering, res.pca
+    summary = {"format": "cryofire-analysis", "version": 1, "run": str(run.path), "particles": len(run.predictions),
+               "zdim": run.predictions.zdim, "k": c.k, "method": c.method, "k_source": c.k_source,
+               "k_criterion": analysis.K_CRITERION if c.k_source == "bic" else "given by the user",
+               "populations": c.populations().tolist(),
+               "pca": {"explained_variance_ratio": p.explained_variance_ratio.tolist(),
+                       "components": p.components.tolist(), "mean": p.mean.tolist()},
+               "kmeans_gmm_agreement": float(np.mean(c.kmeans_labels == c.gmm_labels)),
+               "cluster_maps": [_rel(m, res.out_dir) for m in res.cluster_maps],
+               "traversal_maps": {f"pc{k}": [_rel(m, res.out_dir) for m in v] for k, v in res.traversal_maps.items()},
+               "subsets": {str(k): [_rel(m, res.out_dir) for m in v] for k, v in res.subsets.items()},
+               "plots": {k: _rel(v, res.out_dir) for k, v in res.plots.items()}, "notes": res.notes}
+    path = res.out_dir / "summary.json"
+    with atomic_path(path, force=force) as tmp:
+        tmp.write_text(json.dumps(summary, indent=2))
+    return path
+
+
+def _content(res: AnalysisResult, run: analysis.Run) -> ReportContent:
+    c, p, root = res.clustering, res.pca, res.out_dir
+    pops = c.populations()
+    ev = ", ".join(f"PC{i + 1} {100 * v:.1f}%" for i, v in enumerate(p.explained_variance_ratio))
+    facts = [("run", str(run.path)), ("particles", str(len(run.predictions))), ("latent dimension", str(run.predictions.zdim)),
+             ("clusters", f"K = {c.k} ({'chosen by ' + analysis.K_CRITERION if c.k_source == 'bic' else 'given'}); "
+                          f"labels from {c.method}"),
+             ("k-means / GMM agreement", f"{100 * np.mean(c.kmeans_labels == c.gmm_labels):.1f}% of particles"),
+             ("PCA explained variance", ev)]
+    rows = [ClusterRow(number=j + 1, particles=int(pops[j]), fraction=float(pops[j] / max(pops.sum(), 1)),
+                       map_path=_rel(res.cluster_maps[j], root) if res.cluster_maps else None,
+                       subset_paths=[_rel(s, root) for s in res.subsets.get(j + 1, [])]) for j in range(c.k)]
+    series = [(f"PC{k} traversal (5th to 95th percentile)", [_rel(m, root) for m in v])
+              for k, v in res.traversal_maps.items()]
+    files = [("cluster labels (versioned arrays)", "clusters.npz"), ("cluster summary", "clusters.json"),
+             ("analysis summary", "summary.json")]
+    return ReportContent(title=f"cryofire analysis: {run.path.name}", facts=facts,
+                         plots=[(t, _rel(v, root)) for t, v in res.plots.items()], clusters=rows,
+                         map_series=series, files=files, notes=res.notes)
