@@ -1,0 +1,355 @@
+"""cryoSPARC external job: train on a cryoSPARC particle output, save poses, latents and volumes back.
+
+Built on cryosparc-tools 5.x (`CryoSPARC`, `ProjectController.create_external_job`,
+`ExternalJobController.add_input / connect / load_input / add_output / save_output /
+run / log / log_plot / upload`). The job:
+
+1. checks the source output (`J42.particles`) exists and carries `blob` and `ctf`;
+2. creates an External job in the workspace, adds and connects a `particles` input
+   (slots `blob`, `ctf`), loads it, resolves `blob/path` against the project directory;
+3. trains (`integrations.job.run_training_job`) into a local run folder;
+4. saves a `particles` output that passes the input through and adds `alignments3D`
+   (`pose` = -rotvec(A) in radians, `shift` in pixels of `alignments3D/psize_A`, same sign
+   as RELION's origin; `psize_A`) and `components_mode_K` (`component` = K, `value` = z_K);
+5. uploads each map as a `volume_N` output, and logs lines, the loss plot and a latent plot.
+
+Everything after the job is created runs inside `job.run()`, so any error marks the job
+failed with its traceback. Credentials come from arguments, `CRYOSPARC_EMAIL` /
+`CRYOSPARC_PASSWORD`, or a session saved by `python -m cryosparc.tools login`; they are
+never logged.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Mapping
+
+import numpy as np
+
+from cryofire_ext.errors import InputError
+from cryofire_ext.poses import matrix_to_cryosparc_pose
+from cryofire_ext.results import Predictions
+
+if TYPE_CHECKING:
+    from cryosparc.dataset import Dataset
+    from cryosparc.tools import CryoSPARC
+
+logger = logging.getLogger(__name__)
+
+INPUT_NAME = "particles"
+INPUT_SLOTS = ("blob", "ctf")
+OUTPUT_NAME = "particles"
+SOURCE_PATTERN = re.compile(r"^(J\d+)\.([A-Za-z][A-Za-z0-9_]*)$")
+
+
+@dataclass
+class CryoSPARCRunResult:
+    """What `run_cryosparc_job` made: the new job's uid, the local run folder, the saved
+    particle output (a cryosparc-tools Dataset) and the job-relative paths of the volumes."""
+
+    project_uid: str
+    job_uid: str
+    run_dir: Path
+    particles: Any
+    volumes: list[str] = field(default_factory=list)
+
+
+# --------------------------------------------------------------------------- connection
+def connect_cryosparc(url: str | None = None, *, email: str | None = None, password: str | None = None,
+                      env: Mapping[str, str] | None = None) -> "CryoSPARC":
+    """Open a cryosparc-tools session.
+
+    `url` (or `CRYOSPARC_BASE_URL`) is the address of the web app, e.g. http://host:39000.
+    Credentials: `email`/`password`, else `CRYOSPARC_EMAIL`/`CRYOSPARC_PASSWORD`, else a
+    session saved by `python -m cryosparc.tools login --url URL`. Raises InputError (without
+    the password) when the URL or credentials are missing or the server refuses them.
+    """
+    env = os.environ if env is None else env
+    url = url or env.get("CRYOSPARC_BASE_URL")
+    if not url:
+        raise InputError("cryoSPARC: no server URL. Pass --url http://HOST:PORT (the address you open in the "
+                         "browser, e.g. http://localhost:39000) or set CRYOSPARC_BASE_URL.")
+    email = email or env.get("CRYOSPARC_EMAIL") or None
+    password = password or env.get("CRYOSPARC_PASSWORD") or None
+    from cryosparc.auth import InstanceAuthSessions
+    from cryosparc.tools import CryoSPARC
+
+    if not (email and password) and InstanceAuthSessions.load().find(url, email) is None:
+        raise InputError(f"cryoSPARC: no credentials for {url}. Set CRYOSPARC_EMAIL and CRYOSPARC_PASSWORD in "
+                         "the environment, or log in once with `python -m cryosparc.tools login --url "
+                         f"{url}` (cryosparc-tools saves a session token).")
+    try:
+        return CryoSPARC(url, host=None, base_port=None, email=email, password=password)
+    except Exception as exc:  # connection, version or authentication failure
+        text = _scrub(str(exc), password)
+        raise InputError(f"cryoSPARC: could not connect to {url} as {email or 'the saved session user'}: "
+                         f"{' '.join(text.split())}") from None
+
+
+def _scrub(text: str, secret: str | None) -> str:
+    return text.replace(secret, "***") if secret else text
+
+
+# --------------------------------------------------------------------------- datasets
+def parse_source(particles: str) -> tuple[str, str]:
+    """'J42.particles' -> ('J42', 'particles'); InputError otherwise."""
+    match = SOURCE_PATTERN.match(particles.strip())
+    if not match:
+        raise InputError(f"cryoSPARC: --particles {particles!r} must name a job output as JOB.OUTPUT, e.g. "
+                         "J42.particles (the job's uid, a dot, and the output name shown in its Outputs tab)")
+    return match.group(1), match.group(2)
+
+
+def alignment_columns(dset: "Dataset", preds: Predictions, *, psize_A: np.ndarray | float | None = None
+                      ) -> tuple[np.ndarray, dict[str, tuple[Any, np.ndarray]]]:
+    """Columns that carry `preds` into a cryoSPARC particle dataset, matched on uid.
+
+    Returns `(rows, columns)`: `rows` `(m,)` indices of the dataset rows that have a
+    prediction, and `columns` mapping field name -> (dtype, values `(m, ...)`):
+    `alignments3D/pose` `(m, 3)` f4 (-rotvec(A), radians), `alignments3D/shift` `(m, 2)` f4
+    (pixels of `alignments3D/psize_A`, RELION's origin sign), `alignments3D/psize_A` f4,
+    `alignments3D/class_posterior` (1), `alignments3D/class` (0), and per latent dimension K
+    `components_mode_K/component` u4 = K, `components_mode_K/value` f4 = z_K.
+    `psize_A` defaults to each row's `blob/psize_A`.
+    """
+    uids = np.asarray(dset["uid"]).astype(np.uint64).astype(str)
+    index = {str(u): i for i, u in enumerate(np.asarray(preds.ids).astype(str))}
+    matched = np.array([index.get(u, -1) for u in uids], dtype=np.int64)
+    rows = np.nonzero(matched >= 0)[0]
+    if rows.size == 0:
+        raise InputError(f"none of the {len(uids)} particle uids match the {len(preds)} predicted particle ids "
+                         f"(e.g. {uids[:1].tolist()} vs {np.asarray(preds.ids)[:1].tolist()}); the run was not "
+                         "trained on these particles")
+    pick = matched[rows]
+    if psize_A is None:
+        if "blob/psize_A" not in dset.fields():
+            raise InputError("the particle dataset has no blob/psize_A field; cannot express shifts in pixels")
+        psize = np.asarray(dset["blob/psize_A"], dtype=np.float64)[rows]
+    else:
+        psize = np.broadcast_to(np.asarray(psize_A, dtype=np.float64), uids.shape)[rows]
+    if not np.all(psize > 0):
+        raise InputError("the particle dataset has a non-positive pixel size (blob/psize_A)")
+    cols: dict[str, tuple[Any, np.ndarray]] = {
+        "alignments3D/pose": (("<f4", (3,)), matrix_to_cryosparc_pose(preds.A[pick]).astype(np.float32)),
+        "alignments3D/shift": (("<f4", (2,)), (preds.shifts_A[pick] / psize[:, None]).astype(np.float32)),
+        "alignments3D/psize_A": ("<f4", psize.astype(np.float32)),
+        "alignments3D/class_posterior": ("<f4", np.ones(len(rows), dtype=np.float32)),
+        "alignments3D/class": ("<u4", np.zeros(len(rows), dtype=np.uint32)),
+    }
+    for k in range(preds.zdim):
+        cols[f"components_mode_{k}/component"] = ("<u4", np.full(len(rows), k, dtype=np.uint32))
+        cols[f"components_mode_{k}/value"] = ("<f4", preds.z[pick, k].astype(np.float32))
+    return rows, cols
+
+
+def apply_predictions(dset: "Dataset", preds: Predictions, *, psize_A: np.ndarray | float | None = None,
+                      keep_unmatched: bool = False) -> "Dataset":
+    """A copy of `dset` (every input field kept) with `alignments3D` and `components_mode_K` from `preds`.
+
+    Rows are matched on `uid`; rows without a prediction are dropped unless `keep_unmatched`
+    (then they keep zeros). Existing alignment/component fields are overwritten.
+    """
+    rows, cols = alignment_columns(dset, preds, psize_A=psize_A)
+    out = dset.copy() if keep_unmatched or len(rows) == len(dset) else dset.take(rows)
+    target = np.arange(len(out)) if not keep_unmatched else rows
+    if not keep_unmatched and len(rows) != len(dset):
+        logger.warning("%d of %d particles have no prediction and were left out", len(dset) - len(rows), len(dset))
+    missing = [(name, spec) for name, (spec, _) in cols.items() if name not in out.fields()]
+    if missing:
+        out.add_fields([m[0] for m in missing], [m[1] for m in missing])
+    for name, (_, values) in cols.items():
+        column = out[name]
+        column[target] = values
+    return out
+
+
+def export_cs(run_dir: str | os.PathLike, like: str | os.PathLike, out: str | os.PathLike, *,
+              force: bool = False) -> Path:
+    """Write `out` (.cs): the particles of `like` (every field kept) with the run's poses and latents.
+
+    `run_dir` is a cryofire run folder (holding predictions.npz) or the predictions file itself;
+    `like` a cryoSPARC particle .cs whose uids the run was trained on (e.g. the exported input
+    job's particles). Import the result in cryoSPARC with "Import Result Group" (or use it as
+    a particle file with the input job's stacks).
+    """
+    from cryosparc.dataset import Dataset
+
+    from cryofire_ext.safe_io import atomic_path, check_writable
+
+    check_writable(out, force)
+    run_dir = Path(run_dir)
+    preds = Predictions.load(run_dir / "predictions.npz" if run_dir.is_dir() else run_dir)
+    like = Path(like)
+    if not like.is_file():
+        raise InputError(f"{like}: particle .cs file not found (--like)")
+    try:
+        dset = Dataset.load(like)
+    except Exception as exc:
+        raise InputError(f"{like}: not a cryoSPARC .cs dataset ({exc})") from exc
+    if "uid" not in dset.fields() or "blob/psize_A" not in dset.fields():
+        raise InputError(f"{like}: a particle .cs with uid and blob/psize_A fields is expected (a particle "
+                         "output of a cryoSPARC extract, import or refinement job)")
+    result = apply_predictions(dset, preds)
+    with atomic_path(out, force=force) as tmp:
+        with open(tmp, "wb") as fh:
+            result.save(fh)
+    logger.info("wrote %s: %d particles with alignments3D and %d latent component(s)", out, len(result),
+                preds.zdim)
+    return Path(out)
+
+
+# --------------------------------------------------------------------------- the job
+def check_source(cs: "CryoSPARC", project_uid: str, source_job: str, source_output: str) -> None:
+    """InputError unless `source_job`'s output `source_output` exists and carries blob and ctf slots."""
+    try:
+        job = cs.find_job(project_uid, source_job)
+        outputs = job.model.spec.outputs.root
+    except InputError:
+        raise
+    except Exception as exc:
+        raise InputError(f"cryoSPARC: cannot find job {source_job} in project {project_uid} ({exc})") from None
+    if source_output not in outputs:
+        names = ", ".join(sorted(outputs)) or "none"
+        raise InputError(f"cryoSPARC: job {project_uid} {source_job} has no output {source_output!r} "
+                         f"(its outputs: {names}); pass --particles {source_job}.OUTPUT")
+    output = outputs[source_output]
+    if getattr(output, "type", "particle") != "particle":
+        raise InputError(f"cryoSPARC: {source_job}.{source_output} holds {output.type} data, not particles")
+    slots = {r.name for r in output.results}
+    lacking = [s for s in INPUT_SLOTS if s not in slots]
+    if lacking:
+        hint = (" Particles without CTF cannot be trained on: connect the output of an extraction or "
+                "import job run on CTF-estimated micrographs." if "ctf" in lacking else "")
+        raise InputError(f"cryoSPARC: {source_job}.{source_output} has no {' or '.join(lacking)} slot "
+                         f"(it has: {', '.join(sorted(slots)) or 'none'}).{hint}")
+
+
+def _check_loaded(dset: "Dataset", where: str) -> None:
+    prefixes = set(dset.prefixes())
+    lacking = [s for s in INPUT_SLOTS if s not in prefixes]
+    if lacking:
+        raise InputError(f"cryoSPARC: the loaded input {where} has no {' or '.join(lacking)} fields "
+                         f"(it has: {', '.join(sorted(prefixes))})")
+
+
+def _latent_figure(z: np.ndarray):
+    """A matplotlib Figure: the first two principal components of z (or a histogram when d = 1)."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(4, 4), dpi=100)
+    ax = fig.add_subplot()
+    if z.shape[1] >= 2:
+        centred = z - z.mean(axis=0)
+        _, _, vt = np.linalg.svd(centred, full_matrices=False)
+        pcs = centred @ vt[:2].T
+        ax.scatter(pcs[:, 0], pcs[:, 1], s=2, alpha=0.5)
+        ax.set_xlabel("PC1 of z")
+        ax.set_ylabel("PC2 of z")
+    else:
+        ax.hist(z[:, 0], bins=50)
+        ax.set_xlabel("z")
+    ax.set_title(f"latent space ({len(z)} particles, d = {z.shape[1]})")
+    return fig
+
+
+def _progress_logger(job, every_s: float = 10.0) -> Callable[..., None]:
+    last = [0.0]
+
+    def report(*args, **kwargs) -> None:
+        now = time.monotonic()
+        if now - last[0] < every_s:
+            return
+        last[0] = now
+        parts = [str(a) for a in args] + [f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                          for k, v in kwargs.items()]
+        job.log("training: " + " ".join(parts), name="progress")
+
+    return report
+
+
+def _map_info(path: Path) -> tuple[tuple[int, int, int], float]:
+    import mrcfile
+
+    with mrcfile.open(path, permissive=True, header_only=True) as mrc:
+        h = mrc.header
+        shape = (int(h.nz), int(h.ny), int(h.nx))
+        voxel = float(mrc.voxel_size.x)
+    return shape, voxel
+
+
+def run_cryosparc_job(cs: "CryoSPARC", project_uid: str, workspace_uid: str, particles: str, config: Any, *,
+                      run_dir: str | os.PathLike | None = None, title: str = "cryoFIRE ab initio",
+                      force: bool = False) -> CryoSPARCRunResult:
+    """Create, run and fill a cryoSPARC External job; return what it saved.
+
+    `particles` is the source as 'J42.particles'; `config` a TrainConfig; `run_dir` the local
+    run folder (default `./cryofire_<project>_<new job uid>`); the project directory must be
+    readable from this machine (stacks are read from it).
+    """
+    from integrations.cryosparc import stack_from_dataset
+    from integrations.job import run_training_job
+
+    source_job, source_output = parse_source(particles)
+    check_source(cs, project_uid, source_job, source_output)
+    project = cs.find_project(project_uid)
+    job = project.create_external_job(workspace_uid, title=title,
+                                      desc=f"cryoFIRE amortized ab initio reconstruction of {particles}")
+    job.add_input(type="particle", name=INPUT_NAME, min=1, max=1, slots=list(INPUT_SLOTS),
+                  title="Particles to reconstruct")
+    job.connect(INPUT_NAME, source_job, source_output)
+    with job.run():
+        job.log(f"cryoFIRE: input {project_uid} {particles}; loading blob and ctf")
+        dset = job.load_input(INPUT_NAME, list(INPUT_SLOTS))
+        _check_loaded(dset, f"{source_job}.{source_output}")
+        project_dir = Path(str(project.dir))
+        if not project_dir.is_dir():
+            raise InputError(f"cryoSPARC: the project directory {project_dir} is not visible from this machine; "
+                             "run `cryofire cryosparc run` where the project's files are mounted")
+        stack = stack_from_dataset(dset, datadir=project_dir, require_images=True,
+                                   source=f"{project_uid} {source_job}.{source_output}")
+        job.log(f"{len(stack)} particles, box {stack.box} px, {stack.pixel_size_A:.4g} A/px; training")
+        out_dir = Path(run_dir) if run_dir is not None else Path.cwd() / f"cryofire_{project_uid}_{job.uid}"
+        outputs = run_training_job(stack, out_dir, config, force=force, on_progress=_progress_logger(job),
+                                   argv=["cryofire", "cryosparc", "run", "--project", project_uid,
+                                         "--particles", particles])
+        preds = Predictions.load(outputs.predictions)
+        job.log(f"training done: {len(preds)} particles, latent dimension {preds.zdim}; saving outputs")
+
+        slots: list[Any] = ["alignments3D"]
+        slots += [{"name": f"components_mode_{k}", "dtype": "components"} for k in range(preds.zdim)]
+        out = job.add_output("particle", name=OUTPUT_NAME, slots=slots, passthrough=INPUT_NAME,
+                             title="Particles with cryoFIRE poses and latents", alloc=dset)
+        rows, cols = alignment_columns(dset, preds)
+        if len(rows) != len(dset):
+            raise InputError(f"cryoSPARC: {len(dset) - len(rows)} of {len(dset)} input particles got no "
+                             "prediction; refusing to save a partial output")
+        for name, (_, values) in cols.items():
+            if name in out.fields():
+                out[name][rows] = values
+        job.save_output(OUTPUT_NAME, out)
+
+        volumes: list[str] = []
+        for i, map_path in enumerate(sorted(Path(p) for p in outputs.maps)):
+            name = f"volume_{i}"
+            shape, voxel = _map_info(map_path)
+            target = f"cryofire_{map_path.name}"
+            job.upload(target, map_path, overwrite=True)
+            vol = job.add_output("volume", name=name, slots=["map"], title=f"cryoFIRE map {map_path.stem}", alloc=1)
+            vol["map/path"] = [f"{job.uid}/{target}"]
+            vol["map/shape"] = [shape]
+            vol["map/psize_A"] = [voxel if voxel > 0 else stack.pixel_size_A]
+            job.save_output(name, vol)
+            volumes.append(f"{job.uid}/{target}")
+        if outputs.loss_plot and Path(outputs.loss_plot).is_file():
+            job.log_plot(str(outputs.loss_plot), "Training loss", formats=["png"])
+        if preds.zdim:
+            job.log_plot(_latent_figure(preds.z), "Latent coordinates z (PCA)", formats=["png"])
+        job.log(f"saved {OUTPUT_NAME} ({len(out)} particles) and {len(volumes)} volume(s); local run folder "
+                f"{out_dir}")
+    return CryoSPARCRunResult(project_uid=project_uid, job_uid=job.uid, run_dir=out_dir, particles=out,
+                              volumes=volumes)

@@ -1,0 +1,316 @@
+"""RELION External job: run cryoFIRE training from a RELION 3.1+ pipeline.
+
+RELION runs the program in the project directory as
+`PROGRAM --o External/jobNNN/ --in_parts particles.star [--in_mics X --in_3dref Y ...] --j N [--label value ...]`
+(user parameters come as `--label value` pairs from the job's Params tab). This module
+turns that command line into a training run and honours RELION's job contract:
+
+- outputs go into `--o`: particles.star (our poses and latents), maps/*.mrc, and
+  `RELION_OUTPUT_NODES.star` naming them with RELION 3.1 node types (particles
+  `NODE_PART_DATA` = 3, maps `NODE_3DREF` = 6; src/pipeline_jobs.h);
+- the run ends with `RELION_JOB_EXIT_SUCCESS`, `RELION_JOB_EXIT_FAILURE` (the error as one
+  paragraph in run.err, the traceback only in `cryofire_debug.log`), or
+  `RELION_JOB_EXIT_ABORTED` when `RELION_JOB_ABORT_NOW` appears in `--o` during training
+  (polled between batches; training checkpoints and stops).
+
+Image paths in the STAR file are resolved relative to the RELION project directory
+(the directory RELION runs in, i.e. the current directory unless `project_dir` says
+otherwise), as RELION itself does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import sys
+import traceback
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from cryofire_ext.errors import InputError
+
+logger = logging.getLogger(__name__)
+
+EXIT_SUCCESS = "RELION_JOB_EXIT_SUCCESS"
+EXIT_FAILURE = "RELION_JOB_EXIT_FAILURE"
+EXIT_ABORTED = "RELION_JOB_EXIT_ABORTED"
+ABORT_NOW = "RELION_JOB_ABORT_NOW"
+OUTPUT_NODES = "RELION_OUTPUT_NODES.star"
+DEBUG_LOG = "cryofire_debug.log"
+
+#: RELION 3.1 node types (src/pipeline_jobs.h): particles STAR, single 3D map.
+NODE_PART_DATA = 3
+NODE_3DREF = 6
+
+#: Inputs RELION may pass to any External job; accepted and not used by cryoFIRE.
+IGNORED_RELION_INPUTS = ("in_mics", "in_movies", "in_coords", "in_3dref", "in_mask", "pipeline_control")
+
+#: Process exit status for each outcome (RELION's own programs use 0 / 1 / 2).
+STATUS = {"success": 0, "failure": 1, "aborted": 2}
+
+
+@dataclass
+class RelionExternalArgs:
+    """What RELION passed: output job dir, input particles STAR, threads, user parameters (str values)."""
+
+    out_dir: Path
+    in_parts: Path | None
+    threads: int = 1
+    params: dict[str, str] = field(default_factory=dict)
+    ignored: dict[str, str] = field(default_factory=dict)
+    argv: list[str] = field(default_factory=list)
+
+
+def parse_relion_args(argv: Sequence[str]) -> RelionExternalArgs:
+    """Parse RELION's External-job command line.
+
+    Accepts `--key value` and `--key=value`; a flag followed by another flag (or nothing)
+    is read as `true`. `--o` is required. Raises InputError naming the bad argument.
+    """
+    pairs: dict[str, str] = {}
+    args = list(argv)
+    i = 0
+    while i < len(args):
+        token = args[i]
+        if not token.startswith("--") or len(token) <= 2:
+            raise InputError(f"relion-external: unexpected argument {token!r}; RELION passes options as "
+                             "'--label value' pairs (e.g. --o External/job001/ --in_parts particles.star --zdim 8)")
+        key, eq, value = token[2:].partition("=")
+        if not eq:
+            if i + 1 < len(args) and not (args[i + 1].startswith("--") and len(args[i + 1]) > 2):
+                value = args[i + 1]
+                i += 1
+            else:
+                value = "true"
+        if key in pairs:
+            raise InputError(f"relion-external: option --{key} given twice ({pairs[key]!r} and {value!r})")
+        pairs[key.replace("-", "_")] = value
+        i += 1
+    if "o" not in pairs:
+        raise InputError("relion-external: --o (the job's output directory, e.g. External/job001/) is required; "
+                         "RELION passes it when the program runs as an External job")
+    threads_text = pairs.pop("j", "1")
+    try:
+        threads = max(1, int(threads_text))
+    except ValueError:
+        raise InputError(f"relion-external: --j must be a whole number of threads, got {threads_text!r}") from None
+    out_dir = Path(pairs.pop("o"))
+    in_parts = pairs.pop("in_parts", None)
+    ignored = {k: pairs.pop(k) for k in IGNORED_RELION_INPUTS if k in pairs}
+    return RelionExternalArgs(out_dir=out_dir, in_parts=Path(in_parts) if in_parts else None,
+                              threads=threads, params=pairs, ignored=ignored, argv=[str(a) for a in argv])
+
+
+def _convert(text: str, annotation: Any, label: str) -> Any:
+    """Convert the text RELION passed into the config field's type."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        choices = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if text.lower() in ("none", "null", "") and len(choices) < len(typing.get_args(annotation)):
+            return None
+        errors = []
+        for choice in choices:
+            try:
+                return _convert(text, choice, label)
+            except InputError as exc:
+                errors.append(str(exc))
+        raise InputError(errors[0] if errors else f"--{label}: cannot read {text!r}")
+    if origin is typing.Literal:
+        allowed = typing.get_args(annotation)
+        for value in allowed:
+            if str(value) == text:
+                return value
+        raise InputError(f"--{label} must be one of {', '.join(map(str, allowed))}; got {text!r}")
+    if origin in (tuple, list):
+        inner = typing.get_args(annotation)
+        parts = [p for p in text.replace(",", " ").split() if p]
+        item_type = inner[0] if inner else str
+        return origin(_convert(p, item_type, label) for p in parts)
+    if annotation is bool:
+        lowered = text.strip().lower()
+        if lowered in ("1", "true", "yes", "y", "on"):
+            return True
+        if lowered in ("0", "false", "no", "n", "off"):
+            return False
+        raise InputError(f"--{label} must be yes/no (true/false); got {text!r}")
+    if annotation in (int, float):
+        try:
+            value = float(text)
+        except ValueError:
+            raise InputError(f"--{label} must be a number; got {text!r}") from None
+        if annotation is int:
+            if value != int(value):
+                raise InputError(f"--{label} must be a whole number; got {text!r}")
+            return int(value)
+        return value
+    if annotation in (str, Any) or annotation is None:
+        return text
+    if isinstance(annotation, type):
+        return annotation(text)
+    return text
+
+
+def config_from_params(config_cls: type, params: dict[str, str], *, where: str = "relion-external",
+                       base: Any = None) -> Any:
+    """Build a typed dataclass config (e.g. TrainConfig) from `--label value` text pairs.
+
+    Each label must name a field of `config_cls` (dashes may stand for underscores);
+    values are converted to the field's annotated type. Unknown labels raise InputError
+    listing the valid ones, so a typo in RELION's Params tab fails loudly instead of
+    training with defaults.
+    """
+    hints = typing.get_type_hints(config_cls)
+    names = [f.name for f in dataclasses.fields(config_cls) if f.init]
+    values: dict[str, Any] = {}
+    for label, text in params.items():
+        name = label.replace("-", "_")
+        if name not in names:
+            raise InputError(f"{where}: unknown parameter --{label} (value {text!r}). Training parameters are: "
+                             + ", ".join(f"--{n}" for n in names) + ".")
+        values[name] = _convert(str(text), hints.get(name, str), label)
+    if base is not None:
+        return dataclasses.replace(base, **values)
+    try:
+        return config_cls(**values)
+    except (TypeError, ValueError) as exc:
+        if isinstance(exc, InputError):
+            raise
+        raise InputError(f"{where}: invalid training parameters: {exc}") from exc
+
+
+def write_output_nodes(out_dir: Path, nodes: Sequence[tuple[str | os.PathLike, int]]) -> Path:
+    """Write `RELION_OUTPUT_NODES.star` listing `(path relative to the project dir, node type)` pairs."""
+    from cryofire_ext.safe_io import atomic_path
+
+    lines = ["", "# version 30001", "", "data_output_nodes", "", "loop_",
+             "_rlnPipeLineNodeName #1", "_rlnPipeLineNodeType #2"]
+    lines += [f"{Path(name).as_posix()} {int(node_type)}" for name, node_type in nodes]
+    path = Path(out_dir) / OUTPUT_NODES
+    with atomic_path(path, force=True) as tmp:
+        tmp.write_text("\n".join(lines) + "\n \n")
+    return path
+
+
+def abort_requested(out_dir: Path) -> Callable[[], bool]:
+    """A cheap poll (one stat) for RELION's abort request file in `out_dir`."""
+    flag = Path(out_dir) / ABORT_NOW
+    return flag.exists
+
+
+def _clear_exit_files(out_dir: Path) -> None:
+    """Remove stale exit markers from an earlier run of this job (RELION's programs do the same)."""
+    for name in (EXIT_SUCCESS, EXIT_FAILURE, EXIT_ABORTED):
+        (out_dir / name).unlink(missing_ok=True)
+
+
+def _touch(path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.touch()
+
+
+def _same_file_as_stderr(path: Path) -> bool:
+    """True when our stderr already is `path` (RELION redirects stderr to run.err)."""
+    try:
+        err = os.fstat(sys.stderr.fileno())
+        st = path.stat()
+    except (OSError, ValueError, AttributeError):
+        return False
+    return (err.st_dev, err.st_ino) == (st.st_dev, st.st_ino)
+
+
+def _report_error(out_dir: Path, message: str, tb: str) -> None:
+    """One paragraph to stderr (which RELION sends to run.err); the traceback to the debug log."""
+    paragraph = " ".join(message.split())
+    print(f"ERROR: {paragraph}", file=sys.stderr, flush=True)
+    run_err = out_dir / "run.err"
+    if not _same_file_as_stderr(run_err):
+        with open(run_err, "a", encoding="utf-8") as fh:
+            fh.write(f"ERROR: {paragraph}\n")
+    with open(out_dir / DEBUG_LOG, "a", encoding="utf-8") as fh:
+        fh.write(tb)
+
+
+def _relative_to(path: Path, root: Path) -> Path:
+    try:
+        return Path(os.path.relpath(Path(path).resolve(), root.resolve()))
+    except ValueError:
+        return Path(path)
+
+
+def run_relion_external(argv: Sequence[str], *, project_dir: str | os.PathLike | None = None,
+                        on_progress: Callable[..., None] | None = None) -> int:
+    """Run one RELION External job from its command line; return the exit status (0 / 1 / 2).
+
+    Never raises for bad input or training errors: those end in `RELION_JOB_EXIT_FAILURE`
+    with a readable run.err. `project_dir` (default: the current directory, where RELION
+    runs the program) anchors `--o`, `--in_parts` and the image paths in the STAR file.
+    """
+    project = Path(project_dir) if project_dir is not None else Path.cwd()
+    try:
+        args = parse_relion_args(argv)
+    except InputError as exc:
+        print(f"ERROR: {exc}", file=sys.stderr, flush=True)
+        return STATUS["failure"]
+    out_dir = args.out_dir if args.out_dir.is_absolute() else project / args.out_dir
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _clear_exit_files(out_dir)
+    try:
+        outcome = _run(args, project, out_dir, on_progress)
+    except BaseException as exc:  # noqa: BLE001 - every failure must leave RELION's failure marker
+        if isinstance(exc, InputError):
+            message = str(exc)
+        elif isinstance(exc, KeyboardInterrupt):
+            message = "interrupted (Ctrl-C or a signal) before the job finished"
+        else:
+            message = (f"{type(exc).__name__}: {exc}. This is a bug or an environment problem rather than bad "
+                       f"input; the traceback is in {out_dir / DEBUG_LOG}")
+        _report_error(out_dir, message, traceback.format_exc())
+        _touch(out_dir / EXIT_FAILURE)
+        if isinstance(exc, (KeyboardInterrupt, SystemExit)) and not isinstance(exc, InputError):
+            raise
+        return STATUS["failure"]
+    _touch(out_dir / (EXIT_ABORTED if outcome == "aborted" else EXIT_SUCCESS))
+    return STATUS[outcome]
+
+
+def _run(args: RelionExternalArgs, project: Path, out_dir: Path,
+         on_progress: Callable[..., None] | None) -> str:
+    """Train and export; return "success" or "aborted". Raises on failure."""
+    from cryofire_ext.train.config import TrainConfig
+    from cryofire_ext.train.trainer import TrainingStopped
+    from integrations.job import run_training_job
+    from integrations.relion import read_star
+
+    if args.ignored:
+        logger.info("ignoring RELION inputs not used by cryoFIRE: %s",
+                    ", ".join(f"--{k} {v}" for k, v in args.ignored.items()))
+    if args.in_parts is None:
+        raise InputError("relion-external: no input particles. Set 'Input particles' (--in_parts) on the "
+                         "External job's Input tab to a particles STAR file, e.g. Extract/job007/particles.star")
+    star = args.in_parts if args.in_parts.is_absolute() else project / args.in_parts
+    if not star.is_file():
+        raise InputError(f"{args.in_parts}: input particles STAR file not found (looked in the RELION project "
+                         f"directory {project})")
+    config = config_from_params(TrainConfig, args.params)
+    logger.info("cryoFIRE External job: particles %s, output %s, %d thread(s)", args.in_parts, args.out_dir,
+                args.threads)
+    stack = read_star(star, datadir=project, require_images=True)
+    if stack.images is None:  # readers that do not raise themselves
+        stack.require_images()
+    should_stop = abort_requested(out_dir)
+    try:
+        outputs = run_training_job(stack, out_dir, config, should_stop=should_stop, force=True,
+                                   argv=["cryofire", "relion-external", *args.argv], on_progress=on_progress)
+    except TrainingStopped:
+        if should_stop():
+            logger.info("RELION asked to abort (%s): training stopped after a checkpoint", ABORT_NOW)
+            return "aborted"
+        raise
+    nodes: list[tuple[Path, int]] = [(_relative_to(Path(outputs.particles_star), project), NODE_PART_DATA)]
+    nodes += [(_relative_to(Path(m), project), NODE_3DREF) for m in outputs.maps]
+    write_output_nodes(out_dir, nodes)
+    logger.info("wrote %s with %d node(s)", OUTPUT_NODES, len(nodes))
+    return "success"
