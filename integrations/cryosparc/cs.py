@@ -219,8 +219,11 @@ def stack_from_dataset(dset: Dataset, datadir=None, require_images: bool = False
     images = None
     if missing_stacks:
         raw, tried = tried_first
+        where = (f"{tried[0]}" if len(tried) == 1 else
+                 f"{', '.join(str(t) for t in tried[:2])}" + (f" and {len(tried) - 2} more up to {tried[-1]}"
+                                                              if len(tried) > 2 else ""))
         msg = (f"{source}: {len(missing_stacks)} of {len(unique)} particle stacks not found (first: blob/path "
-               f"'{raw}', tried {', '.join(str(t) for t in tried)})")
+               f"'{raw}', tried {where})")
         if require_images:
             raise InputError(msg + ". Pass --datadir with the cryoSPARC project folder that holds them.")
         log.warning("%s; reading metadata only.", msg)

@@ -1,0 +1,161 @@
+"""Pick the particle reader/writer by file suffix: one front door for the CLI and the jobs.
+
+Readers: `.star` (RELION), `.cs` (cryoSPARC), `.mrcs`/`.mrc`/`.txt` (bare image stacks, or a
+list of them, one path per line: images only, no CTF, no poses). Writers: `.star`, `.cs`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import mrcfile
+import numpy as np
+
+from cryofire_ext.ctf import CTFParams
+from cryofire_ext.errors import InputError
+from cryofire_ext.particles import ParticleStack
+
+log = logging.getLogger(__name__)
+
+READ_SUFFIXES = (".star", ".cs", ".mrcs", ".mrc", ".txt")
+WRITE_SUFFIXES = (".star", ".cs")
+DEFAULT_PIXEL_SIZE_A = 1.0
+
+
+def _suffix(path: Path, accepted: tuple[str, ...], what: str) -> str:
+    suffix = path.suffix.lower()
+    if suffix not in accepted:
+        raise InputError(f"{path}: unknown particle file extension '{path.suffix or '(none)'}' for {what}; "
+                         f"accepted: {', '.join(accepted)}.")
+    return suffix
+
+
+def no_ctf(n: int) -> CTFParams:
+    """`n` particles whose CTF is 1 everywhere (defocus 0, Cs 0, amplitude contrast 1, 300 kV)."""
+    return CTFParams.constant(n, defocus_u_A=0.0, voltage_kv=300.0, cs_mm=0.0, amplitude_contrast=1.0)
+
+
+def _first_stack(path: Path) -> Path:
+    if path.suffix.lower() != ".txt":
+        return path
+    for line in path.read_text().splitlines():
+        if line.strip():
+            first = Path(line.strip())
+            return first if first.is_absolute() else path.parent / first
+    raise InputError(f"{path}: the stack list is empty (expected one .mrcs path per line)")
+
+
+def read_image_stack(path, require_images: bool = True) -> ParticleStack:
+    """A bare `.mrcs`/`.mrc` stack or a `.txt` list of them as a `ParticleStack` with no CTF and no poses.
+
+    Pixel size from the first stack's header voxel size (1.0 A with a warning when the header says 0).
+    ids are `N@path` (1-based), as RELION would name the images.
+    """
+    path = Path(path)
+    from cryofire_ext import images as images_mod
+
+    opener = getattr(images_mod, "open_particles_file", None)
+    if opener is not None:
+        images = opener(path)
+    elif path.suffix.lower() == ".txt":
+        images = images_mod.read_stack_list(path)
+    else:
+        data = images_mod.open_stack(path)
+        images = images_mod.MrcImages([str(path)] * data.shape[0], np.arange(data.shape[0]))
+    first = _first_stack(path)
+    with mrcfile.open(first, mode="r", permissive=True, header_only=True) as mrc:
+        pixel_size_A = float(mrc.voxel_size.x)
+    if not pixel_size_A > 0:
+        log.warning("%s: the header's voxel size is 0 (unset); assuming %.1f A/px. Give a STAR or .cs file "
+                    "for the real pixel size.", first, DEFAULT_PIXEL_SIZE_A)
+        pixel_size_A = DEFAULT_PIXEL_SIZE_A
+    n = len(images)
+    if hasattr(images, "paths"):
+        names = np.asarray([f"{i + 1}@{os.path.abspath(p)}" for p, i in zip(images.paths, images.indices)])
+    else:
+        names = np.asarray([f"{i + 1}@{os.path.abspath(path)}" for i in range(n)])
+    return ParticleStack(ids=names, pixel_size_A=pixel_size_A, box=int(images.box), ctf=no_ctf(n), images=images,
+                         image_names=names)
+
+
+def read_particles(path, datadir=None, require_images: bool = False) -> ParticleStack:
+    """Read particles from a `.star`, `.cs`, `.mrcs`/`.mrc` or `.txt` file, chosen by its suffix.
+
+    datadir: folder image paths are relative to (STAR/.cs). Missing stacks are a warning
+    (`stack.missing_stacks`) unless `require_images`, then an InputError.
+    """
+    path = Path(path)
+    suffix = _suffix(path, READ_SUFFIXES, "reading")
+    if not path.exists():
+        raise InputError(f"{path}: particle file not found")
+    if suffix == ".star":
+        from integrations.relion import read_star
+
+        return read_star(path, datadir=datadir, require_images=require_images)
+    if suffix == ".cs":
+        from integrations.cryosparc import read_cs
+
+        return read_cs(path, datadir=datadir, require_images=require_images)
+    return read_image_stack(path, require_images=require_images)
+
+
+def write_particles(stack: ParticleStack, path, z=None, force: bool = False) -> Path:
+    """Write `stack` (and latent coordinates `z` `(n, d)`) as `.star` (RELION 3.1) or `.cs` (cryoSPARC) by suffix."""
+    path = Path(path)
+    suffix = _suffix(path, WRITE_SUFFIXES, "writing")
+    if suffix == ".star":
+        from integrations.relion import write_star
+
+        return write_star(stack, path, z=z, force=force)
+    from integrations.cryosparc import write_cs
+
+    return write_cs(stack, path, z=z, force=force)
+
+
+def convert_particles(src, dst, datadir=None, force: bool = False) -> tuple[ParticleStack, Path]:
+    """Metadata conversion `src` -> `dst` (any readable suffix -> `.star`/`.cs`); returns (stack read, path written).
+
+    Absent stacks are not an error here (exports often travel without them): they are logged and
+    listed in `stack.missing_stacks`. The output is checked before reading so a refused overwrite costs nothing.
+    """
+    src, dst = Path(src), Path(dst)
+    _suffix(dst, WRITE_SUFFIXES, "writing")
+    if dst.exists() and not force:
+        raise InputError(f"{dst}: the output exists already. Choose another name or pass --force to overwrite it.")
+    stack = read_particles(src, datadir=datadir, require_images=False)
+    return stack, write_particles(stack, dst, force=force)
+
+
+def summarize_particles(stack: ParticleStack) -> dict:
+    """Plain facts about a stack for `cryofire inspect`: counts, sizes, optics groups, CTF ranges, what is present."""
+    n = len(stack)
+
+    def rng(values, scale=1.0):
+        values = np.asarray(values, dtype=np.float64) * scale
+        return (float(values.min()), float(values.max())) if len(values) else (float("nan"), float("nan"))
+
+    groups = {}
+    for g in np.unique(stack.optics_group) if n else []:
+        sel = stack.optics_group == g
+        groups[int(g)] = {"count": int(sel.sum()), "voltage_kv": sorted(set(np.round(stack.ctf.voltage_kv[sel], 3))),
+                          "cs_mm": sorted(set(np.round(stack.ctf.cs_mm[sel], 4))),
+                          "amplitude_contrast": sorted(set(np.round(stack.ctf.amplitude_contrast[sel], 4)))}
+    return {
+        "count": n,
+        "box_px": int(stack.box),
+        "pixel_size_A": float(stack.pixel_size_A),
+        "optics_groups": groups,
+        "defocus_u_A": rng(stack.ctf.defocus_u_A),
+        "defocus_v_A": rng(stack.ctf.defocus_v_A),
+        "defocus_angle_deg": rng(stack.ctf.defocus_angle_rad, 180.0 / np.pi),
+        "phase_shift_deg": rng(stack.ctf.phase_shift_rad, 180.0 / np.pi),
+        "bfactor_A2": rng(stack.ctf.bfactor_A2),
+        "has_poses": stack.A is not None,
+        "shift_A_max_abs": float(np.abs(stack.shifts_A).max()) if stack.shifts_A is not None and n else None,
+        "classes": int(len(np.unique(stack.class_id))) if stack.class_id is not None else None,
+        "subsets": sorted(int(s) for s in np.unique(stack.subset)) if stack.subset is not None else None,
+        "images_available": stack.images is not None,
+        "missing_stacks": list(stack.missing_stacks),
+    }
