@@ -1,0 +1,336 @@
+"""Latent-space analysis library: PCA, clustering (K by BIC), traversals, maps, FSC, plots, report."""
+
+from __future__ import annotations
+
+import html.parser
+from pathlib import Path
+
+import mrcfile
+import numpy as np
+import pytest
+
+from cryofire_ext import analysis, plots, report
+from cryofire_ext.errors import InputError
+from cryofire_ext.poses import random_rotations
+from cryofire_ext.results import Predictions
+
+
+def clustering_error(labels: np.ndarray, truth: np.ndarray) -> float:
+    """Fraction of particles misassigned under the best one-to-one matching of clusters to states."""
+    try:
+        from cryofire_ext.metrics import clustering_error as ce
+    except ImportError:
+        ce = None
+    if ce is not None:
+        return float(ce(labels, truth))
+    from scipy.optimize import linear_sum_assignment
+
+    k = max(labels.max(), truth.max()) + 1
+    conf = np.zeros((k, k))
+    np.add.at(conf, (labels, truth), 1)
+    r, c = linear_sum_assignment(-conf)
+    return 1.0 - conf[r, c].sum() / len(labels)
+
+
+def two_state_z(n=1000, d=8, seed=0, frac=0.3, sep=4.0):
+    """Two anisotropic Gaussian states in d dims, centres `sep` (in units of the largest std) apart."""
+    rng = np.random.default_rng(seed)
+    state = (rng.random(n) < frac).astype(np.int64)
+    direction = rng.normal(size=d)
+    direction /= np.linalg.norm(direction)
+    scales = rng.uniform(0.3, 1.0, size=d)
+    z = rng.normal(size=(n, d)) * scales + np.outer(state, direction) * sep * scales.max() * 2
+    return z, state
+
+
+def ten_state_z(n=2000, d=8, seed=1, noise=0.05):
+    """Ten states on a curved 1D path through d dims (a conformational coordinate), plus noise."""
+    rng = np.random.default_rng(seed)
+    state = rng.integers(0, 10, n)
+    t = state / 9.0
+    basis = np.linalg.qr(rng.normal(size=(d, 3)))[0].T  # (3, d) orthonormal
+    path = np.stack([3 * t, 0.8 * np.sin(np.pi * t), 0.3 * t ** 2], axis=1) @ basis
+    return path + noise * rng.normal(size=(n, d)), state
+
+
+# ---------------------------------------------------------------------------- PCA
+def test_pca_finds_the_axis_of_largest_variance():
+    rng = np.random.default_rng(3)
+    axis = np.array([1.0, 2.0, -2.0, 0.0]) / 3.0
+    z = np.outer(rng.normal(size=500) * 5, axis) + 0.2 * rng.normal(size=(500, 4)) + 7.0
+    r = analysis.pca(z, 3)
+    assert r.components.shape == (3, 4) and r.coords.shape == (500, 3)
+    assert abs(r.components[0] @ axis) > 0.999
+    assert r.explained_variance_ratio[0] > 0.95
+    assert np.all(np.diff(r.explained_variance_ratio) <= 0)
+    np.testing.assert_allclose(r.coords @ r.components + r.mean, z, atol=0.7)  # 3 of 4 PCs: near-exact
+    assert analysis.pca(z, 10).components.shape == (4, 4)  # clipped to d
+
+
+def test_traversal_spans_pc1_percentiles_through_the_mean():
+    z, _ = ten_state_z(500)
+    r = analysis.pca(z, 2)
+    pts = analysis.pc_traversal(r, 0, n_steps=7)
+    proj = (pts - r.mean) @ r.components.T
+    lo, hi = np.percentile(r.coords[:, 0], [5, 95])
+    np.testing.assert_allclose(proj[[0, -1], 0], [lo, hi], rtol=1e-6)
+    np.testing.assert_allclose(proj[:, 1], 0, atol=1e-9)
+    assert np.all(np.diff(proj[:, 0]) > 0)
+    with pytest.raises(InputError, match="PC3"):
+        analysis.pc_traversal(r, 2)
+
+
+# --------------------------------------------------------------------- clustering
+def test_two_states_recovered_with_bic_chosen_k():
+    z, state = two_state_z()
+    k, bic = analysis.choose_k(z, k_max=6)
+    assert k == 2, bic
+    c = analysis.cluster(z)  # default: K by BIC, GMM labels
+    assert c.k == 2 and c.k_source == "bic"
+    assert clustering_error(c.labels, state) <= 0.01  # the issue's bar
+    assert clustering_error(c.kmeans_labels, state) <= 0.01
+    assert np.bincount(c.labels)[0] >= np.bincount(c.labels)[1]  # cluster 1 = the largest
+    # the on-data centre of each cluster is a member of it
+    assert np.all(c.labels[c.centre_particles] == np.arange(c.k))
+
+
+def test_ten_states_follow_pc1():
+    z, state = ten_state_z()
+    r = analysis.pca(z, 2)
+    corr = abs(np.corrcoef(r.coords[:, 0], state)[0, 1])
+    print(f"ten-state synthetic |corr(PC1, state)| = {corr:.3f}")
+    assert corr > 0.95
+    c = analysis.cluster(z, 10, method="kmeans")
+    assert clustering_error(c.labels, state) < 0.05
+
+
+def test_k_is_checked_and_user_k_kept():
+    z, _ = two_state_z(n=50)
+    with pytest.raises(InputError, match="number of particles"):
+        analysis.cluster(z, 51)
+    with pytest.raises(InputError):
+        analysis.cluster(z, 0)
+    with pytest.raises(InputError, match="zdim 0"):
+        analysis.cluster(np.zeros((10, 0)), 2)
+    c = analysis.cluster(z, 3, method="kmeans")
+    assert c.k == 3 and c.k_source == "user" and c.method == "kmeans"
+
+
+def test_cluster_numbers_are_one_based():
+    assert analysis.parse_cluster_numbers("1,3", 3) == [0, 2]
+    assert analysis.parse_cluster_numbers(" 2 ", 2) == [1]
+    for bad in ("0", "4", "a,b", ""):
+        with pytest.raises(InputError):
+            analysis.parse_cluster_numbers(bad, 3)
+    labels = np.array([0, 2, 1, 2, 0])
+    np.testing.assert_array_equal(analysis.cluster_members(labels, [0, 2]), [0, 1, 3, 4])
+
+
+def test_clustering_save_load_round_trip(tmp_path):
+    z, _ = two_state_z(n=200)
+    c = analysis.cluster(z, 2)
+    ids = np.array([f"{i + 1}@s.mrcs" for i in range(200)])
+    npz, js = analysis.save_clustering(c, ids, tmp_path)
+    c2, ids2 = analysis.load_clustering(npz)
+    np.testing.assert_array_equal(c2.labels, c.labels)
+    np.testing.assert_allclose(c2.centres, c.centres)
+    np.testing.assert_array_equal(ids2, ids)
+    assert c2.k == 2 and c2.method == "gmm"
+    with pytest.raises(InputError, match="exists"):
+        analysis.save_clustering(c, ids, tmp_path)
+    with pytest.raises(InputError, match="cryofire analyze"):
+        analysis.load_clustering(tmp_path / "nothing.npz")
+
+
+# --------------------------------------------------------------------- maps / FSC
+def test_map_fsc_is_one_for_equal_maps_and_low_for_independent_noise():
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(24, 24, 24))
+    freq, f = analysis.map_fsc(a, a, 2.0)
+    assert np.allclose(f[1:], 1.0, atol=1e-6)
+    assert freq[-1] < 1 / (2 * 2.0) + 1e-9  # up to Nyquist
+    _, f2 = analysis.map_fsc(a, rng.normal(size=a.shape), 2.0)
+    assert np.abs(f2[2:]).mean() < 0.1
+
+
+def test_write_mrc_keeps_voxel_size_and_refuses_overwrite(tmp_path):
+    vol = np.random.default_rng(0).normal(size=(8, 8, 8)).astype(np.float32)
+    p = analysis.write_mrc(vol, tmp_path / "m.mrc", 3.5)
+    with mrcfile.open(p) as m:
+        np.testing.assert_allclose(m.voxel_size.x, 3.5)
+        np.testing.assert_array_equal(m.data, vol)
+    with pytest.raises(InputError, match="exists"):
+        analysis.write_mrc(vol, p, 3.5)
+
+
+def test_read_z_points_checks_dimension(tmp_path):
+    np.testing.assert_allclose(analysis.read_z_points("0.1,0.2; 0.3 0.4", zdim=2), [[0.1, 0.2], [0.3, 0.4]])
+    with pytest.raises(InputError, match="dimension 3"):
+        analysis.read_z_points("0.1,0.2", zdim=3)
+    f = tmp_path / "z.txt"
+    np.savetxt(f, np.zeros((4, 5)))
+    with pytest.raises(InputError, match=r"z.txt.*5 values.*dimension 8"):
+        analysis.read_z_points(path=f, zdim=8)
+    np.save(tmp_path / "z.npy", np.ones((2, 8)))
+    assert analysis.read_z_points(path=tmp_path / "z.npy", zdim=8).shape == (2, 8)
+    with pytest.raises(InputError, match="exactly one"):
+        analysis.read_z_points("1", tmp_path / "z.npy")
+
+
+# ---------------------------------------------------------------------------- plots
+def _assert_png(path: Path) -> np.ndarray:
+    from matplotlib.image import imread
+
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    img = imread(path)[..., :3]
+    assert img.shape[:2] == (plots.HEIGHT_PX, plots.WIDTH_PX)
+    non_white = np.mean(np.any(img < 0.95, axis=-1))
+    assert non_white > 0.02, f"{path.name}: almost blank ({non_white:.3f} of pixels drawn)"
+    return img
+
+
+def _colour_fraction(img: np.ndarray, rgb) -> float:
+    return float(np.mean(np.all(np.abs(img - np.asarray(rgb)) < 0.02, axis=-1)))
+
+
+def test_plots_are_pngs_of_the_stated_size_that_show_their_data(tmp_path):
+    from matplotlib import colormaps
+    from matplotlib.colors import to_rgb
+
+    rng = np.random.default_rng(0)
+    z, state = two_state_z(n=400)
+    xy = analysis.pca(z, 2).coords
+    tab = colormaps["tab10"]
+    p = plots.latent_scatter(xy, state, tmp_path / "s.png")
+    img = _assert_png(p)
+    # both clusters' colours are drawn (points at alpha 0.6 over white)
+    on_white = [0.6 * np.asarray(tab(j)[:3]) + 0.4 for j in (0, 1)]
+    assert _colour_fraction(img, on_white[0]) > 1e-3 and _colour_fraction(img, on_white[1]) > 3e-4
+    _assert_png(plots.latent_density(xy, tmp_path / "d.png"))
+    img = _assert_png(plots.cluster_populations(np.array([300, 100]), tmp_path / "p.png"))
+    # the bar of cluster 1 (colour 0) is 3x as tall as that of cluster 2: about 3x the pixels
+    ratio = _colour_fraction(img, tab(0)[:3]) / _colour_fraction(img, tab(1)[:3])
+    assert 2.5 < ratio < 3.5, ratio
+    img = _assert_png(plots.loss_curve(np.arange(1, 21), np.exp(-np.arange(20) / 5.0), tmp_path / "l.png"))
+    rows, cols = np.nonzero(np.all(np.abs(img - np.asarray(to_rgb("C0"))) < 0.02, axis=-1))
+    assert len(rows) > 300 and cols.max() - cols.min() > 0.5 * img.shape[1]
+    assert rows[cols < cols.min() + 20].mean() < rows[cols > cols.max() - 20].mean()  # drawn falling
+    A = random_rotations(500, rng)
+    _assert_png(plots.viewing_directions(A, tmp_path / "v.png"))
+    _assert_png(plots.inplane_and_shifts(rng.uniform(-180, 180, 500), rng.normal(size=(500, 2)), tmp_path / "i.png"))
+    freq = np.linspace(0, 0.25, 16)
+    _assert_png(plots.fsc_between_maps(freq, {(0, 1): np.linspace(1, 0, 16), (0, 2): np.linspace(1, 0.3, 16),
+                                              (1, 2): np.ones(16)}, tmp_path / "f.png"))
+    with pytest.raises(InputError, match="exists"):
+        plots.latent_density(xy, tmp_path / "d.png")
+
+
+def test_viewing_direction_plot_shows_where_the_views_are(tmp_path):
+    """Views all near the north pole (tilt ~ 0) fill only the top of the Mollweide map."""
+    from scipy.spatial.transform import Rotation
+
+    rng = np.random.default_rng(1)
+    At = Rotation.from_euler("ZYZ", np.c_[rng.uniform(0, 360, 300), rng.uniform(0, 10, 300),
+                                          rng.uniform(0, 360, 300)], degrees=True).as_matrix()
+    img = _assert_png(plots.viewing_directions(np.swapaxes(At, 1, 2), tmp_path / "v.png"))
+    coloured = np.abs(img - img.mean(axis=-1, keepdims=True)).sum(-1) > 0.15  # viridis bins, not grey/white
+    rows = np.nonzero(coloured[: int(0.8 * img.shape[0])].any(axis=1))[0]  # above the colour bar
+    top, bottom = rows.min(), rows.max()
+    assert bottom < 0.35 * img.shape[0], (top, bottom)
+
+
+# --------------------------------------------------------------------- end to end
+class BlendSource:
+    """Fake trained model: two truth maps blended by where z lies between two state centres."""
+
+    def __init__(self, truth: np.ndarray, centres: np.ndarray, pixel_size_A: float = 4.0):
+        self.truth, self.centres, self.pixel_size_A = truth, centres, pixel_size_A
+        self.zdim = centres.shape[1]
+
+    def volumes(self, z):
+        u = self.centres[1] - self.centres[0]
+        t = (np.asarray(z) - self.centres[0]) @ u / (u @ u)
+        w = 1 / (1 + np.exp(-10 * (t - 0.5)))
+        return (self.truth[0][None] * (1 - w)[:, None, None, None] + self.truth[1][None] * w[:, None, None, None]
+                ).astype(np.float32)
+
+
+def blob_maps(D=24):
+    g = np.arange(D) - D // 2
+
+    def blob(c, s):
+        return np.exp(-((g[:, None, None] - c[0]) ** 2 + (g[None, :, None] - c[1]) ** 2
+                        + (g[None, None, :] - c[2]) ** 2) / s)
+
+    core = blob((0, 0, 0), 20)
+    return np.stack([core + blob((6, 0, 0), 8), core + blob((0, -6, 3), 8)]).astype(np.float32)
+
+
+def make_run(path: Path, n=400, seed=0) -> tuple[np.ndarray, np.ndarray]:
+    """A run folder with predictions.npz for a two-state z; returns (state (n,), state centres (2, d))."""
+    rng = np.random.default_rng(seed)
+    z, state = two_state_z(n=n, seed=seed)
+    centres = np.stack([z[state == s].mean(0) for s in (0, 1)])
+    path.mkdir(parents=True, exist_ok=True)
+    Predictions(ids=[f"{i + 1:06d}@stack.mrcs" for i in range(n)], A=random_rotations(n, rng),
+                shifts_A=rng.normal(size=(n, 2)), z=z, loss=rng.random(n),
+                meta={"pixel_size_A": 4.0, "box": 24}).save(path / "predictions.npz")
+    return state, centres
+
+
+class _Links(html.parser.HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.links = []
+
+    def handle_starttag(self, tag, attrs):
+        self.links += [v for k, v in attrs if k in ("href", "src")]
+
+
+def test_analyze_run_end_to_end(tmp_path):
+    state, centres = make_run(tmp_path / "run")
+    truth = blob_maps()
+    written = []
+
+    def writer(rows, stem, force):
+        p = stem.with_suffix(".txt")
+        p.parent.mkdir(parents=True, exist_ok=True)
+        np.savetxt(p, rows, fmt="%d")
+        written.append(rows)
+        return [p]
+
+    res = report.analyze_run(tmp_path / "run", tmp_path / "an", report.AnalyzeConfig(traversal_steps=4),
+                             source=BlendSource(truth, centres), subset_writer=writer)
+    assert res.clustering.k == 2 and clustering_error(res.clustering.labels, state) <= 0.01
+    # each cluster map correlates best with its own state's truth map
+    for j, path in enumerate(res.cluster_maps):
+        with mrcfile.open(path) as m:
+            vol = m.data.copy()
+            assert m.voxel_size.x == pytest.approx(4.0)
+        own = np.bincount(state[res.clustering.labels == j]).argmax()
+        corr = [np.corrcoef(vol.ravel(), t.ravel())[0, 1] for t in truth]
+        assert np.argmax(corr) == own
+    assert len(res.traversal_maps[1]) == 4 and len(res.traversal_maps[2]) == 4
+    # subsets: one per cluster, the clusters' members, together every particle once
+    assert len(written) == 2 and sorted(np.concatenate(written).tolist()) == list(range(len(state)))
+    # every link of the report resolves to a file in the folder
+    parser = _Links()
+    parser.feed(res.report.read_text())
+    assert len(parser.links) >= 6 + 2 + 8 + 2
+    for link in parser.links:
+        assert (res.report.parent / link).is_file(), link
+    assert "cluster_01.mrc" in res.report.read_text() and "UMAP" in res.report.read_text()
+    # refuses to overwrite an analysis unless forced
+    with pytest.raises(InputError, match="exists"):
+        report.analyze_run(tmp_path / "run", tmp_path / "an", source=BlendSource(truth, centres))
+    report.analyze_run(tmp_path / "run", tmp_path / "an", report.AnalyzeConfig(n_clusters=3, maps=False),
+                       force=True)
+
+
+def test_analyze_run_bad_input(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InputError, match="no predictions.npz"):
+        report.analyze_run(tmp_path / "empty")
+    make_run(tmp_path / "run", n=30)
+    with pytest.raises(InputError, match="larger than the number of particles"):
+        report.analyze_run(tmp_path / "run", config=report.AnalyzeConfig(n_clusters=31, maps=False))
