@@ -1,0 +1,182 @@
+"""TrainConfig: every knob of a training run, typed, saved as JSON in the run folder.
+
+The saved file carries the package version, the creation time and the command
+line, so a run folder says how it was made. `load` refuses files from a newer
+format and names unknown fields.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+from cryofire_ext.errors import InputError
+from cryofire_ext.safe_io import atomic_path
+
+FORMAT = "cryofire-train-config"
+FORMAT_VERSION = 1
+
+# fields a resumed run may change (they do not alter what has been trained so far)
+RESUMABLE_FIELDS = ("epochs", "max_minutes", "device", "num_workers", "log_every")
+
+
+@dataclass
+class TrainConfig:
+    """A training run's settings (units in names; images counted in particles seen).
+
+    Model (seed cryoFIRE, Fig. S1/S2): `zdim` conformation dims (0 = homogeneous);
+    `enc_channels` CNN widths, one 3x3 conv + BatchNorm + ReLU + 2x2 max-pool per level
+    (5 levels -> `(D/32)^2` cells of the last width, 256); `hidden` MLP width;
+    `dec_layers` x `dec_hidden` neural field with `pe_freqs` (None = D/2) Gaussian
+    frequencies of scale `pe_sigma` (in cycles per unit of k times D/2).
+    `n_pose_heads` > 1 gives a winner-take-all multi-head encoder (cryoSPIN).
+    `symmetric`: the image and its copy rotated 180 deg in-plane are both encoded;
+    the smaller loss wins.
+
+    Schedule: `pose_only_images` with random z before the encoder's z is used;
+    frequency marching from `march_start` (units of Nyquist) to 1 over `march_images`;
+    Adam `lr` with linear warm-up over `lr_warmup_images`.
+
+    Warm start (`warm_start="search"`, the default because the plain recipe learns no
+    poses on CPU budgets, see benchmarks/): a coarse EM global search on `warm_images`
+    images Fourier-cropped to `warm_box` builds a low-resolution map; the encoder is then
+    taught the searched poses of each training batch for `distill_images` images (weight
+    decaying to 0 over the same number again) while the decoder learns from them.
+    `warm_start="none"` is the seed's plain recipe.
+
+    `train_box`: Fourier-crop the images to this box for training (None = keep).
+    """
+
+    zdim: int = 8
+    epochs: int = 20
+    max_minutes: float | None = None
+    batch_size: int = 32
+    seed: int = 0
+    device: str = "auto"
+    lr: float = 1e-4
+    lr_warmup_images: int = 2000
+    # model
+    enc_channels: tuple = (32, 64, 128, 256, 256)
+    hidden: int = 256
+    dec_hidden: int = 256
+    dec_layers: int = 4
+    pe_freqs: int | None = None
+    pe_sigma: float = 0.5
+    n_pose_heads: int = 1
+    symmetric: bool = True
+    train_box: int | None = None
+    # schedule
+    pose_only_images: int = 20000
+    march_start: float = 0.25
+    march_images: int = 20000
+    z_l2: float = 0.0
+    # warm start
+    warm_start: str = "search"
+    warm_images: int = 1000
+    warm_box: int = 24
+    warm_iters: int = 20
+    warm_rotations: int = 4000
+    warm_max_shift_px: float = 4.0
+    distill_images: int = 10000
+    # runtime
+    num_workers: int = 2
+    log_every: int = 50
+    # provenance (filled by save)
+    version: str = ""
+    created: str = ""
+    command_line: list = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.enc_channels = tuple(int(c) for c in self.enc_channels)
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise InputError naming the first bad field."""
+        def bad(name, expected):
+            raise InputError(f"training config field {name}={getattr(self, name)!r}: expected {expected}")
+        if not isinstance(self.zdim, int) or self.zdim < 0:
+            bad("zdim", "an integer >= 0 (0 = homogeneous)")
+        if self.epochs < 0:
+            bad("epochs", "an integer >= 0")
+        if self.max_minutes is not None and self.max_minutes <= 0:
+            bad("max_minutes", "a positive number of minutes or None")
+        if self.batch_size < 1:
+            bad("batch_size", "an integer >= 1")
+        if self.device not in ("auto", "cpu", "cuda") and not str(self.device).startswith("cuda:"):
+            bad("device", "auto, cpu or cuda")
+        if self.lr <= 0:
+            bad("lr", "a positive learning rate")
+        if len(self.enc_channels) != 5:
+            bad("enc_channels", "5 channel widths (5 levels of 2x2 pooling down to D/32)")
+        if self.n_pose_heads < 1:
+            bad("n_pose_heads", "an integer >= 1")
+        if self.warm_start not in ("search", "none"):
+            bad("warm_start", "'search' or 'none'")
+        if not 0 < self.march_start <= 1:
+            bad("march_start", "a radius in (0, 1] (units of Nyquist)")
+        if self.train_box is not None and (self.train_box < 32 or self.train_box % 2):
+            bad("train_box", "an even box of at least 32 px (the encoder pools 5 times)")
+        if self.warm_box < 8 or self.warm_box % 2:
+            bad("warm_box", "an even box of at least 8 px")
+
+    # ---- persistence
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["enc_channels"] = list(self.enc_channels)
+        return d
+
+    def save(self, path: str | os.PathLike, force: bool = True, argv: list[str] | None = None) -> Path:
+        """Write JSON with format, version, time and command line (atomic)."""
+        from cryofire_ext import __version__
+
+        self.version = __version__
+        self.created = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        self.command_line = list(argv if argv is not None else (self.command_line or sys.argv))
+        payload = {"format": FORMAT, "format_version": FORMAT_VERSION, "config": self.to_dict()}
+        with atomic_path(path, force=force) as tmp:
+            tmp.write_text(json.dumps(payload, indent=2) + "\n")
+        return Path(path)
+
+    @classmethod
+    def from_dict(cls, d: dict, source: str = "config") -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise InputError(f"{source}: unknown training config field(s) {', '.join(unknown)}; "
+                             f"known fields: {', '.join(sorted(known))}")
+        return cls(**d)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "TrainConfig":
+        """Read a file written by `save` (or a plain JSON object of fields)."""
+        path = Path(path)
+        try:
+            payload = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise InputError(f"{path}: config file not found") from None
+        except (OSError, ValueError) as exc:
+            raise InputError(f"{path}: not a readable JSON config ({exc})") from exc
+        if not isinstance(payload, dict):
+            raise InputError(f"{path}: expected a JSON object of config fields")
+        if "config" in payload:
+            if payload.get("format") != FORMAT or payload.get("format_version", 0) > FORMAT_VERSION:
+                raise InputError(f"{path}: format {payload.get('format')} v{payload.get('format_version')} "
+                                 f"is not {FORMAT} v<={FORMAT_VERSION}")
+            payload = payload["config"]
+        return cls.from_dict(payload, source=str(path))
+
+    def training_fields(self) -> dict:
+        """The fields that define what is trained (all but provenance and RESUMABLE_FIELDS)."""
+        d = self.to_dict()
+        for k in RESUMABLE_FIELDS + ("version", "created", "command_line"):
+            d.pop(k, None)
+        return d
+
+    def differences(self, other: "TrainConfig") -> list[str]:
+        """Names of training fields that differ between two configs, `name: old -> new`."""
+        a, b = self.training_fields(), other.training_fields()
+        return [f"{k}: {a[k]!r} -> {b[k]!r}" for k in a if a[k] != b[k]]

@@ -1,0 +1,86 @@
+"""Data parallelism through torchrun, one code path: a world of one is the ordinary run.
+
+`torchrun --nproc_per_node N cryofire train ...` sets RANK/WORLD_SIZE/LOCAL_RANK; we
+then join a process group (gloo on CPU, nccl on CUDA), convert BatchNorm to
+SyncBatchNorm (so the global batch normalises as in one process) and wrap the model
+in DistributedDataParallel. Each rank takes an equal slice of every global batch;
+only rank 0 writes files.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DistEnv:
+    rank: int
+    world: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def shard(self, items):
+        """This rank's equal slice of a global batch (contiguous blocks)."""
+        n = len(items)
+        per = n // self.world
+        return items[self.rank * per:(self.rank + 1) * per]
+
+
+def resolve_device(device: str) -> torch.device:
+    """'auto' -> cuda when available, else cpu."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        from cryofire_ext.errors import InputError
+
+        raise InputError(f"device {device!r} asked for but CUDA is not available here; use --device cpu")
+    return torch.device(device)
+
+
+def setup(device: str) -> DistEnv:
+    """Join the torchrun process group when WORLD_SIZE > 1; otherwise a world of one."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    dev = resolve_device(device)
+    if world <= 1:
+        return DistEnv(0, 1, dev)
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if dev.type == "cuda":
+        dev = torch.device("cuda", local)
+        torch.cuda.set_device(dev)
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
+    return DistEnv(dist.get_rank(), dist.get_world_size(), dev)
+
+
+def wrap(model: nn.Module, env: DistEnv) -> nn.Module:
+    """SyncBatchNorm + DDP in a world > 1; the model itself otherwise."""
+    if env.world <= 1:
+        return model
+    model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    ids = [env.device.index] if env.device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(model, device_ids=ids, find_unused_parameters=True)
+
+
+def all_mean(x: torch.Tensor, env: DistEnv) -> torch.Tensor:
+    """Mean over ranks (identity in a world of one)."""
+    if env.world <= 1:
+        return x
+    y = x.detach().clone()
+    dist.all_reduce(y)
+    return y / env.world
+
+
+def barrier(env: DistEnv) -> None:
+    if env.world > 1:
+        dist.barrier()

@@ -1,0 +1,223 @@
+"""Warm start: a coarse EM global search that gives the amortized encoder something to learn from.
+
+On CPU budgets gradient descent on a randomly started pose head learns no poses
+(issue 4). Here a low-resolution map is built ab initio by expectation-maximisation
+over a fixed set of random rotations and a 3x3 shift grid on a few hundred images
+Fourier-cropped to `warm_box`, starting from a map back-projected at random poses
+and annealing the posterior. `search` then gives the best grid pose of any batch of
+images against that map (cheap: two matrix products), which the trainer distils into
+the encoder while the decoder learns.
+
+Units: lattice `k` in Nyquist units of the warm box; shifts in warm-box pixels
+(RELION origin sign). The map is a complex Fourier grid `(G, G, G)`, `G = warm_box + 1`,
+index `[kz, ky, kx]`, `k = 2 j / warm_box - 1`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as Fn
+
+from cryofire_ext import fourier
+from cryofire_ext.ctf import evaluate_ctf
+from cryofire_ext.model.losses import undo_shift
+from cryofire_ext.poses import random_rotations
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class WarmMap:
+    """V `(G, G, G)` complex64 Fourier map on the warm lattice; rotations `(M, 3, 3)`; shifts_px `(S, 2)`."""
+
+    V: torch.Tensor
+    rotations: torch.Tensor
+    shifts_px: torch.Tensor
+    box: int
+    pixel_size_A: float
+    sigma2: float
+
+    def state(self) -> dict:
+        return {"V_re": self.V.real.contiguous(), "V_im": self.V.imag.contiguous(), "rotations": self.rotations,
+                "shifts_px": self.shifts_px, "box": self.box, "pixel_size_A": self.pixel_size_A,
+                "sigma2": self.sigma2}
+
+    @classmethod
+    def from_state(cls, s: dict) -> "WarmMap":
+        return cls(torch.complex(s["V_re"], s["V_im"]), s["rotations"], s["shifts_px"], int(s["box"]),
+                   float(s["pixel_size_A"]), float(s["sigma2"]))
+
+
+class _Lattice:
+    def __init__(self, box: int, pixel_size_A: float, device):
+        half = fourier.half_plane_mask(box, 1.0 - 1e-3)
+        k = fourier.slice_lattice(box, dtype=torch.float32).reshape(-1, 3)
+        self.idx = torch.nonzero(half.reshape(-1)).squeeze(-1).to(device)
+        self.k = k[self.idx.cpu()].to(device)
+        self.r = torch.linalg.vector_norm(self.k[:, :2], dim=-1)
+        self.freqs = self.k[:, :2].double() / (2.0 * pixel_size_A)
+        self.box = box
+
+    def observe(self, img: torch.Tensor) -> torch.Tensor:
+        F = fourier.fft2_centered(img.float()) / self.box
+        return F.reshape(F.shape[0], -1)[:, self.idx]
+
+
+def _slices(V: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
+    """Trilinear samples of complex V `(G,G,G)` at coords `(M, m, 3)` (Nyquist units, (kx,ky,kz)) -> `(M, m)`."""
+    inp = torch.stack((V.real, V.imag))[None]  # (1, 2, G, G, G)
+    grid = coords.reshape(1, 1, -1, 1, 3).float()
+    out = Fn.grid_sample(inp, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
+    out = out.reshape(2, *coords.shape[:-1])
+    return torch.complex(out[0], out[1])
+
+
+def _splat(num: torch.Tensor, den: torch.Tensor, coords: torch.Tensor, values: torch.Tensor, weights: torch.Tensor):
+    """Add complex `values` `(P,)` and real `weights` `(P,)` at coords `(P, 3)` trilinearly (and the Hermitian mates)."""
+    G = num.shape[0]
+    for sgn in (1.0, -1.0):
+        c = sgn * coords
+        v = values if sgn > 0 else values.conj()
+        j = (c + 1.0) * (G - 1) / 2.0  # index space, (x, y, z)
+        j0 = torch.floor(j)
+        f = j - j0
+        j0 = j0.long()
+        for dx in (0, 1):
+            for dy in (0, 1):
+                for dz in (0, 1):
+                    ix, iy, iz = j0[:, 0] + dx, j0[:, 1] + dy, j0[:, 2] + dz
+                    w = ((f[:, 0] if dx else 1 - f[:, 0]) * (f[:, 1] if dy else 1 - f[:, 1])
+                         * (f[:, 2] if dz else 1 - f[:, 2]))
+                    ok = (ix >= 0) & (ix < G) & (iy >= 0) & (iy < G) & (iz >= 0) & (iz < G)
+                    flat = (iz * G + iy) * G + ix
+                    flat, w = flat[ok], w[ok]
+                    num.view(-1).index_add_(0, flat, (v[ok] * w).to(num.dtype))
+                    den.view(-1).index_add_(0, flat, (weights[ok] * w).to(den.dtype))
+
+
+def _shift_grid(max_shift_px: float) -> torch.Tensor:
+    s = float(max_shift_px)
+    if s <= 0:
+        return torch.zeros(1, 2)
+    g = torch.tensor([-s, 0.0, s])
+    return torch.stack(torch.meshgrid(g, g, indexing="xy"), dim=-1).reshape(-1, 2)
+
+
+def _scores(Y: torch.Tensor, C: torch.Tensor, S: torch.Tensor, lat: _Lattice, shifts: torch.Tensor,
+            radius: float) -> torch.Tensor:
+    """Log-likelihood up to a constant `(n, S, M)`: `2 Re<Y_s C, S_m> - <C^2, |S_m|^2>` on `|k| <= radius`."""
+    w = (lat.r <= radius + 1e-6).float()
+    Ys = undo_shift(Y, lat.k[:, :2], shifts[None].expand(Y.shape[0], -1, -1))  # (n, S, m)
+    YC = Ys * (C * w)[:, None, :]
+    cross = YC.real @ S.real.T + YC.imag @ S.imag.T  # (n, S, M)
+    quad = (C * C * w) @ (S.abs().square()).T  # (n, M)
+    return 2.0 * cross - quad[:, None, :]
+
+
+def build_warm_map(images: torch.Tensor, ctf_params: torch.Tensor, pixel_size_A: float, *, n_rotations: int,
+                   iters: int, max_shift_px: float, seed: int, chunk: int = 256) -> WarmMap:
+    """EM ab initio at low resolution.
+
+    images `(n, B, B)` normalised, at the warm box; ctf_params `(n, 9)`; pixel_size_A of these images;
+    max_shift_px the shift-grid step in warm-box pixels. Deterministic given `seed`.
+    """
+    n, box = images.shape[0], images.shape[-1]
+    device = images.device
+    lat = _Lattice(box, pixel_size_A, device)
+    rng = np.random.default_rng([int(seed), 4242])
+    rots = torch.as_tensor(random_rotations(n_rotations, rng), dtype=torch.float32, device=device)
+    shifts = _shift_grid(max_shift_px).to(device)
+    Y = lat.observe(images)  # (n, m)
+    C = evaluate_ctf(ctf_params.double().to(device), lat.freqs).float()  # (n, m)
+    sigma2 = float(Y.abs().square().mean())  # noise-dominated estimate of the per-coefficient variance
+    G = box + 1
+    coords_all = torch.einsum("mi,rij->rmj", lat.k, rots)  # (M, m, 3): A^T k as rows k @ A
+    # start: back-project at random poses (breaks the spherical symmetry of a flat start)
+    pick = torch.as_tensor(rng.integers(0, n_rotations, n), device=device)
+    num = torch.zeros(G, G, G, dtype=torch.complex64, device=device)
+    den = torch.zeros(G, G, G, dtype=torch.float32, device=device)
+    _splat(num, den, coords_all[pick].reshape(-1, 3), (Y * C).reshape(-1), (C * C).reshape(-1))
+    V = num / (den + 0.1 * den.mean() + 1e-6)
+    for it in range(iters):
+        frac = (it + 1) / max(iters, 1)
+        radius = 0.4 + 0.6 * frac
+        beta = 0.3 + 0.7 * frac  # annealed posterior
+        S = _slices(V, coords_all)  # (M, m)
+        num.zero_(), den.zero_()
+        num_m = torch.zeros_like(S)
+        den_m = torch.zeros(S.shape, dtype=torch.float32, device=device)
+        for s0 in range(0, n, chunk):
+            sl = slice(s0, min(n, s0 + chunk))
+            logp = _scores(Y[sl], C[sl], S, lat, shifts, radius) * (beta / sigma2)
+            w = torch.softmax(logp.flatten(1), dim=1).reshape(logp.shape)  # (b, S, M)
+            Ys = undo_shift(Y[sl], lat.k[:, :2], shifts[None].expand(Y[sl].shape[0], -1, -1))
+            YC = Ys * C[sl][:, None, :]  # (b, S, m)
+            for si in range(shifts.shape[0]):
+                num_m += w[:, si, :].T.to(YC.dtype) @ YC[:, si, :]
+            den_m += w.sum(1).T @ (C[sl] * C[sl])
+        mask = (lat.r <= radius + 1e-6)
+        _splat(num, den, coords_all[:, mask].reshape(-1, 3), num_m[:, mask].reshape(-1), den_m[:, mask].reshape(-1))
+        V = num / (den + 0.05 * den[den > 0].mean() + 1e-6)
+        log.debug("warm start EM iteration %d/%d radius %.2f", it + 1, iters, radius)
+    return WarmMap(V, rots, shifts, box, float(pixel_size_A), sigma2)
+
+
+@torch.no_grad()
+def search(warm: WarmMap, images: torch.Tensor, ctf_params: torch.Tensor, refine: bool = True):
+    """Best grid pose of each image against the warm map.
+
+    images `(n, B, B)` normalised at the warm box -> (A `(n, 3, 3)` RELION matrices, shifts `(n, 2)`
+    warm-box pixels). With `refine`, a second pass over 8 nearby rotations per image.
+    """
+    device = images.device
+    lat = _Lattice(warm.box, warm.pixel_size_A, device)
+    Y = lat.observe(images)
+    C = evaluate_ctf(ctf_params.double().to(device), lat.freqs).float()
+    rots = warm.rotations.to(device)
+    S = _slices(warm.V.to(device), torch.einsum("mi,rij->rmj", lat.k, rots))
+    sc = _scores(Y, C, S, lat, warm.shifts_px.to(device), 1.0)  # (n, S, M)
+    flat = sc.flatten(1).argmax(1)
+    s_idx, r_idx = flat // sc.shape[2], flat % sc.shape[2]
+    A = rots[r_idx]
+    t = warm.shifts_px.to(device)[s_idx]
+    if refine:
+        A = _refine(warm, Y, C, lat, A, t)
+    return A, t
+
+
+def _refine(warm, Y, C, lat, A, t, steps=(0.12, 0.06), n_dir: int = 12):
+    """Local search: perturb each pose by small rotations (radians) and keep the best."""
+    gen = torch.Generator().manual_seed(99)
+    for step in steps:
+        axes = Fn.normalize(torch.randn(n_dir, 3, generator=gen), dim=-1).to(A.device)
+        dR = _axis_angle(axes * step)  # (n_dir, 3, 3)
+        cand = torch.cat((A[:, None], dR[None] @ A[:, None]), dim=1)  # (n, 1+n_dir, 3, 3)
+        coords = torch.einsum("mi,ncij->ncmj", lat.k, cand)
+        S = _slices(warm.V.to(A.device), coords.reshape(-1, lat.k.shape[0], 3)).reshape(*cand.shape[:2], -1)
+        Ys = undo_shift(Y, lat.k[:, :2], t[:, None, :])[:, 0]  # (n, m)
+        YC = Ys * C
+        score = 2.0 * (YC[:, None].conj() * S).real.sum(-1) - ((C * C)[:, None] * S.abs().square()).sum(-1)
+        A = cand[torch.arange(A.shape[0]), score.argmax(1)]
+    return A
+
+
+def _axis_angle(v: torch.Tensor) -> torch.Tensor:
+    theta = torch.linalg.vector_norm(v, dim=-1, keepdim=True).clamp_min(1e-12)
+    k = v / theta
+    K = torch.zeros(*v.shape[:-1], 3, 3, dtype=v.dtype, device=v.device)
+    K[..., 0, 1], K[..., 0, 2], K[..., 1, 2] = -k[..., 2], k[..., 1], -k[..., 0]
+    K = K - K.transpose(-1, -2)
+    th = theta[..., None]
+    return torch.eye(3, dtype=v.dtype, device=v.device) + torch.sin(th) * K + (1 - torch.cos(th)) * K @ K
+
+
+def warm_volume(warm: WarmMap) -> torch.Tensor:
+    """Real-space view of the warm map `(box, box, box)` (for inspection)."""
+    G, box = warm.V.shape[0], warm.box
+    F = warm.V[:box, :box, :box]
+    return fourier.ifft3_centered(F).real
