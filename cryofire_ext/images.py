@@ -1,21 +1,42 @@
-"""Lazy image sources: memory-mapped .mrcs/.mrc stacks, read in batches.
+"""Lazy image sources: memory-mapped .mrcs/.mrc stacks and .txt lists of stacks, read in batches.
 
 An image source is anything with `__len__`, `box` (pixels, square images) and
 `read(indices) -> (n, box, box) float32`. `MrcImages` holds one reference
-`(file, 0-based index)` per particle and opens each file once as a read-only
-memory map, so memory stays bounded by the batch, not the dataset.
+`(file, 0-based index)` per particle; it reads each file's header once (cheap,
+no data) and maps the data read-only on first use, keeping at most `max_open`
+files mapped at a time (least recently used closed first), so memory and file
+handles stay bounded by the batch, not by the dataset.
+
+MRC facts handled here: the header is 1024 bytes plus `nsymbt` bytes of
+extended header; modes 0 (int8), 1 (int16), 2 (float32), 6 (uint16) and 12
+(float16) are read; byte order comes from the header; a 2D image is a stack of
+one; a file flagged as a volume (ispg 1, RELION writes .mrcs that way) is read
+as a stack of its sections; the MAP id and machine stamp may be missing
+(permissive); the header voxel size may be 0 (unset: `StackInfo.voxel_size_A`
+is then None and the pixel size must come from the metadata).
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import warnings
+from collections import OrderedDict
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, Sequence
 
 import mrcfile
+import mrcfile.utils
 import numpy as np
 
 from cryofire_ext.errors import InputError
+
+log = logging.getLogger(__name__)
+
+MRC_HEADER_BYTES = 1024
+SUPPORTED_MODES = {0: "int8", 1: "int16", 2: "float32", 6: "uint16", 12: "float16"}
+STACK_SUFFIXES = (".mrcs", ".mrc", ".st", ".map")
 
 
 class ImageSource(Protocol):
@@ -43,87 +64,199 @@ class ArrayImages:
         return np.asarray(self.data[np.asarray(indices)], dtype=np.float32)
 
 
-def open_stack(path: str | os.PathLike) -> np.ndarray:
-    """Open an MRC stack read-only as a memory map, `(n, ny, nx)`.
+@dataclass(frozen=True)
+class StackInfo:
+    """What an MRC header says about a stack: `n` images of `ny` x `nx` pixels.
 
-    Permissive: files whose header lacks the MAP id still open; a 2D image is
-    returned as a stack of one; a file flagged as a volume is read as a stack
-    (RELION writes .mrcs that way). Raises InputError naming the file when it is
-    missing, truncated or not MRC.
+    offset: byte offset of the data (1024 + extended header). voxel_size_A: the header's
+    pixel size in Angstrom, or None when unset (0).
     """
+
+    path: str
+    n: int
+    ny: int
+    nx: int
+    dtype: np.dtype
+    offset: int
+    voxel_size_A: float | None
+
+
+def stack_info(path: str | os.PathLike) -> StackInfo:
+    """Read and check an MRC header (no data). InputError naming the file when it is missing,
+    not MRC, in an unsupported mode or axis order, or shorter than its header says (truncated)."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: image stack not found")
     try:
-        mrc = mrcfile.mmap(path, mode="r", permissive=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # permissive mode warns about a missing MAP id; we check below
+            with mrcfile.open(path, mode="r", permissive=True, header_only=True) as mrc:
+                header = mrc.header.copy()
     except Exception as exc:  # mrcfile raises ValueError/OSError variants
         raise InputError(f"{path}: not a readable MRC stack ({exc})") from exc
-    data = mrc.data
-    if data is None:
-        raise InputError(
-            f"{path}: the file is shorter than its header says (truncated stack?); "
-            f"header nx,ny,nz = {int(mrc.header.nx)},{int(mrc.header.ny)},{int(mrc.header.nz)}"
-        )
-    if data.ndim == 2:
-        data = data[None]
-    return data
+    if header is None:
+        raise InputError(f"{path}: not a readable MRC stack (no 1024-byte header)")
+    mode = int(header.mode)
+    if mode not in SUPPORTED_MODES:
+        raise InputError(f"{path}: MRC mode {mode} is not a supported image mode; expected one of "
+                         + ", ".join(f"{k} ({v})" for k, v in SUPPORTED_MODES.items()))
+    axes = (int(header.mapc), int(header.mapr), int(header.maps))
+    if axes != (1, 2, 3) and axes != (0, 0, 0):
+        raise InputError(f"{path}: header axis order mapc,mapr,maps = {axes}; only 1,2,3 (x fastest) is supported")
+    nx, ny, nz = int(header.nx), int(header.ny), int(header.nz)
+    if nx <= 0 or ny <= 0 or nz <= 0:
+        raise InputError(f"{path}: header size nx,ny,nz = {nx},{ny},{nz}; expected positive sizes")
+    dtype = mrcfile.utils.data_dtype_from_header(header)
+    offset = MRC_HEADER_BYTES + int(header.nsymbt)
+    expected = offset + nx * ny * nz * dtype.itemsize
+    size = path.stat().st_size
+    if size < expected:
+        held = max(size - offset, 0) // (nx * ny * dtype.itemsize)
+        raise InputError(f"{path}: the file is {size} bytes but its header (nx,ny,nz = {nx},{ny},{nz}, mode {mode}) "
+                         f"needs {expected}; the stack is truncated (only {held} complete images)")
+    mx = int(header.mx)
+    voxel = float(header.cella.x) / mx if mx > 0 else 0.0
+    return StackInfo(str(path), nz, ny, nx, dtype, offset, voxel if voxel > 0 else None)
+
+
+def open_stack(path: str | os.PathLike, info: StackInfo | None = None) -> np.ndarray:
+    """Open an MRC stack read-only as a memory map, `(n, ny, nx)` (see `stack_info` for checks)."""
+    info = info or stack_info(path)
+    return np.memmap(info.path, dtype=info.dtype, mode="r", offset=info.offset, shape=(info.n, info.ny, info.nx))
 
 
 class MrcImages:
     """Particles as `(file, 0-based index)` references into MRC stacks, opened lazily.
 
-    `paths` `(n,)` of str and `indices` `(n,)` of int. Reads group requests by file.
+    `paths` `(n,)` of str and `indices` `(n,)` of int (0-based). Every file's header is
+    checked at construction (exists, not truncated, square images, one box for all,
+    indices within the stack). `read` groups requests by file and reads each file's
+    images in index order; at most `max_open` files stay mapped.
     """
 
-    def __init__(self, paths: Sequence[str], indices: Sequence[int] | np.ndarray):
+    def __init__(self, paths: Sequence[str], indices: Sequence[int] | np.ndarray, max_open: int = 64):
         self.paths = np.asarray([str(p) for p in paths], dtype=object)
-        self.indices = np.asarray(indices, dtype=np.int64)
+        self.indices = np.asarray(indices, dtype=np.int64).reshape(-1)
         if len(self.paths) != len(self.indices):
-            raise InputError("MrcImages: paths and indices differ in length")
-        self._files: dict[str, np.ndarray] = {}
+            raise InputError(f"MrcImages: {len(self.paths)} paths but {len(self.indices)} indices")
+        self.max_open = max(1, int(max_open))
+        self._files: OrderedDict[int, np.ndarray] = OrderedDict()
         self.unique_paths, self.file_of = np.unique(self.paths.astype(str), return_inverse=True)
+        self.file_of = self.file_of.reshape(-1).astype(np.int64)
+        self.infos = [stack_info(p) for p in self.unique_paths]
         self.box = self._check()
 
-    def _open(self, path: str) -> np.ndarray:
-        if path not in self._files:
-            self._files[path] = open_stack(path)
-        return self._files[path]
+    @classmethod
+    def from_stacks(cls, stacks: Sequence[str | os.PathLike], **kwargs) -> "MrcImages":
+        """Every image of each stack, in file order then image order."""
+        paths, indices = [], []
+        for stack in stacks:
+            n = stack_info(stack).n
+            paths.extend([str(stack)] * n)
+            indices.append(np.arange(n))
+        return cls(paths, np.concatenate(indices) if indices else np.zeros(0, dtype=np.int64), **kwargs)
 
     def _check(self) -> int:
-        box = None
-        for k, path in enumerate(self.unique_paths):
-            data = self._open(path)
-            if data.shape[1] != data.shape[2]:
-                raise InputError(f"{path}: images must be square, got {data.shape[2]}x{data.shape[1]}")
-            if box is None:
-                box = int(data.shape[1])
-            elif data.shape[1] != box:
-                raise InputError(f"{path}: box {data.shape[1]} px differs from {box} px in {self.unique_paths[0]}; "
-                                 "all particles must share one box size")
-            idx = self.indices[self.file_of == k]
-            if len(idx) and (idx.min() < 0 or idx.max() >= data.shape[0]):
-                bad = int(idx.max()) if idx.max() >= data.shape[0] else int(idx.min())
-                raise InputError(f"{path}: particle index {bad + 1} (1-based) is beyond the stack, "
-                                 f"which holds {data.shape[0]} images")
-        if box is None:
+        if len(self.indices) == 0:
             raise InputError("no images: the particle list is empty")
-        return box
+        first = self.infos[0]
+        for k, info in enumerate(self.infos):
+            if info.ny != info.nx:
+                raise InputError(f"{info.path}: images must be square, got {info.nx}x{info.ny} px")
+            if info.nx != first.nx:
+                raise InputError(f"{info.path}: box {info.nx} px differs from {first.nx} px in {first.path}; "
+                                 "all particles must share one box size (mixed box sizes)")
+        lo = np.full(len(self.infos), np.iinfo(np.int64).max)
+        hi = np.full(len(self.infos), -1)
+        np.minimum.at(lo, self.file_of, self.indices)
+        np.maximum.at(hi, self.file_of, self.indices)
+        for k, info in enumerate(self.infos):
+            if hi[k] >= info.n or (hi[k] >= 0 and lo[k] < 0):
+                bad = int(hi[k]) if hi[k] >= info.n else int(lo[k])
+                row = int(np.nonzero((self.file_of == k) & (self.indices == bad))[0][0])
+                raise InputError(f"{info.path}: particle {row} asks for image {bad + 1} (1-based) but the stack "
+                                 f"holds {info.n} images (index beyond the stack)")
+        return int(first.nx)
+
+    def _open(self, k: int) -> np.ndarray:
+        mm = self._files.get(k)
+        if mm is None:
+            mm = open_stack(self.unique_paths[k], self.infos[k])
+            self._files[k] = mm
+            while len(self._files) > self.max_open:
+                self._files.popitem(last=False)  # unmapped when the last reference goes
+        else:
+            self._files.move_to_end(k)
+        return mm
 
     def __len__(self) -> int:
         return len(self.indices)
 
+    @property
+    def voxel_size_A(self) -> float | None:
+        """The first stack's header pixel size in Angstrom, or None when unset."""
+        return self.infos[0].voxel_size_A
+
     def read(self, indices) -> np.ndarray:
-        indices = np.asarray(indices, dtype=np.int64)
+        """Images `(len(indices), box, box)` float32 for particle `indices` (any order, repeats allowed)."""
+        indices = np.asarray(indices, dtype=np.int64).reshape(-1)
         out = np.empty((len(indices), self.box, self.box), dtype=np.float32)
+        if len(indices) == 0:
+            return out
         files = self.file_of[indices]
-        for k in np.unique(files):
-            sel = np.nonzero(files == k)[0]
-            local = self.indices[indices[sel]]
-            order = np.argsort(local, kind="stable")
-            out[sel[order]] = self._open(self.unique_paths[k])[local[order]]
+        local = self.indices[indices]
+        if len(self.infos) == 1:
+            mm = self._open(0)
+            if mm.dtype == np.float32:
+                np.take(mm, local, axis=0, out=out)
+            else:
+                out[:] = mm[local]
+            return out
+        order = np.lexsort((local, files))
+        files_sorted = files[order]
+        starts = np.flatnonzero(np.r_[True, files_sorted[1:] != files_sorted[:-1]])
+        ends = np.r_[starts[1:], len(order)]
+        for s, e in zip(starts, ends):
+            sel = order[s:e]
+            out[sel] = self._open(int(files_sorted[s]))[local[sel]]
         return out
 
     def __getstate__(self):  # memory maps do not travel to worker processes; reopen there
         state = self.__dict__.copy()
-        state["_files"] = {}
+        state["_files"] = OrderedDict()
         return state
+
+
+def read_stack_list(path: str | os.PathLike) -> MrcImages:
+    """A `.txt` list of stacks (one path per line, relative paths from the .txt's folder;
+    blank lines and `#` comments skipped) as one `MrcImages` over all their images in order."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: stack list not found")
+    stacks = []
+    for lineno, line in enumerate(path.read_text().splitlines(), 1):
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        stack = Path(line) if os.path.isabs(line) else path.parent / line
+        if not stack.is_file():
+            raise InputError(f"{path}: line {lineno} names the stack '{line}', which was not found at {stack}")
+        if stack.suffix.lower() == ".txt":
+            raise InputError(f"{path}: line {lineno} names another list '{line}'; a list holds .mrcs/.mrc stacks only")
+        stacks.append(stack)
+    if not stacks:
+        raise InputError(f"{path}: the stack list names no stacks (expected one .mrcs/.mrc path per line)")
+    return MrcImages.from_stacks(stacks)
+
+
+def open_particles_file(path: str | os.PathLike) -> MrcImages:
+    """The images of a bare particle file: a `.mrcs`/`.mrc` stack or a `.txt` list of stacks
+    (images only; metadata files such as .star/.cs go through `integrations`)."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix == ".txt":
+        return read_stack_list(path)
+    if suffix in STACK_SUFFIXES:
+        return MrcImages.from_stacks([path])
+    raise InputError(f"{path}: unknown extension '{path.suffix}' for an image file; expected .mrcs, .mrc or .txt "
+                     "(a list of stacks), or read a .star/.cs file with its reader")

@@ -1,0 +1,68 @@
+"""RELION image names (`N@path/stack.mrcs`) and where their stacks lie.
+
+RELION resolves relative stack paths against the folder it runs in (the project
+folder, usually a job output's grand-parent). Without that folder we look, in
+order: the explicit `datadir` (the path as written, then its file name alone),
+the STAR file's folder, then its parents (`SEARCH_PARENTS` levels up).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from cryofire_ext.errors import InputError
+
+SEARCH_PARENTS = 3
+
+
+def split_image_names(names, star_path, block: str = "particles") -> tuple[np.ndarray, np.ndarray]:
+    """`rlnImageName` values `(n,)` -> (1-based image index `(n,)` int64, stack path as written `(n,)` str).
+
+    Accepts padded (`000001@x.mrcs`) and unpadded (`1@x.mrcs`) numbers; a name without `@`
+    is image 1 of that file. InputError naming the row when the number is not a positive integer.
+    """
+    s = pd.Series(np.asarray(names, dtype=object)).astype(str)
+    parts = s.str.partition("@")
+    has_at = parts[1] == "@"
+    number = pd.to_numeric(parts[0].where(has_at, "1"), errors="coerce")
+    stack = parts[2].where(has_at, parts[0]).str.strip()
+    bad = number.isna() | (number < 1) | (number != np.floor(number)) | (stack == "")
+    if bad.any():
+        row = int(np.flatnonzero(bad.to_numpy())[0])
+        raise InputError(f"{star_path}: row {row + 1} of data_{block} has rlnImageName '{s.iloc[row]}'; expected "
+                         "'N@path/stack.mrcs' with N the 1-based image number (e.g. 000001@Extract/job003/a.mrcs)")
+    return number.to_numpy(dtype=np.int64), stack.to_numpy(dtype=object)
+
+
+def stack_candidates(stack: str, star_dir: Path, datadir=None) -> list[Path]:
+    """Where a stack named `stack` (as written in a STAR file) may lie, in the order tried."""
+    if os.path.isabs(stack):
+        return [Path(stack)]
+    out = []
+    if datadir is not None:
+        out += [Path(datadir) / stack, Path(datadir) / Path(stack).name]
+    folder = Path(os.path.abspath(star_dir))
+    for level in range(SEARCH_PARENTS + 1):
+        out.append(folder / stack)
+        if folder.parent == folder:
+            break
+        folder = folder.parent
+    seen, unique = set(), []
+    for c in out:
+        if str(c) not in seen:
+            seen.add(str(c))
+            unique.append(c)
+    return unique
+
+
+def resolve_stack(stack: str, star_dir: Path, datadir=None) -> tuple[str | None, list[Path]]:
+    """(absolute path of the first candidate that is a file, or None; the candidates tried)."""
+    tried = stack_candidates(stack, star_dir, datadir)
+    for c in tried:
+        if c.is_file():
+            return os.path.abspath(c), tried
+    return None, tried
