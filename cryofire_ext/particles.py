@@ -91,6 +91,45 @@ class ParticleStack:
                              "Pass --datadir with the folder that holds them.")
         return self.images
 
+    def take(self, index) -> "ParticleStack":
+        """The particles selected by `index` (0-based ints, in that order, or a boolean mask).
+
+        The passthrough table is shared, not copied: `source_rows` keep pointing at the selected
+        particles' rows in it, so exporters write every input column of exactly those rows.
+        """
+        idx = np.asarray(index)
+        idx = np.nonzero(idx)[0] if idx.dtype == bool else idx.astype(np.int64).reshape(-1)
+        if len(idx) and (idx.min() < -len(self) or idx.max() >= len(self)):
+            raise InputError(f"particle index out of range for a stack of {len(self)} particles")
+
+        def pick(value):
+            return None if value is None else np.asarray(value)[idx]
+
+        images = self.images
+        if images is not None:
+            images = images.take(idx) if hasattr(images, "take") else _ImageSubset(images, idx)
+        return replace(self, ids=self.ids[idx], ctf=self.ctf.subset(idx), images=images, A=pick(self.A),
+                       shifts_A=pick(self.shifts_A), class_id=pick(self.class_id), subset=pick(self.subset),
+                       optics_group=pick(self.optics_group), source_rows=pick(self.source_rows),
+                       image_names=pick(self.image_names))
+
     def with_poses(self, A: np.ndarray, shifts_A: np.ndarray) -> "ParticleStack":
         """A copy with new poses (the passthrough is shared, not copied)."""
         return replace(self, A=np.asarray(A, dtype=np.float64), shifts_A=np.asarray(shifts_A, dtype=np.float64))
+
+
+class _ImageSubset:
+    """The images `index` of another image source (for `ParticleStack.take`); keeps `paths`/`indices`
+    when the source has them so exporters can still name each image."""
+
+    def __init__(self, source: ImageSource, index: np.ndarray):
+        self.source, self.index, self.box = source, np.asarray(index, dtype=np.int64), source.box
+        if hasattr(source, "paths") and hasattr(source, "indices"):
+            self.paths = np.asarray(source.paths)[self.index]
+            self.indices = np.asarray(source.indices)[self.index]
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def read(self, indices) -> np.ndarray:
+        return self.source.read(self.index[np.asarray(indices, dtype=np.int64)])
