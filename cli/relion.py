@@ -57,7 +57,8 @@ def _echo_params() -> None:
         import dataclasses
 
         from cryofire_ext.train.config import TrainConfig
+        from integrations.relion.external_job import PROVENANCE_FIELDS
     except ImportError:
         return
     typer.echo("Training parameters (--label value): " + ", ".join(
-        f"--{f.name}" for f in dataclasses.fields(TrainConfig) if f.init))
+        f"--{f.name}" for f in dataclasses.fields(TrainConfig) if f.init and f.name not in PROVENANCE_FIELDS))

@@ -124,11 +124,13 @@ def _convert(text: str, annotation: Any, label: str) -> Any:
             if str(value) == text:
                 return value
         raise InputError(f"--{label} must be one of {', '.join(map(str, allowed))}; got {text!r}")
-    if origin in (tuple, list):
-        inner = typing.get_args(annotation)
-        parts = [p for p in text.replace(",", " ").split() if p]
-        item_type = inner[0] if inner else str
-        return origin(_convert(p, item_type, label) for p in parts)
+    if origin in (tuple, list) or annotation in (tuple, list):
+        container = origin or annotation
+        inner = [a for a in typing.get_args(annotation) if a is not Ellipsis]
+        parts = [p for p in text.strip("()[] ").replace(",", " ").split() if p]
+        if inner:
+            return container(_convert(p, inner[0], label) for p in parts)
+        return container(_number_or_text(p) for p in parts)
     if annotation is bool:
         lowered = text.strip().lower()
         if lowered in ("1", "true", "yes", "y", "on"):
@@ -153,6 +155,19 @@ def _convert(text: str, annotation: Any, label: str) -> Any:
     return text
 
 
+def _number_or_text(text: str) -> Any:
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+#: Config fields filled by the program itself (provenance), never by users.
+PROVENANCE_FIELDS = ("version", "created", "command_line")
+
+
 def config_from_params(config_cls: type, params: dict[str, str], *, where: str = "relion-external",
                        base: Any = None) -> Any:
     """Build a typed dataclass config (e.g. TrainConfig) from `--label value` text pairs.
@@ -163,7 +178,7 @@ def config_from_params(config_cls: type, params: dict[str, str], *, where: str =
     training with defaults.
     """
     hints = typing.get_type_hints(config_cls)
-    names = [f.name for f in dataclasses.fields(config_cls) if f.init]
+    names = [f.name for f in dataclasses.fields(config_cls) if f.init and f.name not in PROVENANCE_FIELDS]
     values: dict[str, Any] = {}
     for label, text in params.items():
         name = label.replace("-", "_")
