@@ -28,7 +28,7 @@ def register(app: typer.Typer) -> None:
 
         stack, out = convert_particles(src, dst, datadir=datadir, force=force)
         note = f" ({len(stack.missing_stacks)} image stacks not found; metadata only)" if stack.missing_stacks else ""
-        console.print(f"wrote {len(stack)} particles to {out}{note}", highlight=False)
+        console.print(f"wrote {len(stack)} particles to {out}{note}", highlight=False, soft_wrap=True)
 
     @app.command("inspect")
     def inspect(
