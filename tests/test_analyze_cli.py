@@ -1,0 +1,187 @@
+"""`cryofire analyze / eval-vol / select` end to end on a run folder with a real RELION particles.star."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import mrcfile
+import numpy as np
+import pandas as pd
+import pytest
+import starfile
+
+from cli.main import main
+from cryofire_ext import analysis
+from cryofire_ext.poses import matrix_to_relion_euler, random_rotations
+from cryofire_ext.results import Predictions
+from tests.conftest import require_relion
+from tests.test_analysis import BlendSource, blob_maps, clustering_error
+
+PIXEL_A = 4.0
+
+
+def _state_table(s: int, n: int, D: int, rng, stack: str) -> pd.DataFrame:
+    e = matrix_to_relion_euler(random_rotations(n, rng))
+    df = rng.uniform(8000, 20000, n)
+    return pd.DataFrame({"rlnImageName": [f"{i + 1:06d}@{stack}" for i in range(n)], "rlnAngleRot": e[:, 0],
+                         "rlnAngleTilt": e[:, 1], "rlnAnglePsi": e[:, 2], "rlnOriginXAngst": 0.0,
+                         "rlnOriginYAngst": 0.0, "rlnDefocusU": df, "rlnDefocusV": df, "rlnDefocusAngle": 0.0,
+                         "rlnOpticsGroup": 1})
+
+
+def make_star_run(root: Path, D: int = 32, n=(120, 80), relion: bool = False, seed: int = 0):
+    """A run folder: two states' particles (RELION-projected truth maps when `relion`, else random images)
+    in particles.star with extra columns every subset must keep, and predictions.npz whose z separates
+    the states. Returns (run dir, state `(n,)` in predictions order, truth maps `(2, D, D, D)`)."""
+    rng = np.random.default_rng(seed)
+    run = root / "run"
+    run.mkdir(parents=True)
+    truth = blob_maps(D)
+    optics = pd.DataFrame({"rlnOpticsGroup": [1], "rlnOpticsGroupName": ["opticsGroup1"], "rlnVoltage": [300.0],
+                           "rlnSphericalAberration": [2.7], "rlnAmplitudeContrast": [0.1],
+                           "rlnImagePixelSize": [PIXEL_A], "rlnImageSize": [D], "rlnImageDimensionality": [2]})
+    tables = []
+    for s, count in enumerate(n):
+        table = _state_table(s, count, D, rng, f"proj{s}.mrcs")
+        if relion:
+            with mrcfile.new(root / f"truth{s}.mrc") as m:
+                m.set_data(truth[s])
+                m.voxel_size = PIXEL_A
+            starfile.write({"optics": optics, "particles": table}, root / f"in{s}.star")
+            subprocess.run(["relion_project", "--i", str(root / f"truth{s}.mrc"), "--o", str(run / f"proj{s}"),
+                            "--ang", str(root / f"in{s}.star"), "--ctf", "--angpix", str(PIXEL_A)],
+                           check=True, capture_output=True)
+        else:
+            with mrcfile.new(run / f"proj{s}.mrcs") as m:
+                m.set_data(rng.normal(size=(count, D, D)).astype(np.float32))
+        table["rlnMicrographName"] = f"Micrographs/state{s}.mrc"
+        table["rlnCoordinateX"] = rng.uniform(0, 4000, count).round(1)
+        tables.append(table)
+    particles = pd.concat(tables, ignore_index=True)
+    state = np.repeat(np.arange(len(n)), n)
+    order = rng.permutation(len(particles))
+    particles, state = particles.iloc[order].reset_index(drop=True), state[order]
+    particles["rlnRandomSubset"] = 1 + np.arange(len(particles)) % 2
+    starfile.write({"optics": optics, "particles": particles}, run / "particles.star")
+    from integrations.relion import read_star
+
+    stack = read_star(run / "particles.star")
+    z = rng.normal(size=(len(state), 4)) * 0.5 + np.outer(state, [3.0, -2.0, 0.0, 1.0])
+    Predictions(ids=stack.ids, A=stack.A, shifts_A=stack.shifts_A, z=z, loss=rng.random(len(state)),
+                meta={"pixel_size_A": PIXEL_A, "box": D}).save(run / "predictions.npz")
+    return run, state, truth
+
+
+@pytest.fixture
+def star_run(tmp_path):
+    return make_star_run(tmp_path)
+
+
+def test_analyze_writes_clusters_report_and_one_star_subset_per_cluster(star_run, capsys):
+    run, state, _ = star_run
+    assert main(["analyze", str(run), "--no-maps"]) == 0
+    out = run / "analysis"
+    assert "clusters (1-based): 1: 120, 2: 80" in capsys.readouterr().out
+    clus, ids = analysis.load_clustering(out / "clusters.npz")
+    assert clus.k == 2 and clustering_error(clus.labels, state) <= 0.01
+    original = starfile.read(run / "particles.star")["particles"]
+    for j in range(2):
+        sub = starfile.read(out / "subsets" / f"cluster_{j + 1:02d}.star")
+        assert set(sub) == {"optics", "particles"}
+        p = sub["particles"]
+        members = np.nonzero(clus.labels == j)[0]
+        assert len(p) == len(members)
+        # every input column is kept, for exactly the cluster's particles, plus the latent coordinates
+        assert set(original.columns) <= set(p.columns) and {"cryofireZ1", "cryofireZ4"} <= set(p.columns)
+        assert p["rlnMicrographName"].nunique() == 1  # a cluster is one state
+        np.testing.assert_allclose(np.sort(p["rlnCoordinateX"]), np.sort(original["rlnCoordinateX"].to_numpy()[members]))
+        np.testing.assert_array_equal(np.sort(p["rlnRandomSubset"].unique()), [1, 2])
+        assert p["rlnRandomSubset"].dtype.kind == "i"
+    # the subset's images resolve from where it lies (RELION reads it from there)
+    from integrations.relion import read_star
+
+    sub_stack = read_star(out / "subsets" / "cluster_01.star", require_images=True)
+    assert len(sub_stack) == int((clus.labels == 0).sum())
+    assert main(["analyze", str(run), "--no-maps"]) == 2  # refuses to overwrite
+    assert main(["analyze", str(run), "--no-maps", "--clusters", "3", "--force", "--method", "kmeans"]) == 0
+    assert analysis.load_clustering(out / "clusters.npz")[0].k == 3
+
+
+def test_select_writes_star_and_cs_subsets_with_one_based_clusters(star_run, tmp_path, capsys):
+    run, state, _ = star_run
+    assert main(["select", str(run), "--clusters", "1", "-o", str(tmp_path / "x.star")]) == 2  # not analysed yet
+    assert "cryofire analyze" in capsys.readouterr().err
+    assert main(["analyze", str(run), "--no-maps", "--no-subsets"]) == 0
+    clus, _ = analysis.load_clustering(run / "analysis" / "clusters.npz")
+    pred = Predictions.load(run / "predictions.npz")
+    assert main(["select", str(run), "--clusters", "2", "-o", str(tmp_path / "c2.star")]) == 0
+    p = starfile.read(tmp_path / "c2.star")["particles"]
+    assert len(p) == int((clus.labels == 1).sum())  # "2" is 1-based: label 1
+    np.testing.assert_allclose(np.sort(p["cryofireZ1"]), np.sort(pred.z[clus.labels == 1, 0]), rtol=1e-5)
+    assert main(["select", str(run), "--clusters", "1,2", "-o", str(tmp_path / "all.cs")]) == 0
+    from integrations.cryosparc import read_cs
+
+    cs = read_cs(tmp_path / "all.cs")
+    assert len(cs) == len(pred)
+    np.testing.assert_allclose(cs.A, pred.A, atol=1e-5)  # select keeps the run's particle order
+    fields = set(np.load(tmp_path / "all.cs").dtype.names)
+    assert {"components_mode_0/value", "components_mode_3/value", "alignments3D/pose"} <= fields
+    assert main(["select", str(run), "--clusters", "3", "-o", str(tmp_path / "bad.star")]) == 2
+    assert "numbered 1..2" in capsys.readouterr().err
+    assert main(["select", str(run), "--clusters", "1", "-o", str(tmp_path / "bad.txt")]) == 2
+
+
+def test_bad_input_exits_2_with_a_clear_message(star_run, tmp_path, capsys):
+    run, _, _ = star_run
+    empty = tmp_path / "empty_run"
+    empty.mkdir()
+    assert main(["analyze", str(empty)]) == 2
+    assert "no predictions.npz" in capsys.readouterr().err
+    assert main(["analyze", str(run), "--no-maps", "--clusters", "201"]) == 2
+    assert "larger than the number of particles" in capsys.readouterr().err
+    zf = tmp_path / "z.txt"
+    np.savetxt(zf, np.zeros((2, 3)))
+    assert main(["eval-vol", str(run), "--z-file", str(zf), "-o", str(tmp_path / "vols")]) == 2
+    err = capsys.readouterr().err
+    assert "z.txt" in err and "dimension 4" in err
+    assert main(["eval-vol", str(run), "--z", "1,2", "-o", str(tmp_path / "vols")]) == 2
+    assert main(["eval-vol", str(empty), "-o", str(tmp_path / "vols")]) == 2
+
+
+def test_eval_vol_writes_maps_at_the_given_points(star_run, tmp_path, monkeypatch):
+    run, state, truth = star_run
+    pred = Predictions.load(run / "predictions.npz")
+    centres = np.stack([pred.z[state == s].mean(0) for s in (0, 1)])
+    monkeypatch.setattr(analysis, "load_volume_source", lambda run_dir, device="cpu": BlendSource(truth, centres))
+    z_text = ";".join(",".join(f"{v:.4f}" for v in c) for c in centres)
+    assert main(["eval-vol", str(run), "--z", z_text, "-o", str(tmp_path / "vols")]) == 0
+    for s in (0, 1):
+        with mrcfile.open(tmp_path / "vols" / f"vol_{s + 1:03d}.mrc") as m:
+            assert m.voxel_size.x == pytest.approx(PIXEL_A)
+            corr = [np.corrcoef(m.data.ravel(), t.ravel())[0, 1] for t in truth]
+        assert np.argmax(corr) == s
+
+
+def _corr(path: Path, ref: np.ndarray) -> float:
+    with mrcfile.open(path) as m:
+        return float(np.corrcoef(m.data.ravel(), ref.ravel())[0, 1])
+
+
+@pytest.mark.relion
+def test_cluster_subset_star_feeds_relion_reconstruct_and_is_closer_to_its_state(tmp_path):
+    require_relion("relion_reconstruct", "relion_project")
+    run, state, truth = make_star_run(tmp_path, D=32, n=(150, 100), relion=True)
+    assert main(["analyze", str(run), "--no-maps"]) == 0
+    clus, _ = analysis.load_clustering(run / "analysis" / "clusters.npz")
+    assert clustering_error(clus.labels, state) <= 0.01
+    sub = run / "analysis" / "subsets" / "cluster_02.star"
+    own = int(np.bincount(state[clus.labels == 1]).argmax())
+    # RELION resolves image paths from its project directory: the run folder, where particles.star's resolve
+    for star, mrc in ((sub, tmp_path / "sub.mrc"), (run / "particles.star", tmp_path / "full.mrc")):
+        subprocess.run(["relion_reconstruct", "--i", str(star), "--o", str(mrc), "--ctf", "--angpix", str(PIXEL_A)],
+                       check=True, capture_output=True, cwd=run)
+    c_sub, c_full = _corr(tmp_path / "sub.mrc", truth[own]), _corr(tmp_path / "full.mrc", truth[own])
+    print(f"corr with state {own + 1} truth: cluster-2 subset {c_sub:.3f}, full set {c_full:.3f}")
+    assert c_sub > c_full + 0.02 and c_sub > 0.8
