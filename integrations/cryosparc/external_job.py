@@ -311,7 +311,7 @@ def run_cryosparc_job(cs: "CryoSPARC", project_uid: str, workspace_uid: str, par
             raise InputError(f"cryoSPARC: the project directory {project_dir} is not visible from this machine; "
                              "run `cryofire cryosparc run` where the project's files are mounted")
         stack = stack_from_dataset(dset, datadir=project_dir, require_images=True,
-                                   source=f"{project_uid} {source_job}.{source_output}")
+                                   source=str(project_dir / f"{source_job}.{source_output}"))
         job.log(f"{len(stack)} particles, box {stack.box} px, {stack.pixel_size_A:.4g} A/px; training")
         out_dir = Path(run_dir) if run_dir is not None else Path.cwd() / f"cryofire_{project_uid}_{job.uid}"
         outputs = run_training_job(stack, out_dir, config, force=force, on_progress=_progress_logger(job),

@@ -295,8 +295,6 @@ def _run(args: RelionExternalArgs, project: Path, out_dir: Path,
          on_progress: Callable[..., None] | None) -> str:
     """Train and export; return "success" or "aborted". Raises on failure."""
     from cryofire_ext.train.config import TrainConfig
-    from cryofire_ext.train.trainer import TrainingStopped
-    from integrations.job import run_training_job
     from integrations.relion import read_star
 
     if args.ignored:
@@ -312,9 +310,16 @@ def _run(args: RelionExternalArgs, project: Path, out_dir: Path,
     config = config_from_params(TrainConfig, args.params)
     logger.info("cryoFIRE External job: particles %s, output %s, %d thread(s)", args.in_parts, args.out_dir,
                 args.threads)
-    stack = read_star(star, datadir=project, require_images=True)
+    try:
+        stack = read_star(star, datadir=project, require_images=True)
+    except InputError as exc:
+        raise InputError(f"{exc} RELION runs this job in the project directory {project}: image paths in "
+                         f"{args.in_parts} must be relative to it (or absolute).") from exc
     if stack.images is None:  # readers that do not raise themselves
         stack.require_images()
+    from cryofire_ext.train.trainer import TrainingStopped
+    from integrations.job import run_training_job
+
     should_stop = abort_requested(out_dir)
     try:
         outputs = run_training_job(stack, out_dir, config, should_stop=should_stop, force=True,
