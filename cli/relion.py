@@ -50,6 +50,7 @@ def _log_to_stdout() -> None:
     level = root.level if root.level != logging.NOTSET else logging.INFO
     logging.basicConfig(level=level, format="%(asctime)s %(message)s", datefmt="%H:%M:%S",
                         handlers=[logging.StreamHandler(sys.stdout)], force=True)
+    logging.captureWarnings(True)  # library warnings to run.out, so run.err holds only the error
 
 
 def _echo_params() -> None:
