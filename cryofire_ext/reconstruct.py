@@ -1,0 +1,134 @@
+"""Reconstruction from images with known poses and CTF (Wiener-filtered direct Fourier inversion), and FSC.
+
+Each image's centred transform, with its origin undone (`fourier.phase_shift_centered`),
+is multiplied by its CTF and added into a 2x-padded 3D Fourier grid at `A^T (kx, ky, 0)`
+with trilinear weights (the transpose of `projection.Projector`'s sampling); the CTF^2
+weights go into a second grid. The estimate is `sum(c F) / (sum(c^2) + wiener)`,
+then the inverse transform, the central `D^3` crop, and the gridding correction.
+The map's amplitude follows `projection.project` (an image is the sum of voxels along z).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+
+from cryofire_ext import fourier
+from cryofire_ext.ctf import ctf_on_lattice
+from cryofire_ext.errors import InputError
+from cryofire_ext.projection import gridding_correction
+
+log = logging.getLogger(__name__)
+
+
+def _as_tensor(x, dtype=torch.float64, device=None) -> torch.Tensor:
+    if torch.is_tensor(x):
+        return x.to(device=device, dtype=dtype)
+    return torch.as_tensor(np.asarray(x), dtype=dtype, device=device)
+
+
+def _splat(grid: torch.Tensor, weights_grid: torch.Tensor, idx: torch.Tensor, values: torch.Tensor,
+           weights: torch.Tensor) -> None:
+    """Trilinear scatter of `values` `(m, c)` and `weights` `(m,)` at fractional grid indices `idx` `(m, 3)` (x, y, z)."""
+    P = weights_grid.shape[0]
+    base = torch.floor(idx)
+    frac = idx - base
+    base = base.long()
+    for dz in (0, 1):
+        for dy in (0, 1):
+            for dx in (0, 1):
+                ix, iy, iz = base[:, 0] + dx, base[:, 1] + dy, base[:, 2] + dz
+                w = ((frac[:, 0] if dx else 1 - frac[:, 0]) * (frac[:, 1] if dy else 1 - frac[:, 1])
+                     * (frac[:, 2] if dz else 1 - frac[:, 2]))
+                ok = (ix >= 0) & (ix < P) & (iy >= 0) & (iy < P) & (iz >= 0) & (iz < P)
+                flat = (iz * P + iy) * P + ix
+                flat, w = flat[ok], w[ok]
+                grid.view(-1, grid.shape[-1]).index_add_(0, flat, values[ok] * w[:, None])
+                weights_grid.view(-1).index_add_(0, flat, weights[ok] * w)
+
+
+def reconstruct(images, A, shifts_A=None, ctf_params=None, pixel_size_A: float = 1.0, *,
+                wiener: float = 1.0, pad: int = 2, batch_size: int = 128, device=None) -> torch.Tensor:
+    """A map `(D, D, D)` float32 (z, y, x) from `n` images at known poses.
+
+    images: `(n, D, D)` real. A: `(n, 3, 3)` RELION matrices (left-multiply xyz column vectors).
+    shifts_A: `(n, 2)` RELION origins in Angstrom (x, y), or None. ctf_params: `(n, 9)`
+    (`CTFParams.as_array()` order, or a `CTFParams`), or None for no CTF.
+    wiener: constant added to the summed CTF^2 weight of each Fourier voxel (about the
+    noise-to-signal power ratio of one image; larger = smoother; 0 = plain ratio).
+    """
+    imgs = _as_tensor(images, device=device)
+    if imgs.ndim != 3 or imgs.shape[1] != imgs.shape[2] or imgs.shape[0] == 0:
+        raise InputError(f"reconstruct needs images (n, D, D) with n > 0, got shape {tuple(imgs.shape)}")
+    n, D = imgs.shape[0], imgs.shape[1]
+    A = _as_tensor(A, device=imgs.device).reshape(-1, 3, 3)
+    if A.shape[0] != n:
+        raise InputError(f"{A.shape[0]} poses for {n} images")
+    if wiener < 0:
+        raise InputError(f"wiener must be >= 0, got {wiener}")
+    P = pad * D
+    num = torch.zeros((P, P, P, 2), dtype=torch.float64, device=imgs.device)
+    den = torch.zeros((P, P, P), dtype=torch.float64, device=imgs.device)
+    k = fourier.slice_lattice(D, device=imgs.device, dtype=torch.float64).reshape(-1, 3)
+    inside = fourier.circular_mask(D, 1.0, device=imgs.device).reshape(-1)
+    k = k[inside]
+    for start in range(0, n, batch_size):
+        sl = slice(start, min(start + batch_size, n))
+        F = fourier.fft2_centered(imgs[sl])
+        if shifts_A is not None:
+            t = _as_tensor(shifts_A, device=imgs.device).reshape(n, 2)[sl] / float(pixel_size_A)
+            F = fourier.phase_shift_centered(F, t)
+        if ctf_params is not None:
+            c = ctf_on_lattice(np.asarray(_ctf_rows(ctf_params))[start:sl.stop], D, pixel_size_A,
+                               device=imgs.device, dtype=torch.float64)
+        else:
+            c = torch.ones_like(F.real)
+        F = (F * c).reshape(F.shape[0], -1)[:, inside]
+        w = (c * c).reshape(c.shape[0], -1)[:, inside]
+        q = (k @ A[sl]) * (D / 2 * pad) + P // 2  # (b, m, 3) fractional indices (x, y, z)
+        _splat(num, den, q.reshape(-1, 3), torch.stack((F.real, F.imag), -1).reshape(-1, 2), w.reshape(-1))
+    V = torch.complex(num[..., 0], num[..., 1]) / (den + wiener).clamp_min(1e-12)
+    vol = fourier.ifft3_centered(V).real
+    s = P // 2 - D // 2
+    vol = vol[s:s + D, s:s + D, s:s + D]
+    vol = vol / gridding_correction(D, pad, vol.device)
+    return vol.to(torch.float32)
+
+
+def _ctf_rows(ctf_params):
+    if hasattr(ctf_params, "as_array"):
+        return ctf_params.as_array()
+    return np.asarray(ctf_params.cpu() if torch.is_tensor(ctf_params) else ctf_params)
+
+
+def fsc(vol1, vol2, pixel_size_A: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Fourier shell correlation of two `(D, D, D)` maps.
+
+    Returns `(freqs, values)`, each `(D//2 + 1,)`: shell `r` holds voxels whose radius in
+    Fourier pixels rounds to `r`. `freqs` is in units of Nyquist (`r / (D/2)`) when
+    `pixel_size_A` is None, else in 1/A (`r / (D * pixel_size_A)`).
+    """
+    a = _as_tensor(vol1)
+    b = _as_tensor(vol2)
+    if a.shape != b.shape or a.ndim != 3 or len(set(a.shape)) != 1:
+        raise InputError(f"fsc needs two cubic maps of the same shape, got {tuple(a.shape)} and {tuple(b.shape)}")
+    D = a.shape[0]
+    Fa, Fb = fourier.fft3_centered(a), fourier.fft3_centered(b)
+    c = torch.arange(D, dtype=torch.float64) - D // 2
+    r = torch.sqrt(c[:, None, None] ** 2 + c[None, :, None] ** 2 + c[None, None, :] ** 2)
+    shell = torch.round(r).long().reshape(-1)
+    nshell = D // 2 + 1
+    keep = shell < nshell
+    shell = shell[keep]
+    cross = (Fa * Fb.conj()).real.reshape(-1)[keep]
+    pa = (Fa.abs() ** 2).reshape(-1)[keep]
+    pb = (Fb.abs() ** 2).reshape(-1)[keep]
+    num = torch.zeros(nshell, dtype=torch.float64).index_add_(0, shell, cross)
+    da = torch.zeros(nshell, dtype=torch.float64).index_add_(0, shell, pa)
+    db = torch.zeros(nshell, dtype=torch.float64).index_add_(0, shell, pb)
+    values = (num / torch.sqrt(da * db).clamp_min(1e-300)).numpy()
+    rr = np.arange(nshell, dtype=np.float64)
+    freqs = rr / (D / 2) if pixel_size_A is None else rr / (D * float(pixel_size_A))
+    return freqs, values
