@@ -10,7 +10,6 @@ import logging
 import os
 from pathlib import Path
 
-import mrcfile
 import numpy as np
 
 from cryofire_ext.ctf import CTFParams
@@ -37,47 +36,26 @@ def no_ctf(n: int) -> CTFParams:
     return CTFParams.constant(n, defocus_u_A=0.0, voltage_kv=300.0, cs_mm=0.0, amplitude_contrast=1.0)
 
 
-def _first_stack(path: Path) -> Path:
-    if path.suffix.lower() != ".txt":
-        return path
-    for line in path.read_text().splitlines():
-        if line.strip():
-            first = Path(line.strip())
-            return first if first.is_absolute() else path.parent / first
-    raise InputError(f"{path}: the stack list is empty (expected one .mrcs path per line)")
-
-
-def read_image_stack(path, require_images: bool = True) -> ParticleStack:
+def read_image_stack(path) -> ParticleStack:
     """A bare `.mrcs`/`.mrc` stack or a `.txt` list of them as a `ParticleStack` with no CTF and no poses.
 
+    The images are the data here, so they are always opened (a missing stack is an InputError).
     Pixel size from the first stack's header voxel size (1.0 A with a warning when the header says 0).
-    ids are `N@path` (1-based), as RELION would name the images.
+    ids and image_names are `N@path` (1-based, absolute paths), as RELION would name the images.
     """
-    path = Path(path)
-    from cryofire_ext import images as images_mod
+    from cryofire_ext.images import open_particles_file, stack_info
 
-    opener = getattr(images_mod, "open_particles_file", None)
-    if opener is not None:
-        images = opener(path)
-    elif path.suffix.lower() == ".txt":
-        images = images_mod.read_stack_list(path)
-    else:
-        data = images_mod.open_stack(path)
-        images = images_mod.MrcImages([str(path)] * data.shape[0], np.arange(data.shape[0]))
-    first = _first_stack(path)
-    with mrcfile.open(first, mode="r", permissive=True, header_only=True) as mrc:
-        pixel_size_A = float(mrc.voxel_size.x)
-    if not pixel_size_A > 0:
+    path = Path(path)
+    images = open_particles_file(path)
+    first = str(images.paths[0]) if len(images) else str(path)
+    pixel_size_A = stack_info(first).voxel_size_A
+    if pixel_size_A is None:
         log.warning("%s: the header's voxel size is 0 (unset); assuming %.1f A/px. Give a STAR or .cs file "
                     "for the real pixel size.", first, DEFAULT_PIXEL_SIZE_A)
         pixel_size_A = DEFAULT_PIXEL_SIZE_A
-    n = len(images)
-    if hasattr(images, "paths"):
-        names = np.asarray([f"{i + 1}@{os.path.abspath(p)}" for p, i in zip(images.paths, images.indices)])
-    else:
-        names = np.asarray([f"{i + 1}@{os.path.abspath(path)}" for i in range(n)])
-    return ParticleStack(ids=names, pixel_size_A=pixel_size_A, box=int(images.box), ctf=no_ctf(n), images=images,
-                         image_names=names)
+    names = np.asarray([f"{i + 1}@{os.path.abspath(p)}" for p, i in zip(images.paths, images.indices)])
+    return ParticleStack(ids=names, pixel_size_A=pixel_size_A, box=int(images.box), ctf=no_ctf(len(images)),
+                         images=images, image_names=names)
 
 
 def read_particles(path, datadir=None, require_images: bool = False) -> ParticleStack:
@@ -98,7 +76,7 @@ def read_particles(path, datadir=None, require_images: bool = False) -> Particle
         from integrations.cryosparc import read_cs
 
         return read_cs(path, datadir=datadir, require_images=require_images)
-    return read_image_stack(path, require_images=require_images)
+    return read_image_stack(path)
 
 
 def write_particles(stack: ParticleStack, path, z=None, force: bool = False) -> Path:

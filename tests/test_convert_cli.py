@@ -211,3 +211,21 @@ def test_relion_reconstruct_on_star_converted_from_relion30_matches_the_original
     assert ours.shape == ref.shape == (200, 200, 200) and np.abs(ref).max() > 0
     corr = np.corrcoef(ours.ravel(), ref.ravel())[0, 1]
     assert corr >= 0.99, corr
+
+
+def test_bare_stacks_and_lists_convert_to_metadata(tmp_path):
+    """A .txt list of .mrcs stacks reads as images with no CTF; convert names every image for RELION/cryoSPARC."""
+    for k, n in ((0, 3), (1, 2)):
+        with mrcfile.new(tmp_path / f"s{k}.mrcs") as mrc:
+            mrc.set_data(np.full((n, 8, 8), k, dtype=np.float32))
+            mrc.voxel_size = 2.5
+    (tmp_path / "list.txt").write_text("s0.mrcs\ns1.mrcs\n")
+    stack = read_particles(tmp_path / "list.txt")
+    assert len(stack) == 5 and stack.box == 8 and stack.pixel_size_A == 2.5 and stack.A is None
+    np.testing.assert_array_equal(stack.images.read([4, 0])[:, 0, 0], [1, 0])
+    assert stack.image_names[3] == f"1@{tmp_path / 's1.mrcs'}"
+    cs = convert_particles(tmp_path / "list.txt", tmp_path / "list.cs")[1]
+    back = read_particles(cs, require_images=True)
+    np.testing.assert_array_equal(back.images.read(np.arange(5)), stack.images.read(np.arange(5)))
+    star = convert_particles(tmp_path / "list.txt", tmp_path / "list.star")[1]
+    np.testing.assert_array_equal(read_particles(star, require_images=True).images.read([3])[0, 0, 0], 1)

@@ -310,3 +310,17 @@ def test_stack_without_image_references_cannot_become_a_cs(tmp_path):
     with pytest.raises(InputError, match="id 'a'.*N@path"):
         write_cs(stack, tmp_path / "x.cs")
     assert not (tmp_path / "x.cs").exists() and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("field, value, match", [
+    ("blob/shape", np.array([64, 64], dtype=np.uint32), r"row 2 field blob/shape is \[64, 64\].*one square box"),
+    ("blob/psize_A", np.float32(1.0), r"blob/psize_A holds several values \(1 to 2\.95\)"),
+])
+def test_mixed_box_or_pixel_size_is_an_input_error(tmp_path, field, value, match):
+    dset = Dataset.load(str(shared_fixture(P12))).take(np.arange(5))
+    column = np.asarray(dset[field]).copy()
+    column[2] = value
+    dset[field] = column
+    dset.save(str(tmp_path / "mixed.cs"))
+    with pytest.raises(InputError, match=match):
+        read_cs(tmp_path / "mixed.cs")
