@@ -36,9 +36,9 @@ def register(app: typer.Typer) -> None:
         datadir: Optional[Path] = typer.Option(None, "--datadir", "-d", help="Folder the image paths are relative to."),
     ) -> None:
         """Summarise a particle file: count, box, pixel size, optics groups, CTF ranges, poses, classes, stacks."""
-        from integrations.formats import read_particles, summarize_particles
+        from integrations.formats import describe_particles
 
-        s = summarize_particles(read_particles(path, datadir=datadir, require_images=False))
+        s = describe_particles(path, datadir=datadir)
         table = Table(title=str(path), show_header=False)
         table.add_column("field", style="bold")
         table.add_column("value")

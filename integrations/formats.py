@@ -137,3 +137,8 @@ def summarize_particles(stack: ParticleStack) -> dict:
         "images_available": stack.images is not None,
         "missing_stacks": list(stack.missing_stacks),
     }
+
+
+def describe_particles(path, datadir=None) -> dict:
+    """`summarize_particles` of the file at `path` (metadata only: absent stacks are listed, not an error)."""
+    return summarize_particles(read_particles(path, datadir=datadir, require_images=False))
