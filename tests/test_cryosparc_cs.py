@@ -324,3 +324,28 @@ def test_mixed_box_or_pixel_size_is_an_input_error(tmp_path, field, value, match
     dset.save(str(tmp_path / "mixed.cs"))
     with pytest.raises(InputError, match=match):
         read_cs(tmp_path / "mixed.cs")
+
+
+def test_heterogeneous_refinement_takes_each_particles_most_probable_class(tmp_path):
+    """cryoSPARC <= 4.4 heterogeneous refinement: alignments_class_K/* per class, no alignments3D."""
+    n = 12
+    full = Dataset.load(str(shared_fixture(P12))).take(np.arange(n))
+    a3d = [f for f in full.fields() if f.startswith("alignments3D/")]
+    rng = np.random.default_rng(0)
+    post = rng.dirichlet(np.ones(3), size=n).astype(np.float32)
+    poses = [rng.normal(size=(n, 3)).astype(np.float32) for _ in range(3)]
+    het = full.drop_fields(a3d, copy=True)
+    for k in range(3):
+        het.add_fields([(f"alignments_class_{k}/pose", "<f4", (3,)), (f"alignments_class_{k}/shift", "<f4", (2,)),
+                        (f"alignments_class_{k}/psize_A", "<f4"), (f"alignments_class_{k}/class_posterior", "<f4")])
+        het[f"alignments_class_{k}/pose"] = poses[k]
+        het[f"alignments_class_{k}/shift"] = np.full((n, 2), k + 1, dtype=np.float32)
+        het[f"alignments_class_{k}/psize_A"] = np.full(n, 2.0, dtype=np.float32)
+        het[f"alignments_class_{k}/class_posterior"] = post[:, k]
+    het.save(str(tmp_path / "het.cs"))
+    stack = read_cs(tmp_path / "het.cs")
+    best = post.argmax(axis=1)
+    np.testing.assert_array_equal(stack.class_id, best)
+    chosen = np.stack(poses)[best, np.arange(n)]
+    np.testing.assert_allclose(stack.A, np.swapaxes(rodrigues(chosen), 1, 2), atol=1e-6)
+    np.testing.assert_allclose(stack.shifts_A, np.repeat((best + 1)[:, None] * 2.0, 2, axis=1), rtol=1e-6)

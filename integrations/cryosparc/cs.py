@@ -11,6 +11,9 @@ Field meanings (checked on real files, see ../shared/CONVENTIONS.md):
   i.e. `A = Rz(theta)^T`, which is RELION's `rlnAnglePsi = degrees(theta)` with rot = tilt = 0
   (pyem's csparc2star makes the same choice); `alignments2D/shift` as the 3D shift.
   Not checked on images (no 2D-classified stack among the fixtures).
+- Heterogeneous refinement (cryoSPARC <= 4.4) without alignments3D: `alignments_class_K/*`, the
+  pose of each particle's most probable class (`class_posterior`), class_id = K. The v4.5+
+  `alignments3D_multi` slot is not read.
 - A job's output is often two files, its own slots and `<job>_passthrough_<output>.cs`; they are
   joined on `uid` (the main file's fields win where both have one).
 """
@@ -135,26 +138,45 @@ def _single_value(values: np.ndarray, what: str, path, rtol: float = 1e-4) -> fl
     return float(np.median(values))
 
 
-def _poses(dset: Dataset, path, blob_psize_A: float):
-    """(A, shifts_A, subset, class_id) from alignments3D, else alignments2D, else Nones."""
+def _slot_poses(dset: Dataset, slot: str, blob_psize_A: float):
+    """(A, shifts_A, subset, class_id) of one alignment slot (2D slots: in-plane angle about z)."""
     fields = set(dset.fields())
-    for slot in ("alignments3D", "alignments2D"):
-        if f"{slot}/pose" not in fields:
-            continue
-        pose = np.asarray(dset[f"{slot}/pose"], dtype=np.float64)
-        if slot == "alignments2D":
-            pose = np.stack([np.zeros_like(pose), np.zeros_like(pose), pose.reshape(-1)], axis=1)
-        A = cryosparc_pose_to_matrix(pose)
-        psize = (np.asarray(dset[f"{slot}/psize_A"], dtype=np.float64) if f"{slot}/psize_A" in fields
-                 else np.full(len(dset), blob_psize_A))
-        if f"{slot}/shift" in fields:
-            shifts_A = np.asarray(dset[f"{slot}/shift"], dtype=np.float64).reshape(-1, 2) * psize[:, None]
-        else:
-            shifts_A = np.zeros((len(dset), 2))
-        subset = np.asarray(dset[f"{slot}/split"], dtype=np.int64) if f"{slot}/split" in fields else None
-        class_id = np.asarray(dset[f"{slot}/class"], dtype=np.int64) if f"{slot}/class" in fields else None
-        log.debug("%s: poses from %s", path, slot)
-        return A, shifts_A, subset, class_id
+    pose = np.asarray(dset[f"{slot}/pose"], dtype=np.float64)
+    if slot == "alignments2D":
+        pose = np.stack([np.zeros_like(pose), np.zeros_like(pose), pose.reshape(-1)], axis=1)
+    A = cryosparc_pose_to_matrix(pose)
+    psize = (np.asarray(dset[f"{slot}/psize_A"], dtype=np.float64) if f"{slot}/psize_A" in fields
+             else np.full(len(dset), blob_psize_A))
+    if f"{slot}/shift" in fields:
+        shifts_A = np.asarray(dset[f"{slot}/shift"], dtype=np.float64).reshape(-1, 2) * psize[:, None]
+    else:
+        shifts_A = np.zeros((len(dset), 2))
+    subset = np.asarray(dset[f"{slot}/split"], dtype=np.int64) if f"{slot}/split" in fields else None
+    class_id = np.asarray(dset[f"{slot}/class"], dtype=np.int64) if f"{slot}/class" in fields else None
+    return A, shifts_A, subset, class_id
+
+
+def _poses(dset: Dataset, path, blob_psize_A: float):
+    """(A, shifts_A, subset, class_id) from alignments3D; else, for a heterogeneous refinement
+    (`alignments_class_K/*`, cryoSPARC <= 4.4), each particle's most probable class K (by
+    `class_posterior`), class_id = K; else alignments2D; else Nones."""
+    fields = set(dset.fields())
+    if "alignments3D/pose" in fields:
+        return _slot_poses(dset, "alignments3D", blob_psize_A)
+    classes = sorted(int(m.group(1)) for f in fields if (m := re.fullmatch(r"alignments_class_(\d+)/pose", f)))
+    if classes and all(f"alignments_class_{k}/class_posterior" in fields for k in classes):
+        per_class = [_slot_poses(dset, f"alignments_class_{k}", blob_psize_A) for k in classes]
+        post = np.stack([np.asarray(dset[f"alignments_class_{k}/class_posterior"], dtype=np.float64) for k in classes])
+        best = np.argmax(post, axis=0)
+        rows = np.arange(len(dset))
+        A = np.stack([p[0] for p in per_class])[best, rows]
+        shifts_A = np.stack([p[1] for p in per_class])[best, rows]
+        subset = per_class[0][2]
+        log.info("%s: poses of each particle's most probable class among alignments_class_%d..%d",
+                 path, classes[0], classes[-1])
+        return A, shifts_A, subset, np.asarray(classes, dtype=np.int64)[best]
+    if "alignments2D/pose" in fields:
+        return _slot_poses(dset, "alignments2D", blob_psize_A)
     return None, None, None, None
 
 
