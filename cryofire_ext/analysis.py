@@ -121,10 +121,10 @@ class Clustering:
         return np.bincount(self.labels, minlength=self.k)
 
 
-def _gmm(z: np.ndarray, k: int, seed: int):
+def _gmm(z: np.ndarray, k: int, seed: int, n_init: int = 2):
     from sklearn.mixture import GaussianMixture
 
-    return GaussianMixture(n_components=k, covariance_type="full", n_init=2, reg_covar=1e-5,
+    return GaussianMixture(n_components=k, covariance_type="full", n_init=n_init, reg_covar=1e-5, init_params="k-means++",
                            random_state=seed).fit(z)
 
 
@@ -134,7 +134,7 @@ def choose_k(z: np.ndarray, k_max: int = 10, seed: int = 0) -> tuple[int, dict]:
     k_max = max(1, min(k_max, len(z) - 1))
     bic = {}
     for k in range(1, k_max + 1):
-        bic[k] = float(_gmm(z, k, seed).bic(z))
+        bic[k] = float(_gmm(z, k, seed, n_init=1).bic(z))
     best = min(bic, key=bic.get)
     return best, bic
 

@@ -165,3 +165,19 @@ def inplane_and_shifts(psi_deg: np.ndarray, shifts_A: np.ndarray, path, *, force
     ax2.set(xlabel="shift (A)", title="Shifts")
     ax2.legend(fontsize=8)
     return _save(fig, path, force)
+
+
+def bic_curve(bic: dict, chosen_k: int, path, *, force: bool = False) -> Path:
+    """BIC of the Gaussian mixture against K (`bic` maps K to BIC), the chosen K marked."""
+    fig, (ax,) = _figure()
+    ks = np.array(sorted(bic))
+    vals = np.array([bic[k] for k in ks], dtype=np.float64)
+    ax.plot(ks, vals, marker="o", color="C0")
+    if chosen_k in bic:
+        ax.plot([chosen_k], [bic[chosen_k]], marker="o", ms=12, mfc="none", mec="C3", mew=2, ls="none",
+                label=f"chosen K = {chosen_k}")
+        ax.legend()
+    ax.set_xticks(ks)
+    ax.set(xlabel="K (clusters)", ylabel="BIC (lower is better)", title="Choosing K: Gaussian mixture BIC")
+    ax.grid(alpha=0.3)
+    return _save(fig, path, force)

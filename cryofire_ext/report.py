@@ -197,6 +197,8 @@ def analyze_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = 
     res.plots["PC1-PC2 density"] = plots.latent_density(xy, P / "pca_density.png", xlabel=xl, ylabel=yl, force=force)
     res.plots["Cluster populations"] = plots.cluster_populations(clus.populations(), P / "cluster_populations.png",
                                                                  method=f"({clus.method}, K={clus.k})", force=force)
+    if clus.k_source == "bic" and len(clus.bic) > 1:
+        res.plots["Choosing K (BIC)"] = plots.bic_curve(clus.bic, clus.k, P / "bic.png", force=force)
     if run.loss_history is not None:
         x, y, xlabel = run.loss_history
         res.plots["Training loss"] = plots.loss_curve(x, y, P / "loss.png", xlabel=xlabel, force=force)
