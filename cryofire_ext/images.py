@@ -192,6 +192,15 @@ class MrcImages:
     def __len__(self) -> int:
         return len(self.indices)
 
+    def take(self, index) -> "MrcImages":
+        """The particles `index` (0-based, in that order) as a new source sharing the checked headers."""
+        index = np.asarray(index, dtype=np.int64).reshape(-1)
+        sub = object.__new__(MrcImages)
+        sub.paths, sub.indices, sub.max_open = self.paths[index], self.indices[index], self.max_open
+        sub.unique_paths, sub.infos, sub.file_of, sub.box = self.unique_paths, self.infos, self.file_of[index], self.box
+        sub._files = OrderedDict()
+        return sub
+
     @property
     def voxel_size_A(self) -> float | None:
         """The first stack's header pixel size in Angstrom, or None when unset."""

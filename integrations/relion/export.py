@@ -16,7 +16,7 @@ same stack it came from; otherwise it is rewritten as `NNNNNN@/absolute/path`, s
 RELION finds the images from any working directory. Names of stacks that were
 not found on reading are kept as they were.
 
-Floats are written as RELION does (`%.6f`, or `%.6e` below 1e-3 and above 1e5);
+Floats are written as RELION does (`%.6f`, or `%.6e` below 1e-3 and above 1e5; latents `%.9e`);
 integer columns stay integers. Writes are atomic and refuse to overwrite unless
 `force`.
 """
@@ -33,7 +33,6 @@ from starfile.writer import StarWriter
 
 from cryofire_ext import __version__
 from cryofire_ext.errors import InputError
-from cryofire_ext.images import MrcImages
 from cryofire_ext.particles import ParticleStack
 from cryofire_ext.poses import matrix_to_relion_euler
 from cryofire_ext.safe_io import atomic_path
@@ -127,10 +126,10 @@ def _image_names_from_tables(tables: RelionTables, names: np.ndarray, out_dir: P
 
 def _image_names_foreign(stack: ParticleStack) -> np.ndarray:
     """rlnImageName for a stack read from another format."""
-    if isinstance(stack.images, MrcImages):
+    if stack.images is not None and hasattr(stack.images, "paths") and hasattr(stack.images, "indices"):
         return np.asarray([f"{k + 1:06d}@{os.path.abspath(p)}" for p, k in zip(stack.images.paths, stack.images.indices)],
                           dtype=object)
-    names = getattr(stack, "image_names", None)
+    names = stack.image_names
     if names is not None and len(names) == len(stack) and all("@" in str(x) for x in names):
         return np.asarray(names, dtype=object).astype(str)
     if all("@" in str(x) for x in stack.ids):
@@ -200,6 +199,9 @@ def _relion_text(df: pd.DataFrame) -> pd.DataFrame:
     for col in df.columns:
         if pd.api.types.is_float_dtype(df[col].dtype):
             v = df[col].to_numpy(dtype=np.float64)
+            if LATENT_LABEL.match(str(col)):  # latents keep float32 precision (relative 1e-9)
+                out[col] = np.char.mod("%.9e", v).astype(object)
+                continue
             small = (np.abs(v) > 0) & (np.abs(v) < 1e-3) | (np.abs(v) > 1e5)
             text = np.char.mod("%.6f", v).astype(object)
             if small.any():
@@ -215,11 +217,11 @@ def write_star(stack: ParticleStack, path, z: np.ndarray | None = None, force: b
     """
     path = Path(path)
     optics, particles = star_tables(stack, path, z)
-    lines = [f"# written by cryofire-ext {__version__}", ""]
-    for name, table in (("optics", optics), ("particles", particles)):
-        lines += [f"# version {STAR_VERSION}", ""]
-        lines += list(StarWriter({name: _relion_text(table)}).data_block_generator())
-    with atomic_path(path, force=force) as tmp:
-        tmp.write_text("\n".join(lines) + "\n")
+    with atomic_path(path, force=force) as tmp, open(tmp, "w") as fh:
+        fh.write(f"# written by cryofire-ext {__version__}\n\n")
+        for name, table in (("optics", optics), ("particles", particles)):
+            fh.write(f"# version {STAR_VERSION}\n\n")
+            for line in StarWriter({name: _relion_text(table)}).data_block_generator():
+                fh.write(line + "\n")
     log.info("wrote %d particles to %s", len(stack), path)
     return path

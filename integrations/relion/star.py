@@ -270,7 +270,8 @@ def read_star(path, datadir=None, require_images: bool = False, *, pixel_size_A:
     has `images=None`, `missing_stacks` lists them and a warning is logged.
     pixel_size_A: used when given; otherwise from the optics (rlnImagePixelSize, else
     1e4*rlnDetectorPixelSize/rlnMagnification), else the stacks' header, else 1.0 A with a warning.
-    ids are the rlnImageName values; `passthrough` is a `RelionTables`; `source_rows` index its particles.
+    ids are the rlnImageName values as written; `image_names` are `NNNNNN@path` with the path made absolute
+    where the stack was found; `passthrough` is a `RelionTables`; `source_rows` index its particles.
     Optics groups differing in pixel size or box: InputError with `require_images`, else a warning.
     """
     path = Path(path)
@@ -287,6 +288,21 @@ def read_star(path, datadir=None, require_images: bool = False, *, pixel_size_A:
         group_numbers = (numeric_column(table, "rlnOpticsGroup", path, block, np.int64)
                          if "rlnOpticsGroup" in table.columns else np.ones(n, dtype=np.int64))
 
+    pixel_each = _pixel_sizes(table, optics, rows, path, block)
+    pixel = None
+    if pixel_size_A is not None:
+        pixel = float(pixel_size_A)
+    elif n and np.all(np.isfinite(pixel_each)):
+        pixel = _one_value(pixel_each, group_numbers, "pixel size", "A", path, require_images)
+    elif n and np.any(np.isfinite(pixel_each)):
+        bad = sorted(set(group_numbers[~np.isfinite(pixel_each)].tolist()))
+        raise InputError(f"{path}: optics groups {bad} have no pixel size (rlnImagePixelSize or "
+                         "rlnDetectorPixelSize/rlnMagnification) while others have one")
+    box = 0
+    sizes = _per_particle(table, optics, rows, "rlnImageSize", path, block)
+    if sizes is not None and n:
+        box = int(round(_one_value(sizes, group_numbers, "box size", "px", path, require_images)))
+
     ids = table["rlnImageName"].astype(str).to_numpy()
     number, stack_names = split_image_names(ids, path, block)
     uniq_stacks, stack_of = np.unique(stack_names.astype(str), return_inverse=True)
@@ -298,6 +314,7 @@ def read_star(path, datadir=None, require_images: bool = False, *, pixel_size_A:
             first_tried = first_tried or (name, tried)
         else:
             found[name] = where
+    image_names = np.asarray([f"{k:06d}@{found.get(s, s)}" for k, s in zip(number, stack_names)], dtype=object)
     images = None
     if missing:
         name, tried = first_tried
@@ -310,29 +327,15 @@ def read_star(path, datadir=None, require_images: bool = False, *, pixel_size_A:
         resolved = np.asarray([found[s] for s in uniq_stacks], dtype=object)[stack_of.reshape(-1)]
         images = MrcImages(resolved, number - 1)
 
-    pixel_each = _pixel_sizes(table, optics, rows, path, block)
-    if pixel_size_A is not None:
-        pixel = float(pixel_size_A)
-    elif n and np.all(np.isfinite(pixel_each)):
-        pixel = _one_value(pixel_each, group_numbers, "pixel size", "A", path, require_images)
-    elif n and np.any(np.isfinite(pixel_each)):
-        bad = sorted(set(group_numbers[~np.isfinite(pixel_each)].tolist()))
-        raise InputError(f"{path}: optics groups {bad} have no pixel size (rlnImagePixelSize or "
-                         "rlnDetectorPixelSize/rlnMagnification) while others have one")
-    elif images is not None and images.voxel_size_A:
+    if pixel is None and images is not None and images.voxel_size_A:
         pixel = float(images.voxel_size_A)
         log.info("%s: no pixel size in the STAR file; using the stacks' header value %g A", path, pixel)
-    else:
+    elif pixel is None:
         pixel = DEFAULT_PIXEL_SIZE_A
         if n:
             log.warning("%s: no pixel size in the STAR file nor in the stack headers; assuming %g A "
                         "(pass pixel_size_A / --angpix to set it)", path, pixel)
     pixel_for_shifts = np.where(np.isfinite(pixel_each), pixel_each, pixel)
-
-    box = 0
-    sizes = _per_particle(table, optics, rows, "rlnImageSize", path, block)
-    if sizes is not None and n:
-        box = int(round(_one_value(sizes, group_numbers, "box size", "px", path, require_images)))
     if images is not None:
         if box and images.box != box:
             raise InputError(f"{path}: rlnImageSize says {box} px but the stack {images.unique_paths[0]} holds "
@@ -356,7 +359,7 @@ def read_star(path, datadir=None, require_images: bool = False, *, pixel_size_A:
     optics_group = pd.factorize(group_numbers, sort=True)[0].astype(np.int64)
     return ParticleStack(ids=ids, pixel_size_A=pixel, box=box, ctf=ctf, images=images, A=A, shifts_A=shifts_A,
                          class_id=class_id, subset=subset, optics_group=optics_group, source_rows=np.arange(n),
-                         passthrough=tables, missing_stacks=[str(m) for m in missing])
+                         passthrough=tables, missing_stacks=[str(m) for m in missing], image_names=image_names)
 
 
 def read_latents(path) -> np.ndarray:
