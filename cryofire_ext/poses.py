@@ -36,7 +36,9 @@ def matrix_to_relion_euler(A: np.ndarray) -> np.ndarray:
 
     Another triplet than the one that made `A` may come back; both give the same matrix.
     """
-    A = np.asarray(A, dtype=np.float64).reshape(-1, 3, 3)
+    # entries of a rotation lie in [-1, 1]; round-off just outside (e.g. A[2, 2] = 1 + 2e-16 after a
+    # Rodrigues round trip) would make eulerangles' arccos return NaN
+    A = np.clip(np.asarray(A, dtype=np.float64).reshape(-1, 3, 3), -1.0, 1.0)
     eul = matrix2euler(np.swapaxes(A, -1, -2), axes="zyz", intrinsic=True, right_handed_rotation=True)
     return np.asarray(eul, dtype=np.float64).reshape(-1, 3)
 
