@@ -40,7 +40,7 @@ BLOB_FIELDS = ("blob/path", "blob/idx", "blob/shape", "blob/psize_A")
 CTF_REQUIRED = ("ctf/df1_A", "ctf/df2_A", "ctf/df_angle_rad", "ctf/accel_kv", "ctf/cs_mm", "ctf/amp_contrast")
 # Placeholders for a zero-row file, which has no pixel size or box to report.
 EMPTY_PIXEL_SIZE_A = 1.0
-EMPTY_BOX = 1
+EMPTY_BOX = 0  # unknown (the contract allows 0 for metadata-only stacks)
 
 
 def load_dataset(path: str | os.PathLike) -> Dataset:
