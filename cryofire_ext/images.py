@@ -167,11 +167,11 @@ class MrcImages:
                 raise InputError(f"{info.path}: box {info.nx} px differs from {first.nx} px in {first.path}; "
                                  "all particles must share one box size (mixed box sizes)")
         lo = np.full(len(self.infos), np.iinfo(np.int64).max)
-        hi = np.full(len(self.infos), -1)
+        hi = np.full(len(self.infos), np.iinfo(np.int64).min)
         np.minimum.at(lo, self.file_of, self.indices)
         np.maximum.at(hi, self.file_of, self.indices)
         for k, info in enumerate(self.infos):
-            if hi[k] >= info.n or (hi[k] >= 0 and lo[k] < 0):
+            if hi[k] >= info.n or lo[k] < 0:
                 bad = int(hi[k]) if hi[k] >= info.n else int(lo[k])
                 row = int(np.nonzero((self.file_of == k) & (self.indices == bad))[0][0])
                 raise InputError(f"{info.path}: particle {row} asks for image {bad + 1} (1-based) but the stack "
