@@ -297,26 +297,12 @@ def write_maps(source: VolumeSource, z: np.ndarray, out_dir: str | os.PathLike, 
 
 
 def map_fsc(a: np.ndarray, b: np.ndarray, pixel_size_A: float) -> tuple[np.ndarray, np.ndarray]:
-    """FSC between two `(D, D, D)` maps in shells of one Fourier voxel: (frequency_per_A `(D//2,)`, fsc `(D//2,)`)."""
-    try:
-        from cryofire_ext.reconstruct import fsc as _fsc  # the physics module's FSC when present
-    except ImportError:
-        _fsc = None
-    if _fsc is not None:
-        out = _fsc(a, b, pixel_size_A)
-        return np.asarray(out[0]), np.asarray(out[1])
-    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    D = a.shape[0]
-    fa, fb = np.fft.fftshift(np.fft.fftn(a)), np.fft.fftshift(np.fft.fftn(b))
-    g = np.arange(D) - D // 2
-    r = np.sqrt(g[:, None, None] ** 2 + g[None, :, None] ** 2 + g[None, None, :] ** 2)
-    shell = np.round(r).astype(np.int64).ravel()
-    keep = shell < D // 2
-    num = np.bincount(shell[keep], (fa * fb.conj()).real.ravel()[keep], minlength=D // 2)
-    da = np.bincount(shell[keep], (np.abs(fa) ** 2).ravel()[keep], minlength=D // 2)
-    db = np.bincount(shell[keep], (np.abs(fb) ** 2).ravel()[keep], minlength=D // 2)
-    fsc = num / np.maximum(np.sqrt(da * db), 1e-30)
-    return np.arange(D // 2) / (D * pixel_size_A), fsc
+    """FSC between two `(D, D, D)` maps (`cryofire_ext.reconstruct.fsc`, shells of one Fourier voxel):
+    (frequency_per_A `(D//2 + 1,)` up to Nyquist, fsc `(D//2 + 1,)`)."""
+    from cryofire_ext.reconstruct import fsc
+
+    freq, values = fsc(a, b, pixel_size_A)
+    return np.asarray(freq), np.asarray(values)
 
 
 # --------------------------------------------------------------------- run folders

@@ -11,25 +11,9 @@ import pytest
 
 from cryofire_ext import analysis, plots, report
 from cryofire_ext.errors import InputError
+from cryofire_ext.metrics import clustering_error, pc1_correlation
 from cryofire_ext.poses import random_rotations
 from cryofire_ext.results import Predictions
-
-
-def clustering_error(labels: np.ndarray, truth: np.ndarray) -> float:
-    """Fraction of particles misassigned under the best one-to-one matching of clusters to states."""
-    try:
-        from cryofire_ext.metrics import clustering_error as ce
-    except ImportError:
-        ce = None
-    if ce is not None:
-        return float(ce(labels, truth))
-    from scipy.optimize import linear_sum_assignment
-
-    k = max(labels.max(), truth.max()) + 1
-    conf = np.zeros((k, k))
-    np.add.at(conf, (labels, truth), 1)
-    r, c = linear_sum_assignment(-conf)
-    return 1.0 - conf[r, c].sum() / len(labels)
 
 
 def two_state_z(n=1000, d=8, seed=0, frac=0.3, sep=4.0):
@@ -98,6 +82,7 @@ def test_ten_states_follow_pc1():
     z, state = ten_state_z()
     r = analysis.pca(z, 2)
     corr = abs(np.corrcoef(r.coords[:, 0], state)[0, 1])
+    assert corr == pytest.approx(pc1_correlation(z, state))  # the library's PCA is the metric's
     print(f"ten-state synthetic |corr(PC1, state)| = {corr:.3f}")
     assert corr > 0.95
     c = analysis.cluster(z, 10, method="kmeans")
