@@ -116,6 +116,12 @@ class Clustering:
     def k(self) -> int:
         return int(len(self.centres))
 
+    def k_criterion(self) -> str:
+        """How K was chosen, in words."""
+        if self.k_source != "bic":
+            return "given by the user"
+        return K_CRITERION.replace("k_max", str(max(self.bic)) if self.bic else "k_max")
+
     def populations(self) -> np.ndarray:
         """`(k,)` particle counts per cluster (label order)."""
         return np.bincount(self.labels, minlength=self.k)
@@ -206,7 +212,7 @@ def save_clustering(c: Clustering, ids: np.ndarray, out_dir: str | os.PathLike, 
     out_dir = Path(out_dir)
     pops = c.populations()
     summary = {"format": CLUSTERS_FORMAT, "version": CLUSTERS_VERSION, "method": c.method, "k": c.k,
-               "k_source": c.k_source, "k_criterion": K_CRITERION if c.k_source == "bic" else "given by the user",
+               "k_source": c.k_source, "k_criterion": c.k_criterion(),
                "numbering": "cluster numbers are 1-based (cluster 1 = label 0 in clusters.npz)",
                "bic": {str(k): v for k, v in c.bic.items()},
                "clusters": [{"cluster": j + 1, "particles": int(pops[j]), "centre_z": c.centres[j].tolist(),

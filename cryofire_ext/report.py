@@ -263,7 +263,7 @@ def _write_summary(res: AnalysisResult, run: analysis.Run, force: bool) -> Path:
     c, p = res.clustering, res.pca
     summary = {"format": "cryofire-analysis", "version": 1, "run": str(run.path), "particles": len(run.predictions),
                "zdim": run.predictions.zdim, "k": c.k, "method": c.method, "k_source": c.k_source,
-               "k_criterion": analysis.K_CRITERION if c.k_source == "bic" else "given by the user",
+               "k_criterion": c.k_criterion(),
                "populations": c.populations().tolist(),
                "pca": {"explained_variance_ratio": p.explained_variance_ratio.tolist(),
                        "components": p.components.tolist(), "mean": p.mean.tolist()},
@@ -283,7 +283,7 @@ def _content(res: AnalysisResult, run: analysis.Run) -> ReportContent:
     pops = c.populations()
     ev = ", ".join(f"PC{i + 1} {100 * v:.1f}%" for i, v in enumerate(p.explained_variance_ratio))
     facts = [("run", str(run.path)), ("particles", str(len(run.predictions))), ("latent dimension", str(run.predictions.zdim)),
-             ("clusters", f"K = {c.k} ({'chosen by ' + analysis.K_CRITERION if c.k_source == 'bic' else 'given'}); "
+             ("clusters", f"K = {c.k} ({'chosen by ' + c.k_criterion() if c.k_source == 'bic' else 'given'}); "
                           f"labels from {c.method}"),
              ("k-means / GMM agreement", f"{100 * np.mean(c.kmeans_labels == c.gmm_labels):.1f}% of particles"),
              ("PCA explained variance", ev)]
