@@ -44,6 +44,9 @@ DEBUG_LOG = "cryofire_debug.log"
 #: RELION 3.1 node types (src/pipeline_jobs.h): particles STAR, single 3D map.
 NODE_PART_DATA = 3
 NODE_3DREF = 6
+#: RELION 4/5 name node types by label (LABEL_PARTS_CPIPE, LABEL_MAP_CPIPE); written beside the
+#: 3.1 number (RELION 3.1 keeps the unknown column). Not tested against a RELION 4/5 install.
+NODE_LABELS = {NODE_PART_DATA: "ParticleGroupMetadata.star.relion", NODE_3DREF: "DensityMap.mrc"}
 
 #: Inputs RELION may pass to any External job; accepted and not used by cryoFIRE.
 IGNORED_RELION_INPUTS = ("in_mics", "in_movies", "in_coords", "in_3dref", "in_mask", "pipeline_control")
@@ -201,8 +204,11 @@ def write_output_nodes(out_dir: Path, nodes: Sequence[tuple[str | os.PathLike, i
     from cryofire_ext.safe_io import atomic_path
 
     lines = ["", "# version 30001", "", "data_output_nodes", "", "loop_",
-             "_rlnPipeLineNodeName #1", "_rlnPipeLineNodeType #2"]
-    lines += [f"{Path(name).as_posix()} {int(node_type)}" for name, node_type in nodes]
+             "_rlnPipeLineNodeName #1", "_rlnPipeLineNodeType #2", "_rlnPipeLineNodeTypeLabel #3"]
+    for name, node_type in nodes:
+        if " " in str(name):
+            raise InputError(f"RELION node names cannot contain spaces: {name!r}")
+        lines.append(f"{Path(name).as_posix()} {int(node_type)} {NODE_LABELS.get(int(node_type), 'Unknown')}")
     path = Path(out_dir) / OUTPUT_NODES
     with atomic_path(path, force=True) as tmp:
         tmp.write_text("\n".join(lines) + "\n \n")
