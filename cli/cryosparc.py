@@ -37,9 +37,9 @@ def register(app: typer.Typer) -> None:
             ) -> None:
         from cryofire_ext.train.config import TrainConfig
         from integrations.cryosparc.external_job import connect_cryosparc, run_cryosparc_job
-        from integrations.relion.external_job import config_from_params, parse_relion_args
+        from integrations.relion.external_job import config_from_params, parse_label_values
 
-        params = parse_relion_args(["--o", ".", *ctx.args]).params if ctx.args else {}
+        params = parse_label_values(ctx.args, where="cryofire cryosparc run")
         config = config_from_params(TrainConfig, params, where="cryofire cryosparc run")
         cs = connect_cryosparc(url)
         result = run_cryosparc_job(cs, project, workspace, particles, config, run_dir=out, title=title,

@@ -67,11 +67,11 @@ class RelionExternalArgs:
     argv: list[str] = field(default_factory=list)
 
 
-def parse_relion_args(argv: Sequence[str]) -> RelionExternalArgs:
-    """Parse RELION's External-job command line.
+def parse_label_values(argv: Sequence[str], *, where: str = "relion-external") -> dict[str, str]:
+    """`--key value` / `--key=value` pairs -> {key: value} (dashes in keys become underscores).
 
-    Accepts `--key value` and `--key=value`; a flag followed by another flag (or nothing)
-    is read as `true`. `--o` is required. Raises InputError naming the bad argument.
+    A flag followed by another flag (or nothing) reads as `true`. InputError on a stray
+    word or a repeated key.
     """
     pairs: dict[str, str] = {}
     args = list(argv)
@@ -79,8 +79,8 @@ def parse_relion_args(argv: Sequence[str]) -> RelionExternalArgs:
     while i < len(args):
         token = args[i]
         if not token.startswith("--") or len(token) <= 2:
-            raise InputError(f"relion-external: unexpected argument {token!r}; RELION passes options as "
-                             "'--label value' pairs (e.g. --o External/job001/ --in_parts particles.star --zdim 8)")
+            raise InputError(f"{where}: unexpected argument {token!r}; options come as '--label value' pairs "
+                             "(e.g. --zdim 8 --epochs 20)")
         key, eq, value = token[2:].partition("=")
         if not eq:
             if i + 1 < len(args) and not (args[i + 1].startswith("--") and len(args[i + 1]) > 2):
@@ -88,10 +88,17 @@ def parse_relion_args(argv: Sequence[str]) -> RelionExternalArgs:
                 i += 1
             else:
                 value = "true"
+        key = key.replace("-", "_")
         if key in pairs:
-            raise InputError(f"relion-external: option --{key} given twice ({pairs[key]!r} and {value!r})")
-        pairs[key.replace("-", "_")] = value
+            raise InputError(f"{where}: option --{key} given twice ({pairs[key]!r} and {value!r})")
+        pairs[key] = value
         i += 1
+    return pairs
+
+
+def parse_relion_args(argv: Sequence[str]) -> RelionExternalArgs:
+    """Parse RELION's External-job command line (see `parse_label_values`); `--o` is required."""
+    pairs = parse_label_values(argv)
     if "o" not in pairs:
         raise InputError("relion-external: --o (the job's output directory, e.g. External/job001/) is required; "
                          "RELION passes it when the program runs as an External job")
