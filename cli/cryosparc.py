@@ -57,7 +57,7 @@ def register(app: typer.Typer) -> None:
         from integrations.cryosparc.external_job import export_cs
 
         path = export_cs(run_dir, like, out, force=force)
-        typer.echo(f"wrote {path}")
+        typer.echo(f"wrote {path} and {path.with_suffix('.csg')} (import with an Import Result Group job)")
 
     app.add_typer(group, name="cryosparc")
 

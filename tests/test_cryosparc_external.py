@@ -365,6 +365,11 @@ def test_export_writes_importable_cs_with_poses_and_latents(tmp_path):
     np.testing.assert_allclose(got["components_mode_1/value"], z[order, 1], rtol=1e-6)
     assert set(real.fields()) <= set(got.fields())  # every input field passes through
     np.testing.assert_array_equal(got["ctf/df1_A"], real["ctf/df1_A"][np.sort(pick)])
+    csg = (tmp_path / "out.csg").read_text()  # the result group cryoSPARC's Import Result Group reads
+    assert "type: particle\n" in csg and f"num_items: {n}" in csg
+    for slot, kind in (("alignments3D", "alignments3D"), ("blob", "blob"), ("ctf", "ctf"),
+                       ("components_mode_1", "components")):
+        assert f"  {slot}:\n    metafile: '>out.cs'\n    num_items: {n}\n    type: particle.{kind}\n" in csg
     # our poses replaced the refinement's, and read back through our own .cs reader
     from integrations.cryosparc import read_cs
 

@@ -174,8 +174,8 @@ def export_cs(run_dir: str | os.PathLike, like: str | os.PathLike, out: str | os
 
     `run_dir` is a cryofire run folder (holding predictions.npz) or the predictions file itself;
     `like` a cryoSPARC particle .cs whose uids the run was trained on (e.g. the exported input
-    job's particles). Import the result in cryoSPARC with "Import Result Group" (or use it as
-    a particle file with the input job's stacks).
+    job's particles). A `.csg` result-group file is written beside it: import both in cryoSPARC
+    with an "Import Result Group" job (blob paths stay as in `like`, relative to its project).
     """
     from cryosparc.dataset import Dataset
 
@@ -194,13 +194,46 @@ def export_cs(run_dir: str | os.PathLike, like: str | os.PathLike, out: str | os
     if "uid" not in dset.fields() or "blob/psize_A" not in dset.fields():
         raise InputError(f"{like}: a particle .cs with uid and blob/psize_A fields is expected (a particle "
                          "output of a cryoSPARC extract, import or refinement job)")
+    csg = Path(out).with_suffix(".csg")
+    check_writable(csg, force)
     result = apply_predictions(dset, preds)
     with atomic_path(out, force=force) as tmp:
         with open(tmp, "wb") as fh:
             result.save(fh)
-    logger.info("wrote %s: %d particles with alignments3D and %d latent component(s)", out, len(result),
-                preds.zdim)
+    with atomic_path(csg, force=force) as tmp:
+        tmp.write_text(result_group_text(result, Path(out).name))
+    logger.info("wrote %s: %d particles with alignments3D and %d latent component(s), and %s for cryoSPARC's "
+                "Import Result Group job", out, len(result), preds.zdim, csg.name)
     return Path(out)
+
+
+def _slot_type(prefix: str) -> str:
+    if prefix.startswith("components_mode_"):
+        return "components"
+    if prefix.startswith("alignments_class_"):
+        return "alignments3D"
+    return prefix
+
+
+def result_group_text(dset: "Dataset", cs_name: str, *, name: str = "particles",
+                      title: str = "cryoFIRE particles") -> str:
+    """A cryoSPARC result-group file (.csg) naming every slot of `dset` in `cs_name` (beside the .csg).
+
+    cryoSPARC's "Import Result Group" job reads it; `>` marks a path relative to the .csg's folder,
+    as in cryoSPARC's own exports.
+    """
+    import time as _time
+
+    import cryosparc
+
+    lines = [f"created: {_time.strftime('%Y-%m-%d %H:%M:%S')}", "group:",
+             "  description: particles with cryoFIRE poses (alignments3D) and latent coordinates "
+             "(components_mode_K)", f"  name: {name}", f"  title: {title}", "  type: particle", "results:"]
+    for prefix in sorted(dset.prefixes()):
+        lines += [f"  {prefix}:", f"    metafile: '>{cs_name}'", f"    num_items: {len(dset)}",
+                  f"    type: particle.{_slot_type(prefix)}"]
+    lines.append(f"version: v{cryosparc.__version__}")
+    return "\n".join(lines) + "\n"
 
 
 # --------------------------------------------------------------------------- the job
