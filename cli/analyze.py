@@ -75,7 +75,7 @@ def register(app: typer.Typer) -> None:
         clusters: Optional[int] = typer.Option(None, "--clusters", "-k",
                                                help="Number of clusters K [default: minimum BIC of a Gaussian "
                                                     "mixture over K = 1..--k-max]."),
-        pcs: int = typer.Option(2, "--pcs", help="Principal components to compute; maps along PC1 (and PC2)."),
+        pcs: int = typer.Option(2, "--pcs", help="Principal components to traverse: maps along PC1..PCN."),
         method: str = typer.Option("gmm", "--method", help="Labels exported: gmm (Gaussian mixture) or kmeans."),
         k_max: int = typer.Option(10, "--k-max", help="Largest K tried when choosing K."),
         steps: int = typer.Option(10, "--steps", help="Maps per PC traversal (5th to 95th percentile)."),

@@ -14,9 +14,9 @@ from __future__ import annotations
 import json
 import logging
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Protocol, Sequence
+from typing import Protocol, Sequence
 
 import mrcfile
 import numpy as np
@@ -130,8 +130,8 @@ class Clustering:
 def _gmm(z: np.ndarray, k: int, seed: int, n_init: int = 2):
     from sklearn.mixture import GaussianMixture
 
-    return GaussianMixture(n_components=k, covariance_type="full", n_init=n_init, reg_covar=1e-5, init_params="k-means++",
-                           random_state=seed).fit(z)
+    return GaussianMixture(n_components=k, covariance_type="full", n_init=n_init, reg_covar=1e-5,
+                           init_params="k-means++", random_state=seed).fit(z)
 
 
 def choose_k(z: np.ndarray, k_max: int = 10, seed: int = 0) -> tuple[int, dict]:
@@ -381,7 +381,8 @@ def load_volume_source(run_dir: str | os.PathLike, device: str = "cpu") -> Volum
         return load_trained(run_dir)
 
 
-def read_z_points(text: str | None = None, path: str | os.PathLike | None = None, zdim: int | None = None) -> np.ndarray:
+def read_z_points(text: str | None = None, path: str | os.PathLike | None = None,
+                  zdim: int | None = None) -> np.ndarray:
     """Latent points `(m, zdim)` from `text` ("0.1,0.2;0.3,-1": points separated by ';', values by ','
     or spaces) or from a file (`.npy`, or text with one point per line); checks the dimension."""
     if (text is None) == (path is None):

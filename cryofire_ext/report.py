@@ -121,8 +121,8 @@ class AnalyzeConfig:
     """Settings of `cryofire analyze`.
 
     n_clusters: K, or None to choose it by minimum GMM BIC over 1..k_max. method: 'gmm' or 'kmeans'
-    (whose labels are exported). n_pcs: principal components computed; maps are made along the first
-    min(n_pcs, 2) of them (traversal_steps maps each, 5th to 95th percentile). maps: make maps (needs
+    (whose labels are exported). n_pcs: principal components computed, and maps made along each of
+    them (traversal_steps maps per PC, 5th to 95th percentile of the particles' coordinates). maps: make maps (needs
     the trained model). subsets: write one particle subset per cluster. umap: try UMAP (needs the
     `umap-learn` extra; skipped with a note otherwise). seed: for k-means, GMM and UMAP.
     """
@@ -179,7 +179,9 @@ def analyze_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = 
     if config.n_clusters is not None and config.n_clusters > len(pred):
         raise InputError(f"--clusters {config.n_clusters}: K is larger than the number of particles in "
                          f"{run.path}/predictions.npz ({len(pred)})")
-    pcs = analysis.pca(z, config.n_pcs)
+    if config.n_pcs < 1:
+        raise InputError(f"--pcs must be at least 1, got {config.n_pcs}")
+    pcs = analysis.pca(z, max(config.n_pcs, 2))  # PC1-PC2 for the plots
     clus = analysis.cluster(z, config.n_clusters, method=config.method, k_max=config.k_max, seed=config.seed)
     res = AnalysisResult(out_dir=out, clustering=clus, pca=pcs, report=out / "report.html")
     log.info("%d particles, zdim %d: K = %d (%s), populations %s", len(pred), pred.zdim, clus.k, clus.k_source,
@@ -234,7 +236,7 @@ def analyze_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = 
         if curves:
             res.plots["FSC between cluster maps"] = plots.fsc_between_maps(freq, curves, P / "fsc_clusters.png",
                                                                            force=force)
-        for pc in range(min(2, len(pcs.components))):
+        for pc in range(min(config.n_pcs, len(pcs.components))):
             pts = analysis.pc_traversal(pcs, pc, config.traversal_steps)
             names = [f"step_{s + 1:02d}" for s in range(len(pts))]
             res.traversal_maps[pc + 1] = analysis.write_maps(src, pts, out / "maps" / f"pc{pc + 1}_traversal",
@@ -282,7 +284,8 @@ def _content(res: AnalysisResult, run: analysis.Run) -> ReportContent:
     c, p, root = res.clustering, res.pca, res.out_dir
     pops = c.populations()
     ev = ", ".join(f"PC{i + 1} {100 * v:.1f}%" for i, v in enumerate(p.explained_variance_ratio))
-    facts = [("run", str(run.path)), ("particles", str(len(run.predictions))), ("latent dimension", str(run.predictions.zdim)),
+    facts = [("run", str(run.path)), ("particles", str(len(run.predictions))),
+             ("latent dimension", str(run.predictions.zdim)),
              ("clusters", f"K = {c.k} ({'chosen by ' + c.k_criterion() if c.k_source == 'bic' else 'given'}); "
                           f"labels from {c.method}"),
              ("k-means / GMM agreement", f"{100 * np.mean(c.kmeans_labels == c.gmm_labels):.1f}% of particles"),

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -96,7 +95,8 @@ def test_analyze_writes_clusters_report_and_one_star_subset_per_cluster(star_run
         # every input column is kept, for exactly the cluster's particles, plus the latent coordinates
         assert set(original.columns) <= set(p.columns) and {"cryofireZ1", "cryofireZ4"} <= set(p.columns)
         assert p["rlnMicrographName"].nunique() == 1  # a cluster is one state
-        np.testing.assert_allclose(np.sort(p["rlnCoordinateX"]), np.sort(original["rlnCoordinateX"].to_numpy()[members]))
+        np.testing.assert_allclose(np.sort(p["rlnCoordinateX"]),
+                                   np.sort(original["rlnCoordinateX"].to_numpy()[members]))
         np.testing.assert_array_equal(np.sort(p["rlnRandomSubset"].unique()), [1, 2])
         assert p["rlnRandomSubset"].dtype.kind == "i"
     # the subset's images resolve from where it lies (RELION reads it from there)
