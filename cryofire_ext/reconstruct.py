@@ -36,21 +36,20 @@ def _splat(grid: torch.Tensor, weights_grid: torch.Tensor, idx: torch.Tensor, va
     base = torch.floor(idx)
     frac = idx - base
     base = base.long()
-    for dz in (0, 1):
-        for dy in (0, 1):
-            for dx in (0, 1):
-                ix, iy, iz = base[:, 0] + dx, base[:, 1] + dy, base[:, 2] + dz
-                w = ((frac[:, 0] if dx else 1 - frac[:, 0]) * (frac[:, 1] if dy else 1 - frac[:, 1])
-                     * (frac[:, 2] if dz else 1 - frac[:, 2]))
-                ok = (ix >= 0) & (ix < P) & (iy >= 0) & (iy < P) & (iz >= 0) & (iz < P)
-                flat = (iz * P + iy) * P + ix
-                flat, w = flat[ok], w[ok]
-                grid.view(-1, grid.shape[-1]).index_add_(0, flat, values[ok] * w[:, None])
-                weights_grid.view(-1).index_add_(0, flat, weights[ok] * w)
+    offs = torch.tensor([[dx, dy, dz] for dz in (0, 1) for dy in (0, 1) for dx in (0, 1)], device=idx.device)
+    corner = base[:, None, :] + offs[None]  # (m, 8, 3)
+    f = torch.where(offs[None].bool(), frac[:, None, :], 1.0 - frac[:, None, :])  # (m, 8, 3)
+    w = f.prod(-1)  # (m, 8)
+    ok = ((corner >= 0) & (corner < P)).all(-1)
+    w = w * ok
+    corner = corner.clamp(0, P - 1)
+    flat = ((corner[..., 2] * P + corner[..., 1]) * P + corner[..., 0]).reshape(-1)
+    grid.view(-1, grid.shape[-1]).index_add_(0, flat, (values[:, None, :] * w[..., None]).reshape(-1, values.shape[-1]))
+    weights_grid.view(-1).index_add_(0, flat, (weights[:, None] * w).reshape(-1))
 
 
 def reconstruct(images, A, shifts_A=None, ctf_params=None, pixel_size_A: float = 1.0, *,
-                wiener: float = 1.0, pad: int = 2, batch_size: int = 128, device=None) -> torch.Tensor:
+                wiener: float = 0.1, pad: int = 2, batch_size: int = 256, device=None) -> torch.Tensor:
     """A map `(D, D, D)` float32 (z, y, x) from `n` images at known poses.
 
     images: `(n, D, D)` real. A: `(n, 3, 3)` RELION matrices (left-multiply xyz column vectors).

@@ -79,3 +79,51 @@ def test_batched_lattice_and_bad_shape():
     torch.testing.assert_close(fourier.negate_centered(c)[:, 1:, 1:], c[:, 1:, 1:])
     with pytest.raises(InputError):
         evaluate_ctf(torch.zeros(2, 8), k)
+
+
+def test_sign_angle_and_phase_shift_match_relion_project(tmp_path):
+    """relion_project --ctf images: our CTF beats its sign flip, a mirrored astigmatism angle and a negated phase shift."""
+    import subprocess
+
+    import mrcfile
+
+    from cryofire_ext.poses import random_rotations
+    from cryofire_ext.projection import correlation, project
+    from tests.conftest import require_relion
+    from tests.test_projection import _write_star
+
+    require_relion("relion_project")
+    rng = np.random.default_rng(11)
+    # a white-spectrum map (random voxels in a ball) so that high frequencies, where the conventions differ, carry signal
+    c = np.arange(32) - 16
+    ball = (c[:, None, None] ** 2 + c[None, :, None] ** 2 + c[None, None, :] ** 2) < 12 ** 2
+    maps, apix = (rng.standard_normal((1, 32, 32, 32)) * ball).astype(np.float32), 3.0
+    n = 5
+    A = random_rotations(n, rng)
+    shifts = np.zeros((n, 2))
+    # strong astigmatism at an oblique angle, and a phase plate, so each convention is tested
+    ang = np.radians([25.0, 60.0, 110.0, 140.0, 35.0])
+    ctf = CTFParams(np.full(n, 20000.0), np.full(n, 8000.0), ang, 300.0, 2.7, 0.1, np.full(n, 0.8), 0.0, 1.0)
+    with mrcfile.new(tmp_path / "map.mrc") as f:
+        f.set_data(maps[0])
+        f.voxel_size = apix
+    _write_star(tmp_path / "p.star", A, shifts, ctf, apix, 32)
+    subprocess.run(["relion_project", "--i", "map.mrc", "--o", "proj", "--ang", "p.star", "--ctf", "--angpix",
+                    str(apix)], cwd=tmp_path, check=True, capture_output=True)
+    rln = mrcfile.read(tmp_path / "proj.mrcs").astype(np.float64)
+
+    def corr(c: CTFParams):
+        return correlation(project(maps[0], A, shifts, c, pixel_size_A=apix), rln)
+
+    right = corr(ctf)
+    assert right.min() > 0.99
+    arr = ctf.as_array()
+    flipped = arr.copy()
+    flipped[:, 8] = -1.0
+    assert corr(CTFParams.from_array(flipped)).max() < -0.99
+    mirrored = arr.copy()
+    mirrored[:, 2] = -arr[:, 2]
+    assert (corr(CTFParams.from_array(mirrored)) < right - 0.05).all()
+    negphase = arr.copy()
+    negphase[:, 6] = -arr[:, 6]
+    assert (corr(CTFParams.from_array(negphase)) < right - 0.05).all()
