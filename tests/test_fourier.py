@@ -90,3 +90,22 @@ def test_fourier_crop_keeps_band_limited_content():
     torch.testing.assert_close(small, expect)
     with pytest.raises(ValueError):
         fourier.fourier_crop(img[None], 40)
+
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_results_stay_on_the_input_device(device):
+    from cryofire_ext.ctf import CTFParams, ctf_on_lattice
+    from cryofire_ext.projection import project
+
+    x = torch.randn(2, 16, 16, device=device)
+    assert fourier.fft2_centered(x).device.type == device
+    assert fourier.phase_shift_hartley(fourier.hartley2_centered(x), torch.zeros(2, 2, device=device)).device.type == device
+    assert fourier.expand_half(torch.ones(fourier.half_plane_mask(16).sum().item(), device=device), 16).device.type == device
+    params = torch.as_tensor(CTFParams.constant(2).as_array(), device=device)
+    assert ctf_on_lattice(params, 16, 2.0, device=device).device.type == device
+    vol = torch.zeros(16, 16, 16, device=device)
+    vol[6:9, 7:10, 5:8] = 1.0
+    assert project(vol, torch.eye(3).expand(2, 3, 3), device=device).device.type == device

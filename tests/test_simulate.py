@@ -161,3 +161,17 @@ def test_reconstruction_agrees_with_relion_reconstruct(tmp_path, maps):
     wrong = reconstruct(ds.images[few], ds.A[few], -ds.shifts_A[few], ds.particles.ctf.subset(few), apix, wiener=0.01)
     assert fsc(wrong, vols[0])[1][freqs <= 2 / 3].min() < 0.5
     assert correlation(torch.from_numpy(rln[None]), ours[None]).item() > 0.99
+
+
+def test_noise_free_simulation_matches_relion_project_on_our_star(tmp_path, maps):
+    """`simulate` at infinite SNR, written with our STAR writer, re-rendered by relion_project --ctf from that STAR."""
+    require_relion("relion_project")
+    vols, apix = maps
+    ds = simulate(vols[1:], 12, snr=float("inf"), shift_px=5.0, pixel_size_A=apix, seed=9)
+    assert ds.noise_sigma == 0.0
+    write_dataset(ds, tmp_path)
+    subprocess.run(["relion_project", "--i", "state_00.mrc", "--o", "rln", "--ang", "particles.star", "--ctf",
+                    "--angpix", str(apix)], cwd=tmp_path, check=True, capture_output=True)
+    rln = mrcfile.read(tmp_path / "rln.mrcs").astype(np.float64)
+    corr = correlation(torch.from_numpy(ds.images), torch.from_numpy(rln))
+    assert corr.min() >= 0.99, corr
