@@ -216,8 +216,8 @@ class MrcImages:
         local = self.indices[indices]
         if len(self.infos) == 1:
             mm = self._open(0)
-            if mm.dtype == np.float32:
-                np.take(mm, local, axis=0, out=out)
+            if mm.dtype == np.float32:  # indices were checked at construction; mode="clip" avoids a buffered copy
+                np.take(mm, local, axis=0, out=out, mode="clip")
             else:
                 out[:] = mm[local]
             return out
@@ -227,7 +227,7 @@ class MrcImages:
         ends = np.r_[starts[1:], len(order)]
         for s, e in zip(starts, ends):
             sel = order[s:e]
-            out[sel] = self._open(int(files_sorted[s]))[local[sel]]
+            out[sel] = np.take(self._open(int(files_sorted[s])), local[sel], axis=0, mode="clip")
         return out
 
     def __getstate__(self):  # memory maps do not travel to worker processes; reopen there
