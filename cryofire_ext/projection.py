@@ -15,8 +15,6 @@ sum over voxels), like a plain real-space sum; see `project`.
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import torch
 
