@@ -141,8 +141,10 @@ class MrcImages:
             raise InputError(f"MrcImages: {len(self.paths)} paths but {len(self.indices)} indices")
         self.max_open = max(1, int(max_open))
         self._files: OrderedDict[int, np.ndarray] = OrderedDict()
-        self.unique_paths, self.file_of = np.unique(self.paths.astype(str), return_inverse=True)
-        self.file_of = self.file_of.reshape(-1).astype(np.int64)
+        lookup: dict[str, int] = {}  # hashing, not sorting: fast for 1M particles
+        self.file_of = np.fromiter((lookup.setdefault(p, len(lookup)) for p in self.paths), dtype=np.int64,
+                                   count=len(self.paths))
+        self.unique_paths = np.asarray(list(lookup), dtype=str)
         self.infos = [stack_info(p) for p in self.unique_paths]
         self.box = self._check()
 

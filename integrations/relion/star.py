@@ -305,7 +305,7 @@ def read_star(path, datadir=None, require_images: bool = False, *, pixel_size_A:
 
     ids = table["rlnImageName"].astype(str).to_numpy()
     number, stack_names = split_image_names(ids, path, block)
-    uniq_stacks, stack_of = np.unique(stack_names.astype(str), return_inverse=True)
+    stack_of, uniq_stacks = pd.factorize(pd.Series(stack_names, dtype=object))  # hashing: fast on 1M names
     found, missing, first_tried = {}, [], None
     for name in uniq_stacks:
         where, tried = resolve_stack(name, path.parent, datadir)
@@ -314,7 +314,8 @@ def read_star(path, datadir=None, require_images: bool = False, *, pixel_size_A:
             first_tried = first_tried or (name, tried)
         else:
             found[name] = where
-    image_names = np.asarray([f"{k:06d}@{found.get(s, s)}" for k, s in zip(number, stack_names)], dtype=object)
+    where_each = pd.Series([found.get(s, s) for s in uniq_stacks], dtype=object).iloc[stack_of].to_numpy()
+    image_names = (pd.Series(number).astype(str).str.zfill(6) + "@" + pd.Series(where_each, dtype=object)).to_numpy()
     images = None
     if missing:
         name, tried = first_tried
@@ -324,8 +325,7 @@ def read_star(path, datadir=None, require_images: bool = False, *, pixel_size_A:
             raise InputError(msg + ". Pass --datadir with the folder (RELION project) that holds them.")
         log.warning("%s; reading metadata only.", msg)
     elif n:
-        resolved = np.asarray([found[s] for s in uniq_stacks], dtype=object)[stack_of.reshape(-1)]
-        images = MrcImages(resolved, number - 1)
+        images = MrcImages(where_each, number - 1)
 
     if pixel is None and images is not None and images.voxel_size_A:
         pixel = float(images.voxel_size_A)
@@ -351,9 +351,9 @@ def read_star(path, datadir=None, require_images: bool = False, *, pixel_size_A:
     A, shifts_A = _poses(table, optics is not None, pixel_for_shifts, path, block)
     class_id = _labels(table, "rlnClassNumber", None, path, block)
     subset = _labels(table, "rlnRandomSubset", [1, 2], path, block)
-    if len(np.unique(ids)) != n:
-        log.warning("%s: rlnImageName repeats (%d unique of %d rows); ids are not unique", path,
-                    len(np.unique(ids)), n)
+    n_unique = pd.Series(ids).nunique()
+    if n_unique != n:
+        log.warning("%s: rlnImageName repeats (%d unique of %d rows); ids are not unique", path, n_unique, n)
     tables = RelionTables(particles=table, optics=optics, version=version, particles_block=block, star_path=path,
                           pixel_size_A=pixel_each, stack_files=found)
     optics_group = pd.factorize(group_numbers, sort=True)[0].astype(np.int64)
