@@ -377,8 +377,9 @@ def load_volume_source(run_dir: str | os.PathLike, device: str = "cpu") -> Volum
 
     try:
         return load_trained(run_dir, device=device)
-    except TypeError:  # a loader without a device argument
-        return load_trained(run_dir)
+    except FileNotFoundError as exc:
+        raise InputError(f"{run_dir}: no trained model to make maps with ({exc}); give the folder of a finished "
+                         "`cryofire train` run, or pass --no-maps") from exc
 
 
 def read_z_points(text: str | None = None, path: str | os.PathLike | None = None,
