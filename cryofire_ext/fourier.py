@@ -77,10 +77,11 @@ def negate_centered(x: torch.Tensor, ndim: int = 2) -> torch.Tensor:
     maps to itself.
     """
     x = torch.as_tensor(x)
-    for d in range(-ndim, 0):
-        n = x.shape[d]
-        idx = (2 * (n // 2) - torch.arange(n, device=x.device)) % n
-        x = x.index_select(d, idx)
+    dims = tuple(range(-ndim, 0))
+    x = x.flip(dims)  # j -> n-1-j: the answer for odd n
+    even = tuple(d for d in dims if x.shape[d] % 2 == 0)
+    if even:  # j -> n-j (mod n) for even n
+        x = x.roll((1,) * len(even), even)
     return x
 
 

@@ -2,7 +2,7 @@
 
 Each image's centred transform, with its origin undone (`fourier.phase_shift_centered`),
 is multiplied by its CTF and added into a 2x-padded 3D Fourier grid at `A^T (kx, ky, 0)`
-with trilinear weights (the transpose of `projection.Projector`'s sampling); the CTF^2
+(one half of each Hermitian pair, the grid mirrored at the end) with trilinear weights (the transpose of `projection.Projector`'s sampling); the CTF^2
 weights go into a second grid. The estimate is `sum(c F) / (sum(c^2) + wiener)`,
 then the inverse transform, the central `D^3` crop, and the gridding correction.
 The map's amplitude follows `projection.project` (an image is the sum of voxels along z).
@@ -29,23 +29,20 @@ def _as_tensor(x, dtype=torch.float64, device=None) -> torch.Tensor:
     return torch.as_tensor(np.asarray(x), dtype=dtype, device=device)
 
 
-def _splat(grid: torch.Tensor, weights_grid: torch.Tensor, idx: torch.Tensor, values: torch.Tensor,
-           weights: torch.Tensor) -> None:
-    """Trilinear scatter of `values` `(m, c)` and `weights` `(m,)` at fractional grid indices `idx` `(m, 3)` (x, y, z)."""
-    P = weights_grid.shape[0]
+def _splat(grid: torch.Tensor, idx: torch.Tensor, values: torch.Tensor) -> None:
+    """Trilinear scatter-add of `values` `(m, c)` at fractional grid indices `idx` `(m, 3)` (x, y, z) into `grid` `(P, P, P, c)`."""
+    P = grid.shape[0]
     base = torch.floor(idx)
-    frac = idx - base
+    frac = (idx - base).to(values.dtype)
     base = base.long()
     offs = torch.tensor([[dx, dy, dz] for dz in (0, 1) for dy in (0, 1) for dx in (0, 1)], device=idx.device)
     corner = base[:, None, :] + offs[None]  # (m, 8, 3)
-    f = torch.where(offs[None].bool(), frac[:, None, :], 1.0 - frac[:, None, :])  # (m, 8, 3)
-    w = f.prod(-1)  # (m, 8)
-    ok = ((corner >= 0) & (corner < P)).all(-1)
-    w = w * ok
+    w = torch.where(offs[None].bool(), frac[:, None, :], 1.0 - frac[:, None, :]).prod(-1)  # (m, 8)
+    w = w * ((corner >= 0) & (corner < P)).all(-1)
     corner = corner.clamp(0, P - 1)
     flat = ((corner[..., 2] * P + corner[..., 1]) * P + corner[..., 0]).reshape(-1)
-    grid.view(-1, grid.shape[-1]).index_add_(0, flat, (values[:, None, :] * w[..., None]).reshape(-1, values.shape[-1]))
-    weights_grid.view(-1).index_add_(0, flat, (weights[:, None] * w).reshape(-1))
+    contrib = (values[:, None, :] * w[..., None]).reshape(-1, values.shape[-1])
+    grid.view(-1, grid.shape[-1]).index_add_(0, flat, contrib.to(grid.dtype))
 
 
 def reconstruct(images, A, shifts_A=None, ctf_params=None, pixel_size_A: float = 1.0, *,
@@ -68,10 +65,14 @@ def reconstruct(images, A, shifts_A=None, ctf_params=None, pixel_size_A: float =
     if wiener < 0:
         raise InputError(f"wiener must be >= 0, got {wiener}")
     P = pad * D
-    num = torch.zeros((P, P, P, 2), dtype=torch.float64, device=imgs.device)
-    den = torch.zeros((P, P, P), dtype=torch.float64, device=imgs.device)
+    acc = torch.zeros((P, P, P, 3), dtype=torch.float64, device=imgs.device)  # Re sum(cF), Im sum(cF), sum(c^2)
+    # insert one point of each Hermitian pair {k, -k} and mirror the grid at the end (half the work);
+    # self-partner points (the origin, the wrapped k = -1 points) count half so the mirror restores them once
     k = fourier.slice_lattice(D, device=imgs.device, dtype=torch.float64).reshape(-1, 3)
-    inside = fourier.circular_mask(D, 1.0, device=imgs.device).reshape(-1)
+    inside = fourier.half_plane_mask(D, 1.0, device=imgs.device).reshape(-1)
+    lin = torch.arange(D * D, device=imgs.device)
+    self_partner = (fourier.negate_centered(lin.reshape(D, D)).reshape(-1) == lin)[inside]
+    share = torch.where(self_partner, 0.5, 1.0).to(torch.float64)
     k = k[inside]
     for start in range(0, n, batch_size):
         sl = slice(start, min(start + batch_size, n))
@@ -84,11 +85,15 @@ def reconstruct(images, A, shifts_A=None, ctf_params=None, pixel_size_A: float =
                                device=imgs.device, dtype=torch.float64)
         else:
             c = torch.ones_like(F.real)
-        F = (F * c).reshape(F.shape[0], -1)[:, inside]
-        w = (c * c).reshape(c.shape[0], -1)[:, inside]
+        F = (F * c).reshape(F.shape[0], -1)[:, inside] * share
+        w = (c * c).reshape(c.shape[0], -1)[:, inside] * share
         q = (k @ A[sl]) * (D / 2 * pad) + P // 2  # (b, m, 3) fractional indices (x, y, z)
-        _splat(num, den, q.reshape(-1, 3), torch.stack((F.real, F.imag), -1).reshape(-1, 2), w.reshape(-1))
-    V = torch.complex(num[..., 0], num[..., 1]) / (den + wiener).clamp_min(1e-12)
+        _splat(acc, q.reshape(-1, 3), torch.stack((F.real, F.imag, w), -1).reshape(-1, 3).float())
+    acc = acc.permute(3, 0, 1, 2)
+    mirror = fourier.negate_centered(acc, ndim=3)  # F(-k) = conj F(k)
+    re, im, wt = acc[0] + mirror[0], acc[1] - mirror[1], acc[2] + mirror[2]
+    del acc, mirror
+    V = torch.complex(re, im) / (wt + wiener).clamp_min(1e-12)
     vol = fourier.ifft3_centered(V).real
     s = P // 2 - D // 2
     vol = vol[s:s + D, s:s + D, s:s + D]
