@@ -245,3 +245,51 @@ def test_simulated_two_state_subsets_in_both_formats_and_relion_reconstruct(tmp_
     print(f"simulated phantom: corr with state {own + 1} truth: cluster-2 subset {c_sub:.3f}, full set {c_full:.3f}; "
           f"subset with the other state {c_other:.3f}")
     assert c_sub > c_full + 0.01 and c_sub > c_other + 0.01
+
+
+try:  # the model's session-scoped tiny trained run (tests/run_fixture.py)
+    from tests.run_fixture import trained_run  # noqa: F401
+except ImportError:
+    @pytest.fixture(scope="session")
+    def trained_run():
+        pytest.skip("tests/run_fixture.py (the trained_run fixture) is not in this checkout")
+
+
+@pytest.fixture
+def trained_run_dir(request) -> Path:
+    for module in ("cryofire_ext.predict", "cryofire_ext.train.trainer"):
+        pytest.importorskip(module, reason=f"{module} (training / the trained model loader) is absent")
+    return Path(request.getfixturevalue("trained_run"))
+
+
+def test_analyze_and_eval_vol_on_a_trained_run(trained_run_dir, tmp_path, capsys):
+    run = trained_run_dir
+    pred = Predictions.load(run / "predictions.npz")
+    out = tmp_path / "analysis"
+    assert main(["analyze", str(run), "-o", str(out), "--clusters", "2", "--steps", "3"]) == 0
+    source = analysis.load_volume_source(run)
+    for path in sorted((out / "maps").glob("cluster_*.mrc")) + sorted((out / "maps" / "pc1_traversal").glob("*.mrc")):
+        with mrcfile.open(path) as m:
+            assert m.data.shape == (source.volumes(pred.z[:1]).shape[-1],) * 3
+            assert m.voxel_size.x == pytest.approx(source.pixel_size_A, rel=1e-5)
+            assert np.isfinite(m.data).all() and m.data.std() > 0
+    assert len(list((out / "maps").glob("cluster_*.mrc"))) == 2
+    assert len(list((out / "maps" / "pc2_traversal").glob("*.mrc"))) == 3
+    import html.parser
+
+    links = []
+
+    class P(html.parser.HTMLParser):
+        def handle_starttag(self, tag, attrs):
+            links.extend(v for k, v in attrs if k in ("href", "src"))
+
+    P().feed((out / "report.html").read_text())
+    assert links and all((out / link).is_file() for link in links)
+    # maps at given points: the model's own map at a particle's z, and the dimension is checked
+    z0 = ",".join(f"{v:.6f}" for v in pred.z[0])
+    assert main(["eval-vol", str(run), "--z", z0, "-o", str(tmp_path / "vols")]) == 0
+    with mrcfile.open(tmp_path / "vols" / "vol_001.mrc") as m:
+        np.testing.assert_allclose(m.data, source.volumes(pred.z[:1])[0], rtol=1e-3, atol=1e-5)
+    bad = ",".join(["0"] * (pred.zdim + 1))
+    assert main(["eval-vol", str(run), "--z", bad, "-o", str(tmp_path / "vols2")]) == 2
+    assert f"dimension {pred.zdim}" in capsys.readouterr().err
