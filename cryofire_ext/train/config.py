@@ -42,8 +42,10 @@ class TrainConfig:
     Adam `lr` with linear warm-up over `lr_warmup_images`.
 
     Warm start (`warm_start="search"`, the default because the plain recipe learns no
-    poses on CPU budgets, see benchmarks/): a coarse EM global search on `warm_images`
-    images Fourier-cropped to `warm_box` builds a low-resolution map; the encoder is then
+    poses on CPU budgets, see benchmarks/): an online hard-assignment EM (`warm_steps`
+    minibatches of `warm_batch` images, global search over `warm_rotations` rotations
+    and a 3x3 shift grid) on `warm_images` images Fourier-cropped to `warm_box` builds
+    a low-resolution map; the encoder is then
     taught the searched poses of each training batch for `distill_images` images (weight
     decaying to 0 over the same number again) while the decoder learns from them.
     `warm_start="none"` is the seed's plain recipe.
@@ -78,7 +80,8 @@ class TrainConfig:
     warm_start: str = "search"
     warm_images: int = 1000
     warm_box: int = 24
-    warm_iters: int = 20
+    warm_steps: int = 600
+    warm_batch: int = 32
     warm_rotations: int = 4000
     warm_max_shift_px: float = 4.0
     distill_images: int = 10000

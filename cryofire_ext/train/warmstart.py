@@ -29,6 +29,9 @@ from cryofire_ext.model.losses import undo_shift
 from cryofire_ext.poses import random_rotations
 
 log = logging.getLogger(__name__)
+import os
+BETA0 = float(os.environ.get("BETA0", 0.5))
+R0 = float(os.environ.get("R0", 0.3))
 
 
 @dataclass
@@ -77,27 +80,35 @@ def _slices(V: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
     return torch.complex(out[0], out[1])
 
 
-def _splat(num: torch.Tensor, den: torch.Tensor, coords: torch.Tensor, values: torch.Tensor, weights: torch.Tensor):
-    """Add complex `values` `(P,)` and real `weights` `(P,)` at coords `(P, 3)` trilinearly (and the Hermitian mates)."""
-    G = num.shape[0]
-    for sgn in (1.0, -1.0):
-        c = sgn * coords
-        v = values if sgn > 0 else values.conj()
-        j = (c + 1.0) * (G - 1) / 2.0  # index space, (x, y, z)
-        j0 = torch.floor(j)
-        f = j - j0
-        j0 = j0.long()
-        for dx in (0, 1):
-            for dy in (0, 1):
-                for dz in (0, 1):
-                    ix, iy, iz = j0[:, 0] + dx, j0[:, 1] + dy, j0[:, 2] + dz
-                    w = ((f[:, 0] if dx else 1 - f[:, 0]) * (f[:, 1] if dy else 1 - f[:, 1])
-                         * (f[:, 2] if dz else 1 - f[:, 2]))
-                    ok = (ix >= 0) & (ix < G) & (iy >= 0) & (iy < G) & (iz >= 0) & (iz < G)
-                    flat = (iz * G + iy) * G + ix
-                    flat, w = flat[ok], w[ok]
-                    num.view(-1).index_add_(0, flat, (v[ok] * w).to(num.dtype))
-                    den.view(-1).index_add_(0, flat, (weights[ok] * w).to(den.dtype))
+def _splat(acc: torch.Tensor, coords: torch.Tensor, values: torch.Tensor) -> None:
+    """Add real `values` `(P, 3)` = (Re, Im, weight) at coords `(P, 3)` (Nyquist units) trilinearly into
+    `acc` `(G, G, G, 3)`, and the Hermitian mates (-k, conj) too."""
+    G = acc.shape[0]
+    mate = values * torch.tensor([1.0, -1.0, 1.0], device=values.device)
+    coords = torch.cat((coords, -coords))
+    values = torch.cat((values, mate))
+    j = (coords + 1.0) * (G - 1) / 2.0  # index space (x, y, z)
+    j0 = torch.floor(j)
+    f = j - j0
+    j0 = j0.long()
+    idx, vals = [], []
+    for dx in (0, 1):
+        for dy in (0, 1):
+            for dz in (0, 1):
+                ix, iy, iz = j0[:, 0] + dx, j0[:, 1] + dy, j0[:, 2] + dz
+                w = ((f[:, 0] if dx else 1 - f[:, 0]) * (f[:, 1] if dy else 1 - f[:, 1])
+                     * (f[:, 2] if dz else 1 - f[:, 2]))
+                ok = (ix >= 0) & (ix < G) & (iy >= 0) & (iy < G) & (iz >= 0) & (iz < G)
+                idx.append(((iz * G + iy) * G + ix)[ok])
+                vals.append(values[ok] * w[ok, None])
+    acc.view(-1, 3).index_add_(0, torch.cat(idx), torch.cat(vals).to(acc.dtype))
+
+
+def _solve(acc: torch.Tensor, reg: float) -> torch.Tensor:
+    """Wiener-like division of the splatted numerator by its weights -> complex map."""
+    den = acc[..., 2]
+    lam = reg * den[den > 0].mean() if bool((den > 0).any()) else 1.0
+    return torch.complex(acc[..., 0], acc[..., 1]) / (den + lam + 1e-6)
 
 
 def _shift_grid(max_shift_px: float) -> torch.Tensor:
@@ -120,7 +131,7 @@ def _scores(Y: torch.Tensor, C: torch.Tensor, S: torch.Tensor, lat: _Lattice, sh
 
 
 def build_warm_map(images: torch.Tensor, ctf_params: torch.Tensor, pixel_size_A: float, *, n_rotations: int,
-                   iters: int, max_shift_px: float, seed: int, chunk: int = 256) -> WarmMap:
+                   iters: int, max_shift_px: float, seed: int, chunk: int = 256, callback=None) -> WarmMap:
     """EM ab initio at low resolution.
 
     images `(n, B, B)` normalised, at the warm box; ctf_params `(n, 9)`; pixel_size_A of these images;
@@ -139,30 +150,40 @@ def build_warm_map(images: torch.Tensor, ctf_params: torch.Tensor, pixel_size_A:
     coords_all = torch.einsum("mi,rij->rmj", lat.k, rots)  # (M, m, 3): A^T k as rows k @ A
     # start: back-project at random poses (breaks the spherical symmetry of a flat start)
     pick = torch.as_tensor(rng.integers(0, n_rotations, n), device=device)
-    num = torch.zeros(G, G, G, dtype=torch.complex64, device=device)
-    den = torch.zeros(G, G, G, dtype=torch.float32, device=device)
-    _splat(num, den, coords_all[pick].reshape(-1, 3), (Y * C).reshape(-1), (C * C).reshape(-1))
-    V = num / (den + 0.1 * den.mean() + 1e-6)
+    acc = torch.zeros(G, G, G, 3, dtype=torch.float32, device=device)
+    YC0 = Y * C
+    _splat(acc, coords_all[pick].reshape(-1, 3), torch.stack((YC0.real, YC0.imag, C * C), -1).reshape(-1, 3))
+    V = _solve(acc, 0.1)
     for it in range(iters):
-        frac = (it + 1) / max(iters, 1)
+        frac = it / max(iters - 1, 1)
         radius = 0.4 + 0.6 * frac
-        beta = 0.3 + 0.7 * frac  # annealed posterior
+        beta = BETA0 + (1.0 - BETA0) * frac  # annealed Gaussian posterior
         S = _slices(V, coords_all)  # (M, m)
-        num.zero_(), den.zero_()
-        num_m = torch.zeros_like(S)
-        den_m = torch.zeros(S.shape, dtype=torch.float32, device=device)
+        num_re = torch.zeros(S.shape, device=device)
+        num_im = torch.zeros(S.shape, device=device)
+        den_m = torch.zeros(S.shape, device=device)
         for s0 in range(0, n, chunk):
             sl = slice(s0, min(n, s0 + chunk))
-            logp = _scores(Y[sl], C[sl], S, lat, shifts, radius) * (beta / sigma2)
-            w = torch.softmax(logp.flatten(1), dim=1).reshape(logp.shape)  # (b, S, M)
+            sc = _scores(Y[sl], C[sl], S, lat, shifts, radius).flatten(1)
+            # noise power per coefficient from the best candidate's residual: a Gaussian posterior
+            wmask = (lat.r <= radius + 1e-6).float()
+            resid = (Y[sl].abs().square() * wmask).sum(1) - sc.max(1).values
+            sigma2_it = float(resid.clamp_min(1e-12).mean()) / float(wmask.sum())
+            w = torch.softmax(sc * (beta / sigma2_it), dim=1).reshape(-1, shifts.shape[0], S.shape[0])  # (b, S, M)
             Ys = undo_shift(Y[sl], lat.k[:, :2], shifts[None].expand(Y[sl].shape[0], -1, -1))
             YC = Ys * C[sl][:, None, :]  # (b, S, m)
             for si in range(shifts.shape[0]):
-                num_m += w[:, si, :].T.to(YC.dtype) @ YC[:, si, :]
+                wt = w[:, si, :].T
+                num_re += wt @ YC[:, si, :].real
+                num_im += wt @ YC[:, si, :].imag
             den_m += w.sum(1).T @ (C[sl] * C[sl])
-        mask = (lat.r <= radius + 1e-6)
-        _splat(num, den, coords_all[:, mask].reshape(-1, 3), num_m[:, mask].reshape(-1), den_m[:, mask].reshape(-1))
-        V = num / (den + 0.05 * den[den > 0].mean() + 1e-6)
+        mask = lat.r <= radius + 1e-6
+        acc.zero_()
+        _splat(acc, coords_all[:, mask].reshape(-1, 3),
+               torch.stack((num_re[:, mask], num_im[:, mask], den_m[:, mask]), -1).reshape(-1, 3))
+        V = _solve(acc, 0.05)
+        if callback is not None:
+            callback(it, WarmMap(V, rots, shifts, box, float(pixel_size_A), sigma2))
         log.debug("warm start EM iteration %d/%d radius %.2f", it + 1, iters, radius)
     return WarmMap(V, rots, shifts, box, float(pixel_size_A), sigma2)
 
@@ -221,3 +242,55 @@ def warm_volume(warm: WarmMap) -> torch.Tensor:
     G, box = warm.V.shape[0], warm.box
     F = warm.V[:box, :box, :box]
     return fourier.ifft3_centered(F).real
+
+
+def build_warm_map_online(images: torch.Tensor, ctf_params: torch.Tensor, pixel_size_A: float, *, n_rotations: int,
+                          steps: int, max_shift_px: float, seed: int, batch: int = 32, forget: float = 0.9,
+                          callback=None) -> WarmMap:
+    """Online (stochastic) hard-assignment EM: each step assigns a random minibatch to its best grid pose
+    and blends its back-projection into running sums that forget old batches by `forget`.
+
+    The minibatch noise breaks the near-spherical symmetry a flat start is trapped in.
+    images `(n, B, B)` normalised at the warm box; other arguments as in `build_warm_map`.
+    """
+    n, box = images.shape[0], images.shape[-1]
+    device = images.device
+    lat = _Lattice(box, pixel_size_A, device)
+    rng = np.random.default_rng([int(seed), 4242])
+    rots = torch.as_tensor(random_rotations(n_rotations, rng), dtype=torch.float32, device=device)
+    shifts = _shift_grid(max_shift_px).to(device)
+    Y = lat.observe(images)
+    C = evaluate_ctf(ctf_params.double().to(device), lat.freqs).float()
+    G = box + 1
+    coords_all = torch.einsum("mi,rij->rmj", lat.k, rots)
+    acc = torch.zeros(G, G, G, 3, dtype=torch.float32, device=device)
+    pick = torch.as_tensor(rng.integers(0, n_rotations, n), device=device)
+    YC0 = Y * C
+    _splat(acc, coords_all[pick].reshape(-1, 3), torch.stack((YC0.real, YC0.imag, C * C), -1).reshape(-1, 3))
+    V = _solve(acc, 0.1)
+    for it in range(steps):
+        frac = it / max(steps - 1, 1)
+        radius = R0 + (1.0 - R0) * frac
+        sel = torch.as_tensor(rng.choice(n, size=min(batch, n), replace=False), device=device)
+        mask = lat.r <= radius + 1e-6
+        S = _slices(V, coords_all[:, mask])
+        sub = _Sub(lat, mask)
+        sc = _scores(Y[sel][:, mask], C[sel][:, mask], S, sub, shifts, 2.0).flatten(1)
+        best = sc.argmax(1)
+        s_idx, r_idx = best // rots.shape[0], best % rots.shape[0]
+        Ys = undo_shift(Y[sel][:, mask], lat.k[mask, :2], shifts[s_idx][:, None])[:, 0]
+        YC = Ys * C[sel][:, mask]
+        acc.mul_(forget)
+        _splat(acc, coords_all[r_idx][:, mask].reshape(-1, 3),
+               torch.stack((YC.real, YC.imag, C[sel][:, mask] ** 2), -1).reshape(-1, 3))
+        V = _solve(acc, 0.05)
+        if callback is not None and (it + 1) % max(1, steps // 10) == 0:
+            callback(it, WarmMap(V, rots, shifts, box, float(pixel_size_A), 1.0))
+    return WarmMap(V, rots, shifts, box, float(pixel_size_A), 1.0)
+
+
+class _Sub:
+    """A lattice restricted to `mask` (for scoring a subset of points)."""
+
+    def __init__(self, lat: _Lattice, mask: torch.Tensor):
+        self.k, self.r = lat.k[mask], lat.r[mask]

@@ -1,0 +1,120 @@
+"""Final inference pass: every particle through the trained encoder (and the forward model, for the loss).
+
+Not the values recorded during training: `predict` runs the model in evaluation mode
+over any stack with the training run's box and pixel size (new images included) and
+returns `Predictions` (poses as RELION matrices, shifts in Angstrom, z, loss).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cryofire_ext.errors import InputError
+from cryofire_ext.model.cryofire import CryoFIRE
+from cryofire_ext.particles import ParticleStack
+from cryofire_ext.results import Predictions
+from cryofire_ext.train.checkpoint import load_checkpoint
+from cryofire_ext.train.config import TrainConfig
+from cryofire_ext.train.data import StackStats, TrainingImages
+from cryofire_ext.train.distributed import resolve_device
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainedModel:
+    """A trained run, ready for inference.
+
+    box / pixel_size_A: the model's box (px) and pixel size (A) - the maps' grid.
+    input_box / input_pixel_size_A: the particles it was trained on.
+    """
+
+    model: CryoFIRE
+    config: TrainConfig
+    box: int
+    pixel_size_A: float
+    input_box: int
+    input_pixel_size_A: float
+    stats: StackStats
+    run_dir: Path
+    epoch: int
+    images_seen: int
+
+    @property
+    def zdim(self) -> int:
+        return self.config.zdim
+
+    @torch.no_grad()
+    def volumes(self, z: np.ndarray | None = None) -> np.ndarray:
+        """Real-space maps `(m, D, D, D)` float32 (index [z, y, x]) at latent points z `(m, zdim)`
+        (zdim 0: pass None or `(1, 0)` for the one map). Voxel size `pixel_size_A`."""
+        if self.zdim == 0:
+            m = 1 if z is None else max(1, len(np.asarray(z)))
+            return np.stack([self.model.volume(None).cpu().numpy() for _ in range(m)]).astype(np.float32)
+        z = np.asarray(z, dtype=np.float32)
+        if z.ndim == 1:
+            z = z[None]
+        if z.ndim != 2 or z.shape[1] != self.zdim:
+            raise InputError(f"latent points must be (m, {self.zdim}), got shape {z.shape}")
+        dev = self.model.k_half.device
+        return np.stack([self.model.volume(torch.as_tensor(zi, device=dev)).cpu().numpy() for zi in z]
+                        ).astype(np.float32)
+
+
+def load_trained(run_dir, device: str = "cpu", checkpoint: str | Path | None = None) -> TrainedModel:
+    """Load `run_dir/checkpoints/last.pt` (or `checkpoint`) with weights_only=True."""
+    run_dir = Path(run_dir)
+    path = Path(checkpoint) if checkpoint is not None else run_dir / "checkpoints" / "last.pt"
+    if not run_dir.is_dir() and checkpoint is None:
+        raise InputError(f"{run_dir}: not a training run folder (it does not exist)")
+    state = load_checkpoint(path)
+    try:
+        config = TrainConfig.from_dict(state["config"], source=str(path))
+        box, psize = int(state["box"]), float(state["pixel_size_A"])
+        from cryofire_ext.train.trainer import seeded_model
+
+        model = seeded_model(config, box, psize)
+        model.load_state_dict(state["model"])
+    except (KeyError, RuntimeError) as exc:
+        raise InputError(f"{path}: checkpoint does not match this cryofire's model ({exc})") from exc
+    model.to(resolve_device(device)).eval()
+    return TrainedModel(model, config, box, psize, int(state["input_box"]), float(state["input_pixel_size_A"]),
+                        StackStats(*[float(v) for v in state["stats"]]), run_dir, int(state["epoch"]),
+                        int(state["images"]))
+
+
+@torch.no_grad()
+def predict(run_dir, stack: ParticleStack, *, batch_size: int = 256, device: str = "auto") -> Predictions:
+    """Poses, shifts, z and loss for every particle of `stack` from the trained run in `run_dir`.
+
+    The stack must have the training particles' box and pixel size (within 0.5%).
+    """
+    tm = run_dir if isinstance(run_dir, TrainedModel) else load_trained(run_dir, device=device)
+    if stack.box != tm.input_box or abs(stack.pixel_size_A / tm.input_pixel_size_A - 1) > 5e-3:
+        raise InputError(f"particles are {stack.box} px at {stack.pixel_size_A:.4g} A/px but the run in "
+                         f"{tm.run_dir} was trained on {tm.input_box} px at {tm.input_pixel_size_A:.4g} A/px; "
+                         "re-extract or rescale them to match")
+    data = TrainingImages(stack, tm.box, tm.stats)
+    dev = tm.model.k_half.device
+    n = len(stack)
+    A = np.empty((n, 3, 3))
+    shifts_A = np.empty((n, 2))
+    z = np.empty((n, tm.zdim), np.float32)
+    loss = np.empty(n)
+    for s in range(0, n, batch_size):
+        idx = np.arange(s, min(n, s + batch_size))
+        img, ctf = data.read(idx)
+        out = tm.model(img.to(dev), ctf.to(dev), 1.0)
+        A[idx] = out.R.double().cpu().numpy()
+        shifts_A[idx] = out.shift_px.double().cpu().numpy() * tm.pixel_size_A
+        z[idx] = out.z.cpu().numpy()
+        loss[idx] = out.loss.double().cpu().numpy()
+    meta = {"pixel_size_A": stack.pixel_size_A, "box": stack.box, "model_box": tm.box,
+            "model_pixel_size_A": tm.pixel_size_A, "zdim": tm.zdim, "run_dir": str(tm.run_dir),
+            "epoch": tm.epoch, "images_seen": tm.images_seen}
+    return Predictions(ids=stack.ids, A=A, shifts_A=shifts_A, z=z, loss=loss, meta=meta)

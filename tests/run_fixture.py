@@ -1,0 +1,71 @@
+"""Shared training fixtures: simulated two-state phantom stacks and a tiny trained run (session scope).
+
+Other test modules import `trained_run` (a run folder with config.json, checkpoints/last.pt,
+predictions.npz) and `simulated_stack` from here:
+
+    from tests.run_fixture import trained_run, simulated_stack  # noqa: F401
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from cryofire_ext.ctf import CTFParams
+from cryofire_ext.images import ArrayImages
+from cryofire_ext.particles import ParticleStack
+from cryofire_ext.phantom import phantom_maps
+from cryofire_ext.poses import random_rotations
+from cryofire_ext.projection import project
+
+
+@dataclass
+class SimTruth:
+    A: np.ndarray  # (n, 3, 3)
+    shifts_A: np.ndarray  # (n, 2)
+    state: np.ndarray  # (n,)
+    maps: np.ndarray  # (states, D, D, D)
+
+
+def simulated_stack(n: int = 256, box: int = 32, snr: float = 0.1, seed: int = 0, max_shift_px: float = 2.0,
+                    fractions=(0.5, 0.5)) -> tuple[ParticleStack, SimTruth]:
+    """A two-state phantom stack with CTF and noise at `snr` (signal var / noise var), truth alongside."""
+    rng = np.random.default_rng(seed)
+    maps, apix = phantom_maps(box, states=len(fractions))
+    A = random_rotations(n, rng)
+    shifts_A = rng.uniform(-max_shift_px, max_shift_px, (n, 2)) * apix
+    state = rng.choice(len(fractions), size=n, p=np.asarray(fractions) / np.sum(fractions))
+    dfu = rng.uniform(10000, 25000, n)
+    ctf = CTFParams(dfu, dfu - rng.uniform(0, 500, n), rng.uniform(0, np.pi, n), np.full(n, 300.0),
+                    np.full(n, 2.7), np.full(n, 0.1), np.zeros(n), np.zeros(n), np.ones(n))
+    imgs = np.empty((n, box, box), np.float32)
+    for s in range(len(fractions)):
+        sel = np.nonzero(state == s)[0]
+        if len(sel):
+            imgs[sel] = project(maps[s], A[sel], shifts_A[sel], ctf.subset(sel).as_array(), apix).numpy()
+    sig = imgs.std()
+    imgs += rng.normal(0.0, sig / np.sqrt(snr), imgs.shape).astype(np.float32)
+    stack = ParticleStack(ids=np.array([f"sim{i:06d}" for i in range(n)]), pixel_size_A=apix, box=box, ctf=ctf,
+                          images=ArrayImages(imgs))
+    return stack, SimTruth(A, shifts_A, state, maps)
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory) -> Path:
+    """A tiny trained run folder on simulated phantom data (built once, well under a minute)."""
+    from cryofire_ext.predict import predict
+    from cryofire_ext.train.config import TrainConfig
+    from cryofire_ext.train.trainer import train
+
+    torch.set_num_threads(2)
+    stack, _ = simulated_stack(n=128, box=32, snr=1.0, seed=1)
+    run = tmp_path_factory.mktemp("trained_run")
+    cfg = TrainConfig(zdim=2, epochs=2, batch_size=32, hidden=64, dec_hidden=64, enc_channels=(8, 16, 32, 64, 64),
+                      warm_start="none", pose_only_images=128, lr_warmup_images=0, num_workers=1, device="cpu")
+    train(stack, run, cfg)
+    predict(run, stack).save(run / "predictions.npz")
+    return run
