@@ -1,7 +1,136 @@
-"""`cryofire` commands for this group (filled in by its issue's work)."""
+"""`cryofire train`, `cryofire predict`, `cryofire demo`: parse, call one library function, report."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Optional
 
 import typer
 
+from cryofire_ext.errors import InputError
+
+log = logging.getLogger("cryofire")
+
+
+def _progress():
+    """A rich progress bar and an `on_progress` callback feeding it."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from cli.main import err_console
+
+    prog = Progress(TextColumn("epoch {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("loss {task.fields[loss]:.4f}"), TimeElapsedColumn(), console=err_console,
+                    transient=False)
+    task = prog.add_task("train", total=None, epoch=0, loss=float("nan"))
+
+    def on_progress(rec: dict) -> None:
+        prog.update(task, total=rec["batches"], completed=rec["batch"] + 1, epoch=f"{rec['epoch'] + 1}/{rec['epochs']}",
+                    loss=rec["loss"])
+
+    return prog, on_progress
+
+
+def _log_file(path: Path) -> logging.Handler:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setLevel(logging.INFO)
+    logging.getLogger().addHandler(handler)
+    return handler
+
 
 def register(app: typer.Typer) -> None:
-    """Add this group's commands to `app`."""
+    """Add train, predict and demo to `app`."""
+
+    @app.command("train")
+    def train_cmd(
+        particles: Path = typer.Argument(..., help="Particles: .star, .cs, .mrcs/.mrc or .txt (bare stacks have no "
+                                                   "CTF: trained as CTF-free images, with a warning)."),
+        out: Path = typer.Option(..., "-o", "--out", help="Run folder."),
+        zdim: Optional[int] = typer.Option(None, "--zdim", help="Conformation dims (0 = homogeneous; default 8)."),
+        epochs: Optional[int] = typer.Option(None, "--epochs", help="Passes over the particles (default 20)."),
+        max_minutes: Optional[float] = typer.Option(None, "--max-minutes", help="Stop (checkpointed) after M minutes."),
+        batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Global batch (default 32)."),
+        seed: Optional[int] = typer.Option(None, "--seed", help="Random seed (default 0)."),
+        datadir: Optional[Path] = typer.Option(None, "--datadir", help="Folder holding the image stacks."),
+        resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last checkpoint."),
+        config: Optional[Path] = typer.Option(None, "--config", help="JSON TrainConfig (flags override it)."),
+        device: Optional[str] = typer.Option(None, "--device", help="auto, cpu or cuda."),
+        train_box: Optional[int] = typer.Option(None, "--train-box", help="Fourier-crop images to this box."),
+        warm_start: Optional[str] = typer.Option(None, "--warm-start", help="search (default) or none."),
+        force: bool = typer.Option(False, "--force", help="Overwrite existing exports in --out."),
+    ) -> None:
+        """Train cryoFIRE on particles with no poses; write poses, z, maps and STAR/.cs files into --out."""
+        from cryofire_ext.train.config import TrainConfig
+        from integrations.job import run_training_job
+
+        cfg = TrainConfig.load(config) if config else TrainConfig()
+        if resume and config is None and (out / "config.json").is_file():
+            cfg = TrainConfig.load(out / "config.json")
+        overrides = {"zdim": zdim, "epochs": epochs, "max_minutes": max_minutes, "batch_size": batch_size,
+                     "seed": seed, "device": device, "train_box": train_box, "warm_start": warm_start}
+        cfg = TrainConfig.from_dict({**cfg.to_dict(), **{k: v for k, v in overrides.items() if v is not None}})
+        handler = _log_file(out / "train.log")
+        prog, on_progress = _progress()
+        try:
+            with prog:
+                job = run_training_job(particles, out, cfg, datadir=datadir, resume=resume, force=force,
+                                       argv=["cryofire", *sys.argv[1:]], on_progress=on_progress)
+        finally:
+            logging.getLogger().removeHandler(handler)
+            handler.close()
+        typer.echo(f"wrote {job.particles_star}, {job.particles_cs}, {job.predictions} and "
+                   f"{len(job.maps)} maps in {job.out_dir / 'maps'}")
+
+    @app.command("predict")
+    def predict_cmd(
+        run: Path = typer.Argument(..., help="A training run folder."),
+        particles: Path = typer.Argument(..., help="Particles (.star/.cs/.mrcs/.txt) with the run's box and pixel size."),
+        out: Path = typer.Option(..., "-o", "--out", help="Output folder."),
+        datadir: Optional[Path] = typer.Option(None, "--datadir", help="Folder holding the image stacks."),
+        force: bool = typer.Option(False, "--force", help="Overwrite existing outputs."),
+        clusters: Optional[int] = typer.Option(None, "--clusters", help="Clusters of z for maps (default: BIC)."),
+    ) -> None:
+        """Run a trained model over any particles (new images included): predictions, STAR, .cs and maps."""
+        from integrations.job import OUTPUT_FILES, export_run, load_particles
+        from cryofire_ext.safe_io import check_writable
+
+        for name in OUTPUT_FILES[:3]:
+            check_writable(out / name, force)
+        stack = load_particles(particles, datadir)
+        out.mkdir(parents=True, exist_ok=True)
+        job = export_run(run, stack, force=force, n_clusters=clusters, out_dir=out)
+        typer.echo(f"wrote {job.predictions}, {job.particles_star}, {job.particles_cs}")
+
+    @app.command("demo")
+    def demo_cmd(
+        out: Path = typer.Option(..., "-o", "--out", help="Output folder (data/, run/, metrics.json)."),
+        n: int = typer.Option(2000, "--n", help="Particles to simulate."),
+        snr: float = typer.Option(1.0, "--snr", help="Signal-to-noise ratio of the simulated images."),
+        epochs: Optional[int] = typer.Option(None, "--epochs", help="Training epochs (default 6)."),
+        seed: int = typer.Option(0, "--seed"),
+        force: bool = typer.Option(False, "--force", help="Overwrite existing outputs."),
+    ) -> None:
+        """Simulate the bundled two-state phantom, train, predict, export, and score against the truth."""
+        from integrations.job import DemoSettings, run_demo
+
+        extra = {"epochs": epochs} if epochs is not None else {}
+        handler = _log_file(out / "train.log")
+        prog, on_progress = _progress()
+        try:
+            with prog:
+                m = run_demo(out, DemoSettings(n=n, snr=snr, seed=seed, config=extra), force=force,
+                             on_progress=on_progress, argv=["cryofire", *sys.argv[1:]])
+        finally:
+            logging.getLogger().removeHandler(handler)
+            handler.close()
+        typer.echo(f"median rotation error {m['median_rotation_error_deg']:.2f} deg "
+                   f"({'mirror hand' if m['hand_flipped'] else 'same hand'}), median shift error "
+                   f"{m['median_shift_error_px']:.2f} px, clustering error {m.get('clustering_error', float('nan')):.3f}")
+        for name, f in m.get("maps_fsc", {}).items():
+            typer.echo(f"{name}: {f['members']} particles, state {f['true_state']}, FSC=0.5 at "
+                       f"{f['fsc05_resolution_A']:.1f} A")
+        typer.echo(f"metrics in {out / 'metrics.json'}, maps in {out / 'run' / 'maps'}, {m['wall_s']:.0f} s")
