@@ -259,6 +259,27 @@ def test_foreign_stack_builds_optics_and_image_names(tmp_path):
         write_star(ParticleStack(ids=["a"], pixel_size_A=1.0, box=8, ctf=CTFParams.constant(1)), tmp_path / "x.star")
 
 
+def test_empiar_star_and_cs_agree():
+    from integrations.cryosparc import read_cs
+
+    star = read_star(shared_fixture("cryodrgn/empiar_10076_7.star"), require_images=True)
+    cs = read_cs(shared_fixture("cryodrgn/empiar_10076_7.cs"), require_images=True)
+    assert star.pixel_size_A == pytest.approx(cs.pixel_size_A, rel=1e-6) and star.box == cs.box == 320
+    for name in ("defocus_u_A", "defocus_v_A", "defocus_angle_rad", "voltage_kv", "cs_mm", "amplitude_contrast",
+                 "phase_shift_rad"):
+        np.testing.assert_allclose(getattr(star.ctf, name), getattr(cs.ctf, name), rtol=1e-6, atol=1e-6, err_msg=name)
+    np.testing.assert_array_equal(star.images.read([6, 0]), cs.images.read([6, 0]))
+
+
+def test_mrc_stack_names_get_relion_type_override(tmp_path):
+    stack = read_star(shared_fixture("cryodrgn/empiar_10076_7.star"))
+    out = write_star(stack, tmp_path / "e.star")
+    names = list(starfile.read(out)["particles"]["rlnImageName"])
+    assert names[0] == f"000001@{shared_fixture('cryodrgn/empiar_10076_7.mrc')}:mrcs"
+    back = read_star(out, require_images=True)
+    np.testing.assert_array_equal(back.images.read([1, 5]), stack.images.read([1, 5]))
+
+
 # ---------------------------------------------------------------- image names and paths
 
 def test_unpadded_and_padded_names(tmp_path):
@@ -441,9 +462,36 @@ def test_relion_reconstruct_on_reexport_matches(tmp_path):
 
 
 @pytest.mark.relion
-def test_relion_reconstruct_ctf_on_export_of_relion30(tmp_path):
+def test_relion_reconstruct_ctf_on_exports_of_relion30_and_of_cs(tmp_path):
+    """3.0 STAR -> ours, and 3.0 STAR -> .cs -> ours: RELION reconstructs both with --ctf, to the same map."""
     require_relion("relion_reconstruct")
+    from integrations.cryosparc import read_cs, write_cs
+
     stack = read_star(shared_fixture("aspire/sample_particles_relion30.star"))
-    out = write_star(stack, tmp_path / "p.star")
-    vol = _reconstruct(out, tmp_path / "rec.mrc", tmp_path, "--ctf")
-    assert vol.shape == (200, 200, 200) and np.isfinite(vol).all() and vol.std() > 0
+    direct = write_star(stack, tmp_path / "direct" / "p.star")
+    cs = write_cs(stack, tmp_path / "cs" / "p.cs")
+    via_cs = write_star(read_cs(cs), tmp_path / "via_cs" / "p.star")
+    a = _reconstruct(direct, tmp_path / "a.mrc", tmp_path, "--ctf", "--pad", "1")  # --pad 1: 10x faster
+    b = _reconstruct(via_cs, tmp_path / "b.mrc", tmp_path / "via_cs", "--ctf", "--pad", "1")
+    assert a.shape == (200, 200, 200) and np.isfinite(a).all() and a.std() > 0
+    assert _corr(a, b) >= 0.99
+
+
+@pytest.mark.relion
+def test_relion_reads_our_names_of_mrc_stacks(tmp_path):
+    """RELION refuses `N@x.mrc`; our export writes `N@x.mrc:mrcs`, which it reads (and so do we)."""
+    require_relion("relion_reconstruct")
+    shutil.copy(shared_fixture("aspire/rln_proj_65_centered.mrcs"), tmp_path / "views.mrc")
+    orig = starfile.read(shared_fixture("aspire/rln_proj_65_centered.star"))
+    orig["particles"]["rlnImageName"] = [f"{k}@views.mrc" for k in range(1, 5)]
+    src = tmp_path / "in.star"
+    starfile.write(orig, src)
+    stack = read_star(src, require_images=True)
+    out = write_star(stack, tmp_path / "out" / "p.star")
+    names = list(starfile.read(out)["particles"]["rlnImageName"])
+    assert names[0] == "1@views.mrc:mrcs"  # resolves from out/'s parent, the project folder RELION runs in
+    np.testing.assert_array_equal(read_star(out, require_images=True).images.read([0, 3]), stack.images.read([0, 3]))
+    vol = _reconstruct(out, tmp_path / "rec.mrc", tmp_path)
+    ref = _reconstruct(shared_fixture("aspire/rln_proj_65_centered.star"), tmp_path / "ref.mrc",
+                       shared_fixture("aspire/rln_proj_65_centered.star").parent)
+    assert _corr(vol, ref) >= 0.99

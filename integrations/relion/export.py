@@ -14,7 +14,8 @@ Image names: a name read from a STAR file is kept when, from the output STAR's
 folder, it resolves (same rules as reading: the folder, then its parents) to the
 same stack it came from; otherwise it is rewritten as `NNNNNN@/absolute/path`, so
 RELION finds the images from any working directory. Names of stacks that were
-not found on reading are kept as they were.
+not found on reading are kept as they were. RELION refuses `N@x.mrc` (".mrc is reserved for 3D
+maps"), so names of `.mrc` stacks get RELION's type override: `N@x.mrc:mrcs`.
 
 Floats are written as RELION does (`%.6f`, or `%.6e` below 1e-3 and above 1e5; latents `%.9e`);
 integer columns stay integers. Writes are atomic and refuse to overwrite unless
@@ -36,7 +37,7 @@ from cryofire_ext.errors import InputError
 from cryofire_ext.particles import ParticleStack
 from cryofire_ext.poses import matrix_to_relion_euler
 from cryofire_ext.safe_io import atomic_path
-from integrations.relion.paths import resolve_stack, split_image_names
+from integrations.relion.paths import relion_stack_name, resolve_stack, split_image_names
 from integrations.relion.star import LATENT_LABEL, RelionTables
 
 log = logging.getLogger(__name__)
@@ -120,20 +121,27 @@ def _image_names_from_tables(tables: RelionTables, names: np.ndarray, out_dir: P
         if there is not None and os.path.samefile(there, src):
             continue
         sel = np.flatnonzero(stacks == stack_name)
-        out[sel] = [f"{k:06d}@{src}" for k in number[sel]]
-    return out
+        out[sel] = [f"{k:06d}@{relion_stack_name(src)}" for k in number[sel]]
+    return _with_type_override(out)
+
+
+def _with_type_override(names: np.ndarray) -> np.ndarray:
+    """Names whose stack ends in `.mrc` get RELION's `:mrcs` override (else RELION refuses them)."""
+    names = pd.Series(np.asarray(names, dtype=object)).astype(str)
+    plain_mrc = names.str.lower().str.endswith(".mrc")
+    return names.where(~plain_mrc, names + ":mrcs").to_numpy(dtype=object)
 
 
 def _image_names_foreign(stack: ParticleStack) -> np.ndarray:
     """rlnImageName for a stack read from another format."""
     if stack.images is not None and hasattr(stack.images, "paths") and hasattr(stack.images, "indices"):
-        return np.asarray([f"{k + 1:06d}@{os.path.abspath(p)}" for p, k in zip(stack.images.paths, stack.images.indices)],
-                          dtype=object)
+        return _with_type_override([f"{k + 1:06d}@{os.path.abspath(p)}"
+                                    for p, k in zip(stack.images.paths, stack.images.indices)])
     names = stack.image_names
     if names is not None and len(names) == len(stack) and all("@" in str(x) for x in names):
-        return np.asarray(names, dtype=object).astype(str)
+        return _with_type_override(names)
     if all("@" in str(x) for x in stack.ids):
-        return np.asarray(stack.ids, dtype=object).astype(str)
+        return _with_type_override(stack.ids)
     raise InputError("cannot write rlnImageName: the particles have no image stack (images were not found) and their "
                      f"ids (e.g. '{stack.ids[0] if len(stack) else ''}') are not 'N@stack.mrcs' names. Read them with "
                      "--datadir so their stacks are found.")

@@ -17,19 +17,28 @@ import pandas as pd
 from cryofire_ext.errors import InputError
 
 SEARCH_PARENTS = 3
+# RELION's file-type override after a name (`stack.mrc:mrcs`): not part of the path
+TYPE_SUFFIX = r":(?:mrcs|mrc|spi|tif|tiff|eer)$"
+
+
+def relion_stack_name(path: str) -> str:
+    """`path` as RELION must see it inside rlnImageName: `.mrc` stacks get the `:mrcs` type override
+    (RELION 3.1 refuses `N@x.mrc`: ".mrc extensions are reserved for 3D maps")."""
+    path = str(path)
+    return path + ":mrcs" if path.lower().endswith(".mrc") else path
 
 
 def split_image_names(names, star_path, block: str = "particles") -> tuple[np.ndarray, np.ndarray]:
     """`rlnImageName` values `(n,)` -> (1-based image index `(n,)` int64, stack path as written `(n,)` str).
 
-    Accepts padded (`000001@x.mrcs`) and unpadded (`1@x.mrcs`) numbers; a name without `@`
-    is image 1 of that file. InputError naming the row when the number is not a positive integer.
+    Accepts padded (`000001@x.mrcs`) and unpadded (`1@x.mrcs`) numbers and RELION's type override
+    (`1@x.mrc:mrcs`, dropped from the path); a name without `@` is image 1 of that file. InputError naming the row when the number is not a positive integer.
     """
     s = pd.Series(np.asarray(names, dtype=object)).astype(str)
     parts = s.str.partition("@")
     has_at = parts[1] == "@"
     number = pd.to_numeric(parts[0].where(has_at, "1"), errors="coerce")
-    stack = parts[2].where(has_at, parts[0]).str.strip()
+    stack = parts[2].where(has_at, parts[0]).str.strip().str.replace(TYPE_SUFFIX, "", regex=True)
     bad = number.isna() | (number < 1) | (number != np.floor(number)) | (stack == "")
     if bad.any():
         row = int(np.flatnonzero(bad.to_numpy())[0])
