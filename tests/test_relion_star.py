@@ -280,6 +280,17 @@ def test_mrc_stack_names_get_relion_type_override(tmp_path):
     np.testing.assert_array_equal(back.images.read([1, 5]), stack.images.read([1, 5]))
 
 
+def test_zero_particles(tmp_path):
+    src = tmp_path / "empty.star"
+    src.write_text("# version 30001\n\ndata_optics\n\nloop_\n_rlnOpticsGroup #1\n_rlnImagePixelSize #2\n"
+                   "_rlnImageSize #3\n_rlnVoltage #4\n1 1.5 64 300\n\n# version 30001\n\ndata_particles\n\n"
+                   "loop_\n_rlnImageName #1\n_rlnOpticsGroup #2\n")
+    stack = read_star(src)
+    assert (len(stack), stack.pixel_size_A, stack.box, stack.images) == (0, 1.5, 64, None)
+    back = read_star(write_star(stack, tmp_path / "out.star"))
+    assert (len(back), back.pixel_size_A, back.box) == (0, 1.5, 64)
+
+
 # ---------------------------------------------------------------- image names and paths
 
 def test_unpadded_and_padded_names(tmp_path):

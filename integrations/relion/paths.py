@@ -35,6 +35,8 @@ def split_image_names(names, star_path, block: str = "particles") -> tuple[np.nd
     (`1@x.mrc:mrcs`, dropped from the path); a name without `@` is image 1 of that file. InputError naming the row when the number is not a positive integer.
     """
     s = pd.Series(np.asarray(names, dtype=object)).astype(str)
+    if len(s) == 0:
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=object)
     parts = s.str.partition("@")
     has_at = parts[1] == "@"
     number = pd.to_numeric(parts[0].where(has_at, "1"), errors="coerce")

@@ -302,6 +302,11 @@ def read_star(path, datadir=None, require_images: bool = False, *, pixel_size_A:
     sizes = _per_particle(table, optics, rows, "rlnImageSize", path, block)
     if sizes is not None and n:
         box = int(round(_one_value(sizes, group_numbers, "box size", "px", path, require_images)))
+    if n == 0 and optics is not None and len(optics):  # no particles: the first optics group's values
+        first = _pixel_sizes(optics.iloc[:1], optics.iloc[:1], np.zeros(1, dtype=np.int64), path, OPTICS_BLOCK)
+        pixel = pixel if pixel is not None or not np.isfinite(first[0]) else float(first[0])
+        if "rlnImageSize" in optics.columns:
+            box = int(numeric_column(optics, "rlnImageSize", path, OPTICS_BLOCK)[0])
 
     ids = table["rlnImageName"].astype(str).to_numpy()
     number, stack_names = split_image_names(ids, path, block)
