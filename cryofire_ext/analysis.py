@@ -333,28 +333,25 @@ class Run:
 
 
 def _loss_history(run_dir: Path) -> tuple[np.ndarray, np.ndarray, str] | None:
-    """The training loss curve kept in the run folder, or None (see `cryofire_ext.train` for the format)."""
+    """The training loss curve from `run_dir/history.json` (the trainer's list of records with `loss` and
+    `images` seen, or `epoch`/`step`), or None when the run kept none."""
+    path = run_dir / "history.json"
+    if not path.is_file():
+        return None
     try:
-        from cryofire_ext.train.history import load_loss_history  # the trainer's reader, when it provides one
-    except ImportError:
-        load_loss_history = None
-    if load_loss_history is not None:
-        out = load_loss_history(run_dir)
-        return None if out is None else (np.asarray(out[0]), np.asarray(out[1]), str(out[2]))
-    for name in ("history.json", "loss_history.json", "train_history.json"):
-        path = run_dir / name
-        if path.is_file():
-            try:
-                data = json.loads(path.read_text())
-            except (OSError, ValueError):
-                log.warning("%s: not readable JSON; no loss curve", path)
-                return None
-            records = data.get("epochs", data.get("history", data)) if isinstance(data, dict) else data
-            if isinstance(records, list) and records and isinstance(records[0], dict) and "loss" in records[0]:
-                xkey = next((k for k in ("epoch", "step", "iteration") if k in records[0]), None)
-                x = np.array([r[xkey] for r in records], dtype=np.float64) if xkey else np.arange(1, len(records) + 1)
-                return x, np.array([r["loss"] for r in records], dtype=np.float64), xkey or "epoch"
-    return None
+        records = json.loads(path.read_text())
+    except (OSError, ValueError):
+        log.warning("%s: not readable JSON; no loss curve", path)
+        return None
+    if isinstance(records, dict):
+        records = records.get("history", [])
+    records = [r for r in records if isinstance(r, dict) and "loss" in r] if isinstance(records, list) else []
+    if not records:
+        return None
+    xkey = next((k for k in ("images", "step", "epoch") if all(k in r for r in records)), None)
+    x = np.array([r[xkey] for r in records], dtype=np.float64) if xkey else np.arange(1, len(records) + 1.0)
+    label = {"images": "images seen", None: "record"}.get(xkey, xkey)
+    return x, np.array([r["loss"] for r in records], dtype=np.float64), label
 
 
 def load_run(run_dir: str | os.PathLike) -> Run:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import html.parser
+import json
 from pathlib import Path
 
 import mrcfile
@@ -276,6 +277,8 @@ def test_analyze_run_end_to_end(tmp_path):
     state, centres = make_run(tmp_path / "run")
     truth = blob_maps()
     written = []
+    hist = [{"epoch": i // 4, "batch": i % 4, "images": 32 * (i + 1), "loss": float(np.exp(-i / 10))} for i in range(40)]
+    (tmp_path / "run" / "history.json").write_text(json.dumps(hist))  # the trainer's loss records
 
     def writer(rows, stem, force):
         p = stem.with_suffix(".txt")
@@ -296,6 +299,9 @@ def test_analyze_run_end_to_end(tmp_path):
         corr = [np.corrcoef(vol.ravel(), t.ravel())[0, 1] for t in truth]
         assert np.argmax(corr) == own
     assert len(res.traversal_maps[1]) == 4 and len(res.traversal_maps[2]) == 4
+    assert res.plots["Training loss"].name == "loss.png"
+    x, loss, xlabel = analysis.load_run(tmp_path / "run").loss_history
+    assert xlabel == "images seen" and x[-1] == 1280 and loss[0] == 1.0
     # subsets: one per cluster, the clusters' members, together every particle once
     assert len(written) == 2 and sorted(np.concatenate(written).tolist()) == list(range(len(state)))
     # every link of the report resolves to a file in the folder
