@@ -5,8 +5,9 @@ rlnAngleRot/Tilt/Psi from `stack.A`, rlnOriginXAngst/YAngst from `stack.shifts_A
 (pixel rlnOriginX/Y are dropped: RELION 3.1+ ignores them beside an optics
 table), rlnClassNumber (1-based) and rlnRandomSubset (1/2) when the stack has
 them, and latent coordinates as `cryofireZ1..cryofireZd`. Every other column of
-a stack read by `read_star` is kept as read (a 3.0 file's per-particle optics
-columns move to the optics table). A stack from elsewhere (cryoSPARC) gets an
+a stack read by `read_star` is kept as read, CTF columns included (a 3.0 file's
+per-particle optics columns move to the optics table; an optics table without
+rlnImageSize/rlnImageDimensionality/rlnImagePixelSize gets them). A stack from elsewhere (cryoSPARC) gets an
 optics table built from it: one group per (optics group, voltage, Cs, amplitude
 contrast).
 
