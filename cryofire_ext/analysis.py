@@ -134,9 +134,20 @@ def _gmm(z: np.ndarray, k: int, seed: int, n_init: int = 2):
                            init_params="k-means++", random_state=seed).fit(z)
 
 
+def _standardise(z: np.ndarray) -> np.ndarray:
+    """`z` centred and divided by one global scale (its RMS spread): the geometry is kept, but the GMM's fixed
+    covariance regulariser no longer depends on the units of z (a barely trained model's z spreads ~1e-5)."""
+    zc = z - z.mean(axis=0)
+    scale = float(np.sqrt(np.mean(zc ** 2)))
+    return zc / scale if scale > 0 else zc
+
+
 def choose_k(z: np.ndarray, k_max: int = 10, seed: int = 0) -> tuple[int, dict]:
-    """K with the smallest BIC of a full-covariance Gaussian mixture, K = 1..k_max; returns (K, {K: BIC})."""
-    z = _check_z(z)
+    """K with the smallest BIC of a full-covariance Gaussian mixture, K = 1..k_max; returns (K, {K: BIC}).
+
+    BIC is computed on `z` standardised by one global scale (argmin unchanged by that choice of units).
+    """
+    z = _standardise(_check_z(z))
     k_max = max(1, min(k_max, len(z) - 1))
     bic = {}
     for k in range(1, k_max + 1):
@@ -179,12 +190,13 @@ def cluster(z: np.ndarray, k: int | None = None, *, method: str = "gmm", k_max: 
         k_source = "user"
         if not 1 <= k <= n:
             raise InputError(f"--clusters {k}: K must be between 1 and the number of particles ({n})")
-    km = KMeans(n_clusters=k, n_init=10, random_state=seed).fit(z)
+    zs = _standardise(z)
+    km = KMeans(n_clusters=k, n_init=10, random_state=seed).fit(zs)
     km_labels = km.labels_.astype(np.int64)
-    gmm = _gmm(z, k, seed)
-    gmm_labels = gmm.predict(z).astype(np.int64)
+    gmm = _gmm(zs, k, seed)
+    gmm_labels = gmm.predict(zs).astype(np.int64)
     if not bic and k < n:
-        bic = {k: float(gmm.bic(z))}
+        bic = {k: float(gmm.bic(zs))}
     labels = gmm_labels if method == "gmm" else km_labels
     # renumber by decreasing population
     counts = np.bincount(labels, minlength=k)
@@ -192,8 +204,12 @@ def cluster(z: np.ndarray, k: int | None = None, *, method: str = "gmm", k_max: 
     relabel = np.empty(k, dtype=np.int64)
     relabel[order] = np.arange(k)
     labels = relabel[labels]
-    centres = np.stack([z[labels == j].mean(axis=0) if np.any(labels == j) else
-                        (gmm.means_ if method == "gmm" else km.cluster_centers_)[order[j]] for j in range(k)])
+    empty = [j + 1 for j in range(k) if not np.any(labels == j)]
+    if empty:
+        log.warning("%s left cluster(s) %s (1-based) empty: the latent space has fewer than %d separable groups",
+                    method, ", ".join(map(str, empty)), k)
+    ref = (gmm.means_ if method == "gmm" else km.cluster_centers_) * np.sqrt(np.mean((z - z.mean(0)) ** 2)) + z.mean(0)
+    centres = np.stack([z[labels == j].mean(axis=0) if np.any(labels == j) else ref[order[j]] for j in range(k)])
     other = km_labels if method == "gmm" else gmm_labels
     other = _match_labels(labels, other, k)
     dist = ((z[None, :, :] - centres[:, None, :]) ** 2).sum(-1) if n * k < 5e7 else None

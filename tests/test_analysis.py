@@ -90,6 +90,16 @@ def test_ten_states_follow_pc1():
     assert clustering_error(c.labels, state) < 0.05
 
 
+def test_clustering_does_not_depend_on_the_units_of_z():
+    """A barely trained model's z spreads ~1e-5: K and labels must be those of the same z in other units."""
+    z, state = two_state_z(n=300)
+    big, tiny = analysis.cluster(z), analysis.cluster(z * 1e-5 + 0.07)
+    assert big.k == tiny.k == 2
+    np.testing.assert_array_equal(big.labels, tiny.labels)
+    np.testing.assert_allclose(tiny.centres, big.centres * 1e-5 + 0.07, rtol=1e-6, atol=1e-12)
+    assert clustering_error(tiny.labels, state) <= 0.01
+
+
 def test_k_is_checked_and_user_k_kept():
     z, _ = two_state_z(n=50)
     with pytest.raises(InputError, match="number of particles"):
@@ -277,7 +287,8 @@ def test_analyze_run_end_to_end(tmp_path):
     state, centres = make_run(tmp_path / "run")
     truth = blob_maps()
     written = []
-    hist = [{"epoch": i // 4, "batch": i % 4, "images": 32 * (i + 1), "loss": float(np.exp(-i / 10))} for i in range(40)]
+    hist = [{"epoch": i // 4, "batch": i % 4, "images": 32 * (i + 1), "loss": float(np.exp(-i / 10))}
+            for i in range(40)]
     (tmp_path / "run" / "history.json").write_text(json.dumps(hist))  # the trainer's loss records
 
     def writer(rows, stem, force):
