@@ -474,14 +474,16 @@ def test_relion_reconstruct_on_reexport_matches(tmp_path):
 
 @pytest.mark.relion
 def test_relion_reconstruct_ctf_on_exports_of_relion30_and_of_cs(tmp_path):
-    """3.0 STAR -> ours, and 3.0 STAR -> .cs -> ours: RELION reconstructs both with --ctf, to the same map."""
+    """`cryofire convert` 3.0 STAR -> STAR, and 3.0 STAR -> .cs -> STAR: RELION reconstructs both with --ctf,
+    to the same map."""
     require_relion("relion_reconstruct")
-    from integrations.cryosparc import read_cs, write_cs
+    from cli.main import main
 
-    stack = read_star(shared_fixture("aspire/sample_particles_relion30.star"))
-    direct = write_star(stack, tmp_path / "direct" / "p.star")
-    cs = write_cs(stack, tmp_path / "cs" / "p.cs")
-    via_cs = write_star(read_cs(cs), tmp_path / "via_cs" / "p.star")
+    src = shared_fixture("aspire/sample_particles_relion30.star")
+    direct, cs, via_cs = tmp_path / "direct" / "p.star", tmp_path / "cs" / "p.cs", tmp_path / "via_cs" / "p.star"
+    for a, b in ((src, direct), (src, cs), (cs, via_cs)):
+        b.parent.mkdir(exist_ok=True)
+        assert main(["convert", str(a), str(b)]) == 0
     a = _reconstruct(direct, tmp_path / "a.mrc", tmp_path, "--ctf", "--pad", "1")  # --pad 1: 10x faster
     b = _reconstruct(via_cs, tmp_path / "b.mrc", tmp_path / "via_cs", "--ctf", "--pad", "1")
     assert a.shape == (200, 200, 200) and np.isfinite(a).all() and a.std() > 0
