@@ -45,6 +45,15 @@ def test_integer_modes(tmp_path, dtype):
     np.testing.assert_array_equal(open_particles_file(path).read([1]), data[[1]].astype(np.float32))
 
 
+def test_big_endian_stack(tmp_path):
+    data = rand((3, 4, 4)).astype(">f4")
+    path = write_mrc(tmp_path / "be.mrcs", data)
+    assert stack_info(path).dtype == np.dtype(">f4")
+    out = open_particles_file(path).read([2, 0])
+    assert out.dtype == np.float32 and out.dtype.isnative
+    np.testing.assert_array_equal(out, data[[2, 0]].astype(np.float32))
+
+
 def test_single_2d_image(tmp_path):
     data = rand((10, 10))
     imgs = open_particles_file(write_mrc(tmp_path / "one.mrc", data))
