@@ -1,0 +1,89 @@
+"""Do the clusters of a trained run recover the simulated states? One command, results as JSON.
+
+    python benchmarks/analysis_states.py --states 2 --n 2000 --epochs 20 -o /tmp/bench2
+    python benchmarks/analysis_states.py --states 10 --n 4000 --epochs 20 -o /tmp/bench10
+
+Simulates the phantom in `--states` conformations (its arm swings through 40 degrees), trains a run, predicts, runs `cryofire analyze`'s library
+(`report.analyze_run`) with K chosen by BIC and again with K = states, and reports:
+clustering error (best one-to-one matching), |corr(PC1, state)|, and for each cluster map the
+truth map it correlates best with (and whether that is the cluster's majority state).
+Writes `<out>/bench.json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import mrcfile
+import numpy as np
+import torch
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("-o", "--out", type=Path, required=True)
+    ap.add_argument("--states", type=int, default=2)
+    ap.add_argument("--n", type=int, default=2000)
+    ap.add_argument("--box", type=int, default=32)
+    ap.add_argument("--snr", type=float, default=1.0)
+    ap.add_argument("--epochs", type=int, default=None, help="default: the demo's")
+    ap.add_argument("--zdim", type=int, default=None, help="default: the demo's")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+
+    from cryofire_ext import metrics, report
+    from integrations.job import DEMO_CONFIG, _align_map
+    from cryofire_ext.phantom import phantom_maps
+    from cryofire_ext.predict import predict
+    from cryofire_ext.simulate import simulate
+    from cryofire_ext.train.config import TrainConfig
+    from cryofire_ext.train.trainer import train
+
+    t0 = time.time()
+    maps, apix = phantom_maps(args.box, states=args.states)  # the arm swings over 40 deg through the states
+    ds = simulate(maps, args.n, snr=args.snr, shift_px=2.0, pixel_size_A=apix, seed=args.seed)
+    run = args.out / "run"
+    over = {k: v for k, v in (("zdim", args.zdim), ("epochs", args.epochs)) if v is not None}
+    cfg = TrainConfig(**{**DEMO_CONFIG, "device": args.device, "seed": args.seed, **over})
+    t1 = time.time()
+    train(ds.particles, run, cfg)
+    predict(run, ds.particles).save(run / "predictions.npz")
+    t2 = time.time()
+    from cryofire_ext.results import Predictions
+
+    pred = Predictions.load(run / "predictions.npz")
+    rot = metrics.rotation_error_deg(pred.A, ds.A)  # ab initio maps live in a globally rotated frame
+    truth_maps = [np.roll(t[::-1], 1, axis=0) if rot.flipped else t for t in ds.maps]
+    result = {"states": args.states, "n": args.n, "box": args.box, "snr": args.snr, "epochs": cfg.epochs,
+              "zdim": cfg.zdim, "train_s": round(t2 - t1, 1), "simulate_s": round(t1 - t0, 1),
+              "median_rotation_error_deg": float(np.median(rot.errors_deg)), "hand_flipped": bool(rot.flipped),
+              "pc1_abs_corr_state": metrics.pc1_correlation(pred.z, ds.state)}
+    for name, k in (("bic", None), ("k_states", args.states)):
+        res = report.analyze_run(run, args.out / f"analysis_{name}", report.AnalyzeConfig(n_clusters=k),
+                                 force=True)
+        c = res.clustering
+        majority, best_truth = [], []
+        for j, path in enumerate(res.cluster_maps):
+            with mrcfile.open(path) as m:
+                vol = _align_map(m.data.astype(np.float64), rot.global_rotation)
+            corr = [float(np.corrcoef(vol.ravel(), t.ravel())[0, 1]) for t in truth_maps]
+            best_truth.append(int(np.argmax(corr)))
+            majority.append(int(np.bincount(ds.state[c.labels == j], minlength=args.states).argmax()))
+        result[name] = {"k": c.k, "clustering_error": metrics.clustering_error(c.labels, ds.state),
+                        "kmeans_clustering_error": metrics.clustering_error(c.kmeans_labels, ds.state),
+                        "populations": c.populations().tolist(),
+                        "cluster_map_best_truth": best_truth, "cluster_majority_state": majority,
+                        "maps_match_own_state": bool(best_truth == majority)}
+    result["total_s"] = round(time.time() - t0, 1)
+    (args.out / "bench.json").write_text(json.dumps(result, indent=2))
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
