@@ -35,9 +35,15 @@ from tests.conftest import require_relion, shared_fixture
 
 BOX, N, SNR = 32, 600, 10.0
 K = np.diag([1.0, 1.0, -1.0])  # z mirror (volume and image frames)
-# tiny but real training: a few epochs at box 32 (the warm-start search finds the poses)
-TRAIN_PARAMS = {"zdim": "1", "epochs": "3", "batch_size": "32", "num_workers": "0", "device": "cpu",
-                "warm_images": "600", "distill_images": "600", "pose_only_images": "600"}
+# Pose recovery (the issue's bar): the model's demo recipe, scaled to this dataset. Minutes of CPU.
+RECOVERY_PARAMS = {"zdim": "1", "epochs": "6", "batch_size": "32", "num_workers": "0", "device": "cpu", "lr": "3e-4",
+                   "lr_warmup_images": "1000", "symmetric": "false", "pose_only_images": "3000",
+                   "march_images": "6000", "distill_images": "3000", "warm_images": "600", "warm_box": "24",
+                   "warm_steps": "500", "warm_rotations": "3000", "warm_max_shift_px": "2.0"}
+# Plumbing only (seconds): one epoch of a small model, no warm start.
+TINY_PARAMS = {"zdim": "1", "epochs": "1", "batch_size": "64", "num_workers": "0", "device": "cpu",
+               "warm_start": "none", "hidden": "64", "dec_hidden": "64", "enc_channels": "8,16,32,64,64"}
+SLOW_ENV = "CRYOFIRE_SLOW_TESTS"
 
 
 # --------------------------------------------------------------------------- helpers
@@ -257,12 +263,7 @@ def test_unresolvable_stacks_fail_through_relion(tmp_path):
     assert "Traceback" not in err
 
 
-@pytest.mark.slow
-def test_relion_runs_the_job_and_reconstructs_the_map(relion_dataset, tmp_path):
-    project = _copy_project(relion_dataset, tmp_path / "proj")
-    t0 = time.monotonic()
-    job = _run_external(project, "particles.star", TRAIN_PARAMS, threads=2)
-    elapsed = time.monotonic() - t0
+def _check_registered_outputs(project: Path, job: Path) -> None:
     assert (job / EXIT_SUCCESS).exists(), (job / "run.err").read_text()
     assert _process_status(project, "External/job001/") == 2  # PROC_FINISHED_SUCCESS
     nodes = _pipeline_nodes(project)
@@ -272,15 +273,42 @@ def test_relion_runs_the_job_and_reconstructs_the_map(relion_dataset, tmp_path):
     listed = starfile.read(job / OUTPUT_NODES)
     assert set(listed["rlnPipeLineNodeName"]) == {"External/job001/particles.star", *maps}
 
-    # RELION reconstructs from our poses (image paths still relative to the project directory)
+
+def _our_map_vs_truth(project: Path, dataset) -> tuple[float, np.ndarray]:
+    """relion_reconstruct --ctf on our particles.star (run in the project dir), aligned correlation with the truth."""
     rec = _reconstruct(project, "External/job001/particles.star", "rec_ours.mrc")
     ours = _poses_by_name(project / "External/job001/particles.star")
     names = sorted(ours)
+    assert set(names) == set(dataset["A"])  # every particle, joined on rlnImageName
     A_pred = np.stack([ours[n] for n in names])
-    A_true = np.stack([relion_dataset["A"][n] for n in names])
-    corr = aligned_correlation(relion_dataset["truth"], rec, A_true, A_pred)
+    A_true = np.stack([dataset["A"][n] for n in names])
+    return aligned_correlation(dataset["truth"], rec, A_true, A_pred), rec
+
+
+def test_relion_runs_the_job_and_registers_its_outputs(relion_dataset, tmp_path):
+    """The whole RELION round trip with a seconds-long training: the poses are not expected to be right."""
+    project = _copy_project(relion_dataset, tmp_path / "proj")
+    t0 = time.monotonic()
+    job = _run_external(project, "particles.star", TINY_PARAMS, threads=2)
+    elapsed = time.monotonic() - t0
+    _check_registered_outputs(project, job)
+    corr, rec = _our_map_vs_truth(project, relion_dataset)
+    assert rec.shape == (BOX, BOX, BOX) and np.isfinite(rec).all() and rec.std() > 0
+    print(f"tiny run through relion_pipeliner: {elapsed:.0f} s; aligned correlation {corr:.3f} (not asserted)")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.environ.get(SLOW_ENV) != "1", reason=f"pose recovery takes many CPU minutes; set {SLOW_ENV}=1")
+def test_relion_reconstruct_from_our_poses_matches_the_truth(relion_dataset, tmp_path):
+    """The issue's bar: relion_reconstruct --ctf on our particles.star correlates >= 0.9 with the truth map."""
+    project = _copy_project(relion_dataset, tmp_path / "proj")
+    t0 = time.monotonic()
+    job = _run_external(project, "particles.star", RECOVERY_PARAMS, threads=2)
+    elapsed = time.monotonic() - t0
+    _check_registered_outputs(project, job)
+    corr, _ = _our_map_vs_truth(project, relion_dataset)
     print(f"relion_reconstruct from our poses: aligned correlation {corr:.3f} with the truth map "
-          f"({len(names)} particles, box {BOX}, SNR {SNR}); job took {elapsed:.0f} s")
+          f"({N} particles, box {BOX}, SNR {SNR}); job took {elapsed:.0f} s")
     assert corr >= 0.9
 
 
@@ -296,13 +324,14 @@ def test_abort_file_stops_training(relion_dataset, tmp_path, monkeypatch):
     timer.start()
     t0 = time.monotonic()
     try:
-        code = main(["relion-external", "--o", "External/job001/", "--in_parts", "particles.star",
-                     "--epochs", "500", "--zdim", "1", "--num_workers", "0", "--device", "cpu", "--j", "2"])
+        code = main(["relion-external", "--o", "External/job001/", "--in_parts", "particles.star", "--epochs", "500",
+                     *[f"--{k}={v}" for k, v in TINY_PARAMS.items() if k != "epochs"], "--j", "2"])
     finally:
         timer.cancel()
     elapsed = time.monotonic() - t0
     assert code == 2
     assert (job / EXIT_ABORTED).exists()
     assert not (job / EXIT_SUCCESS).exists() and not (job / EXIT_FAILURE).exists()
-    assert not (job / OUTPUT_NODES).exists()
+    assert not (job / OUTPUT_NODES).exists() and not (job / "particles.star").exists()
+    assert (job / "checkpoints" / "last.pt").is_file()  # stopped cleanly: checkpointed first
     assert elapsed < 60, f"abort took {elapsed:.0f} s"
