@@ -63,11 +63,47 @@ def setup(device: str) -> DistEnv:
     return DistEnv(dist.get_rank(), dist.get_world_size(), dev)
 
 
+class GlobalBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm over the global batch of all ranks, differentiable, on any device (torch's SyncBatchNorm
+    is CUDA-only): per-channel sums and counts are all-reduced with autograd-aware collectives."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or not dist.is_initialized() or dist.get_world_size() == 1:
+            return super().forward(x)
+        from torch.distributed.nn.functional import all_reduce
+
+        c = x.shape[1]
+        count = torch.tensor([x.numel() / c], dtype=x.dtype, device=x.device)
+        stats = all_reduce(torch.cat((x.sum((0, 2, 3)), (x * x).sum((0, 2, 3)), count)))
+        n = stats[-1]
+        mean = stats[:c] / n
+        var = stats[c:2 * c] / n - mean * mean
+        with torch.no_grad():
+            m = self.momentum
+            self.running_mean.mul_(1 - m).add_(m * mean.detach())
+            self.running_var.mul_(1 - m).add_(m * var.detach() * n / (n - 1))
+            self.num_batches_tracked.add_(1)
+        y = (x - mean[None, :, None, None]) * torch.rsqrt(var[None, :, None, None] + self.eps)
+        return y * self.weight[None, :, None, None] + self.bias[None, :, None, None]
+
+
+def _global_batchnorm(module: nn.Module) -> nn.Module:
+    """Make every BatchNorm2d a GlobalBatchNorm2d in place (the same Parameter objects, so an optimiser
+    built before keeps working)."""
+    for child in module.modules():
+        if type(child) is nn.BatchNorm2d:
+            child.__class__ = GlobalBatchNorm2d
+    return module
+
+
 def wrap(model: nn.Module, env: DistEnv) -> nn.Module:
-    """SyncBatchNorm + DDP in a world > 1; the model itself otherwise."""
+    """Global-batch BatchNorm + DDP in a world > 1; the model itself otherwise."""
     if env.world <= 1:
         return model
-    model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if env.device.type == "cuda":
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    else:
+        model = _global_batchnorm(model)
     ids = [env.device.index] if env.device.type == "cuda" else None
     return nn.parallel.DistributedDataParallel(model, device_ids=ids, find_unused_parameters=True)
 
