@@ -1,0 +1,50 @@
+"""predict / load_trained on the shared tiny trained run: a fresh inference pass over any stack."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from cryofire_ext.errors import InputError
+from cryofire_ext.predict import load_trained, predict
+from cryofire_ext.results import Predictions
+from tests.run_fixture import simulated_stack, trained_run  # noqa: F401
+
+
+def test_load_trained_gives_maps_with_the_run_voxel_size(trained_run):
+    tm = load_trained(trained_run)
+    assert tm.box == 32 and tm.zdim == 2 and tm.pixel_size_A == pytest.approx(6.0)
+    vols = tm.volumes(np.zeros((2, 2)))
+    assert vols.shape == (2, 32, 32, 32) and vols.dtype == np.float32 and np.isfinite(vols).all()
+    assert not np.allclose(tm.volumes(np.array([[3.0, -3.0]]))[0], vols[0])  # z changes the map
+    with pytest.raises(InputError, match=r"\(m, 2\)"):
+        tm.volumes(np.zeros((2, 3)))
+
+
+def test_predict_runs_every_particle_including_new_images(trained_run):
+    stack, _ = simulated_stack(n=40, box=32, snr=1.0, seed=9)  # images the run never saw
+    p = predict(trained_run, stack, batch_size=16, device="cpu")
+    assert len(p) == 40 and p.zdim == 2 and list(p.ids) == list(stack.ids)
+    assert np.allclose(p.A @ np.swapaxes(p.A, -1, -2), np.eye(3), atol=1e-5)
+    assert np.isfinite(p.loss).all() and (p.loss > 0).all()
+    # batched inference is per particle: the batch size does not change the answer
+    q = predict(trained_run, stack, batch_size=7, device="cpu")
+    assert np.allclose(p.A, q.A, atol=1e-5) and np.allclose(p.z, q.z, atol=1e-5)
+    saved = Predictions.load(trained_run / "predictions.npz")
+    assert saved.meta["model_box"] == 32 and len(saved) == 128
+
+
+def test_predict_refuses_mismatched_particles_and_bad_checkpoints(trained_run, tmp_path):
+    other, _ = simulated_stack(n=4, box=64, seed=0)
+    with pytest.raises(InputError, match="trained on 32 px"):
+        predict(trained_run, other)
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "last.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(InputError, match="unreadable checkpoint"):
+        load_trained(tmp_path)
+    with pytest.raises(InputError, match="not found|does not exist"):
+        load_trained(tmp_path / "nope")
+    torch.save({"format": "something else"}, tmp_path / "other.pt")
+    with pytest.raises(InputError, match="not a cryofire checkpoint"):
+        load_trained(tmp_path, checkpoint=tmp_path / "other.pt")
