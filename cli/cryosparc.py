@@ -37,13 +37,14 @@ def register(app: typer.Typer) -> None:
             ) -> None:
         from cryofire_ext.train.config import TrainConfig
         from integrations.cryosparc.external_job import connect_cryosparc, run_cryosparc_job
-        from integrations.relion.external_job import config_from_params, parse_label_values
+        from integrations.relion.external_job import config_from_params, parse_label_values, pop_job_params
 
         params = parse_label_values(ctx.args, where="cryofire cryosparc run")
+        job_params = pop_job_params(params, where="cryofire cryosparc run")
         config = config_from_params(TrainConfig, params, where="cryofire cryosparc run")
         cs = connect_cryosparc(url)
         result = run_cryosparc_job(cs, project, workspace, particles, config, run_dir=out, title=title,
-                                   force=force)
+                                   force=force, **job_params)
         typer.echo(f"{result.project_uid} {result.job_uid}: saved particles ({len(result.particles)}) and "
                    f"{len(result.volumes)} volume(s); local run folder {result.run_dir}")
 

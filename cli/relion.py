@@ -15,7 +15,7 @@ import typer
 HELP = """Run cryoFIRE as a RELION External job (RELION calls this; see README "Use from RELION").
 
 RELION passes --o DIR/ --in_parts STAR --j N and the Params tab as --label value pairs
-(any TrainConfig field, e.g. --zdim 8 --epochs 20). Writes particles.star, maps/*.mrc,
+(any TrainConfig field, e.g. --zdim 8 --epochs 20, and --n_clusters K). Writes particles.star, maps/*.mrc,
 RELION_OUTPUT_NODES.star and RELION_JOB_EXIT_SUCCESS / _FAILURE / _ABORTED into --o.
 Exit status 0 success, 1 failure, 2 aborted.
 """

@@ -120,8 +120,8 @@ def _fake_trainer(calls: list):
     """Stand-in for integrations.job.run_training_job: reads every image, writes the run folder's files."""
 
     def run_training_job(particles, out_dir, config, *, datadir=None, should_stop=None, force=False, argv=None,
-                         on_progress=None):
-        calls.append({"stack": particles, "config": config, "argv": argv})
+                         on_progress=None, resume=False, n_clusters=None):
+        calls.append({"stack": particles, "config": config, "argv": argv, "n_clusters": n_clusters})
         images = particles.require_images().read(np.arange(len(particles)))
         assert images.shape == (len(particles), particles.box, particles.box)
         out_dir = Path(out_dir)
@@ -145,7 +145,7 @@ def _fake_trainer(calls: list):
         fig.add_subplot().plot([3, 2, 1])
         fig.savefig(out_dir / "loss.png")
         if on_progress is not None:
-            on_progress(epoch=0, loss=0.5)
+            on_progress({"epoch": 0, "batch": 3, "loss": 0.5})
         return types.SimpleNamespace(out_dir=out_dir, particles_star=out_dir / "particles.star",
                                      particles_cs=out_dir / "particles.cs", predictions=out_dir / "predictions.npz",
                                      maps=maps, loss_plot=out_dir / "loss.png")
@@ -162,13 +162,19 @@ def setup(tmp_path, monkeypatch):
     dset = _input_dataset(project_dir)
     server = FakeServer(project_dir, dset)
     trained: list = []
-    fake_job_module = types.ModuleType("integrations.job")
-    fake_job_module.run_training_job = _fake_trainer(trained)
-    monkeypatch.setitem(sys.modules, "integrations.job", fake_job_module)
     with mock.patch("cryosparc.tools.APIClient", return_value=server.api):
         cs = CryoSPARC("http://localhost:39000", host=None, base_port=None, email="u@lab.org", password=PASSWORD)
     return types.SimpleNamespace(cs=cs, server=server, dset=dset, trained=trained, tmp=tmp_path,
                                  project_dir=project_dir)
+
+
+@pytest.fixture
+def fake_training(setup, monkeypatch):
+    """Replace the trainer by `_fake_trainer` (these tests are about the cryoSPARC side, not training)."""
+    import integrations.job
+
+    monkeypatch.setattr(integrations.job, "run_training_job", _fake_trainer(setup.trained))
+    return setup
 
 
 def _config(zdim=ZDIM):
@@ -177,10 +183,10 @@ def _config(zdim=ZDIM):
     return TrainConfig(zdim=zdim, epochs=1)
 
 
-def test_job_calls_slots_dtypes_and_saved_output(setup):
+def test_job_calls_slots_dtypes_and_saved_output(fake_training):
     from integrations.cryosparc.external_job import run_cryosparc_job
 
-    s = setup
+    s = fake_training
     result = run_cryosparc_job(s.cs, PROJECT, WORKSPACE, f"{SOURCE}.particles", _config(), run_dir=s.tmp / "run")
     api = s.server.api
     assert result.job_uid == NEW
@@ -248,6 +254,7 @@ def test_job_calls_slots_dtypes_and_saved_output(setup):
     # log lines and the two plots (loss, latent)
     texts = [c.args[2] for c in s.server.calls_to("jobs.add_event_log")]
     assert any("training done" in t for t in texts)
+    assert "training: epoch=0 batch=3 loss=0.5" in texts  # the trainer's progress dict, as a log line
     plots = [c.kwargs.get("text") for c in s.server.calls_to("jobs.add_image_log")]
     assert plots == ["Training loss", "Latent coordinates z (PCA)"]
     # credentials never reach the job log
@@ -268,7 +275,9 @@ def test_error_inside_the_job_marks_it_failed_with_traceback(setup, monkeypatch)
     def broken(*args, **kwargs):
         raise RuntimeError("decoder exploded")
 
-    monkeypatch.setattr(sys.modules["integrations.job"], "run_training_job", broken)
+    import integrations.job
+
+    monkeypatch.setattr(integrations.job, "run_training_job", broken)
     with pytest.raises(RuntimeError, match="decoder exploded"):
         run_cryosparc_job(s.cs, PROJECT, WORKSPACE, f"{SOURCE}.particles", _config(), run_dir=s.tmp / "run")
     failed = s.server.calls_to("jobs.mark_failed")
@@ -293,11 +302,11 @@ def test_input_group_without_ctf_is_refused_before_a_job_is_made(setup):
         run_cryosparc_job(s.cs, PROJECT, WORKSPACE, "J24", _config(), run_dir=s.tmp / "run")
 
 
-def test_loaded_input_without_ctf_fails_the_job(setup):
+def test_loaded_input_without_ctf_fails_the_job(fake_training):
     """A server that connects the group but hands back no ctf fields: the job fails, readable."""
     from integrations.cryosparc.external_job import run_cryosparc_job
 
-    s = setup
+    s = fake_training
     s.server.api.jobs.load_input.return_value = s.dset.filter_prefixes(["blob"])
     with pytest.raises(InputError, match="no ctf fields"):
         run_cryosparc_job(s.cs, PROJECT, WORKSPACE, f"{SOURCE}.particles", _config(), run_dir=s.tmp / "run")
@@ -383,3 +392,24 @@ def test_export_writes_importable_cs_with_poses_and_latents(tmp_path):
         from integrations.cryosparc.external_job import export_cs
 
         export_cs(run, like, tmp_path / "other.cs")
+
+
+def test_real_training_run_saves_uid_matched_output(setup):
+    """Same job with the real trainer (a seconds-long run): the saved poses are the run's predictions."""
+    from cryofire_ext.train.config import TrainConfig
+    from integrations.cryosparc.external_job import run_cryosparc_job
+
+    s = setup
+    cfg = TrainConfig(zdim=2, epochs=1, batch_size=8, num_workers=0, device="cpu", warm_start="none", hidden=32,
+                      dec_hidden=32, enc_channels=(8, 8, 16, 16, 16), log_every=1)
+    result = run_cryosparc_job(s.cs, PROJECT, WORKSPACE, f"{SOURCE}.particles", cfg, run_dir=s.tmp / "real",
+                               n_clusters=2)
+    out = {c.args[2]: c.args[3] for c in s.server.calls_to("jobs.save_output")}["particles"]
+    preds = Predictions.load(s.tmp / "real" / "predictions.npz")
+    order = {u: i for i, u in enumerate(preds.ids)}
+    rows = [order[str(u)] for u in out["uid"]]
+    np.testing.assert_array_equal(out["uid"], s.dset["uid"])
+    np.testing.assert_allclose(cryosparc_pose_to_matrix(out["alignments3D/pose"]), preds.A[rows], atol=2e-6)
+    np.testing.assert_allclose(out["components_mode_1/value"], preds.z[rows, 1], rtol=1e-6)
+    assert len(result.volumes) == 3  # the map at mean z and one per cluster
+    assert "jobs.mark_completed" in s.server.calls()

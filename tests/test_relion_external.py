@@ -42,7 +42,8 @@ RECOVERY_PARAMS = {"zdim": "1", "epochs": "6", "batch_size": "32", "num_workers"
                    "warm_steps": "500", "warm_rotations": "3000", "warm_max_shift_px": "2.0"}
 # Plumbing only (seconds): one epoch of a small model, no warm start.
 TINY_PARAMS = {"zdim": "1", "epochs": "1", "batch_size": "64", "num_workers": "0", "device": "cpu",
-               "warm_start": "none", "hidden": "64", "dec_hidden": "64", "enc_channels": "8,16,32,64,64"}
+               "warm_start": "none", "hidden": "64", "dec_hidden": "64", "enc_channels": "8,16,32,64,64",
+               "n_clusters": "2"}
 SLOW_ENV = "CRYOFIRE_SLOW_TESTS"
 
 

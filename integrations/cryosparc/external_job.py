@@ -298,8 +298,12 @@ def _progress_logger(job, every_s: float = 10.0) -> Callable[..., None]:
         if now - last[0] < every_s:
             return
         last[0] = now
-        parts = [str(a) for a in args] + [f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                                          for k, v in kwargs.items()]
+        fields = dict(kwargs)
+        for a in args:
+            if isinstance(a, dict):
+                fields.update(a)
+        parts = [str(a) for a in args if not isinstance(a, dict)]
+        parts += [f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in fields.items()]
         job.log("training: " + " ".join(parts), name="progress")
 
     return report
@@ -317,12 +321,13 @@ def _map_info(path: Path) -> tuple[tuple[int, int, int], float]:
 
 def run_cryosparc_job(cs: "CryoSPARC", project_uid: str, workspace_uid: str, particles: str, config: Any, *,
                       run_dir: str | os.PathLike | None = None, title: str = "cryoFIRE ab initio",
-                      force: bool = False) -> CryoSPARCRunResult:
+                      force: bool = False, n_clusters: int | None = None) -> CryoSPARCRunResult:
     """Create, run and fill a cryoSPARC External job; return what it saved.
 
     `particles` is the source as 'J42.particles'; `config` a TrainConfig; `run_dir` the local
-    run folder (default `./cryofire_<project>_<new job uid>`); the project directory must be
-    readable from this machine (stacks are read from it).
+    run folder (default `./cryofire_<project>_<new job uid>`); `n_clusters` the number of
+    k-means maps of z (None: chosen by BIC). The project directory must be readable from this
+    machine (stacks are read from it).
     """
     from integrations.cryosparc import stack_from_dataset
     from integrations.job import run_training_job
@@ -348,6 +353,7 @@ def run_cryosparc_job(cs: "CryoSPARC", project_uid: str, workspace_uid: str, par
         job.log(f"{len(stack)} particles, box {stack.box} px, {stack.pixel_size_A:.4g} A/px; training")
         out_dir = Path(run_dir) if run_dir is not None else Path.cwd() / f"cryofire_{project_uid}_{job.uid}"
         outputs = run_training_job(stack, out_dir, config, force=force, on_progress=_progress_logger(job),
+                                   n_clusters=n_clusters,
                                    argv=["cryofire", "cryosparc", "run", "--project", project_uid,
                                          "--particles", particles])
         preds = Predictions.load(outputs.predictions)

@@ -178,11 +178,24 @@ def _number_or_text(text: str) -> Any:
 PROVENANCE_FIELDS = ("version", "created", "command_line")
 
 
+def pop_job_params(params: dict[str, str], *, where: str = "relion-external") -> dict[str, Any]:
+    """Remove and convert the job-level (not training) parameters: `n_clusters` (maps at k-means
+    centres of z; default: chosen by BIC, at most 10). Returns keyword arguments for run_training_job."""
+    out: dict[str, Any] = {}
+    if "n_clusters" in params:
+        value = _convert(params.pop("n_clusters"), int, "n_clusters")
+        if value < 1:
+            raise InputError(f"{where}: --n_clusters must be at least 1, got {value}")
+        out["n_clusters"] = value
+    return out
+
+
 def config_from_params(config_cls: type, params: dict[str, str], *, where: str = "relion-external",
                        base: Any = None) -> Any:
     """Build a typed dataclass config (e.g. TrainConfig) from `--label value` text pairs.
 
-    Each label must name a field of `config_cls` (dashes may stand for underscores);
+    Each label must name a field of `config_cls` (dashes may stand for underscores; see also
+    `pop_job_params` for the job-level ones);
     values are converted to the field's annotated type. Unknown labels raise InputError
     listing the valid ones, so a typo in RELION's Params tab fails loudly instead of
     training with defaults.
@@ -194,7 +207,8 @@ def config_from_params(config_cls: type, params: dict[str, str], *, where: str =
         name = label.replace("-", "_")
         if name not in names:
             raise InputError(f"{where}: unknown parameter --{label} (value {text!r}). Training parameters are: "
-                             + ", ".join(f"--{n}" for n in names) + ".")
+                             + ", ".join(f"--{n}" for n in names) + "; and --n_clusters (maps at k-means "
+                             "centres of z).")
         values[name] = _convert(str(text), hints.get(name, str), label)
     if base is not None:
         return dataclasses.replace(base, **values)
@@ -320,7 +334,9 @@ def _run(args: RelionExternalArgs, project: Path, out_dir: Path,
     if not star.is_file():
         raise InputError(f"{args.in_parts}: input particles STAR file not found (looked in the RELION project "
                          f"directory {project})")
-    config = config_from_params(TrainConfig, args.params)
+    params = dict(args.params)
+    job_params = pop_job_params(params)
+    config = config_from_params(TrainConfig, params)
     logger.info("cryoFIRE External job: particles %s, output %s, %d thread(s)", args.in_parts, args.out_dir,
                 args.threads)
     try:
@@ -336,7 +352,8 @@ def _run(args: RelionExternalArgs, project: Path, out_dir: Path,
     should_stop = abort_requested(out_dir)
     try:
         outputs = run_training_job(stack, out_dir, config, should_stop=should_stop, force=True,
-                                   argv=["cryofire", "relion-external", *args.argv], on_progress=on_progress)
+                                   argv=["cryofire", "relion-external", *args.argv], on_progress=on_progress,
+                                   **job_params)
     except TrainingStopped:
         if should_stop():
             logger.info("RELION asked to abort (%s): training stopped after a checkpoint", ABORT_NOW)
