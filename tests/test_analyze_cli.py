@@ -293,3 +293,24 @@ def test_analyze_and_eval_vol_on_a_trained_run(trained_run_dir, tmp_path, capsys
     bad = ",".join(["0"] * (pred.zdim + 1))
     assert main(["eval-vol", str(run), "--z", bad, "-o", str(tmp_path / "vols2")]) == 2
     assert f"dimension {pred.zdim}" in capsys.readouterr().err
+
+
+def test_subsets_follow_row_order_when_the_run_file_names_particles_differently(star_run, tmp_path, capsys):
+    """A run's particles.star is written in the predictions' order but may name particles differently
+    (e.g. predictions from a .cs carry uids): rows are then matched by order; a different count is an error."""
+    run, state, _ = star_run
+    pred = Predictions.load(run / "predictions.npz")
+    Predictions(ids=[f"uid{i}" for i in range(len(pred))], A=pred.A, shifts_A=pred.shifts_A, z=pred.z,
+                loss=pred.loss, meta=pred.meta).save(run / "predictions.npz", force=True)
+    assert main(["analyze", str(run), "--no-maps", "--no-subsets"]) == 0
+    assert main(["select", str(run), "--clusters", "2", "-o", str(tmp_path / "c2.star")]) == 0
+    clus, _ = analysis.load_clustering(run / "analysis" / "clusters.npz")
+    original = starfile.read(run / "particles.star")["particles"]
+    p = starfile.read(tmp_path / "c2.star")["particles"]
+    np.testing.assert_allclose(p["rlnCoordinateX"], original["rlnCoordinateX"].to_numpy()[clus.labels == 1])
+    keep = np.ones(len(pred), bool)
+    keep[:3] = False
+    Predictions(ids=[f"uid{i}" for i in range(len(pred) - 3)], A=pred.A[keep], shifts_A=pred.shifts_A[keep],
+                z=pred.z[keep], loss=pred.loss[keep], meta=pred.meta).save(run / "predictions.npz", force=True)
+    assert main(["analyze", str(run), "--no-maps", "--force"]) == 2
+    assert "not in this file" in capsys.readouterr().err
