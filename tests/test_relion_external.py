@@ -335,4 +335,11 @@ def test_abort_file_stops_training(relion_dataset, tmp_path, monkeypatch):
     assert not (job / EXIT_SUCCESS).exists() and not (job / EXIT_FAILURE).exists()
     assert not (job / OUTPUT_NODES).exists() and not (job / "particles.star").exists()
     assert (job / "checkpoints" / "last.pt").is_file()  # stopped cleanly: checkpointed first
+    # the user re-runs the job with resume = yes (and fewer epochs): it continues from the checkpoint
+    # (RELION's runJob clears the old abort request before it starts a job; we do the same here)
+    (job / ABORT_NOW).unlink()
+    code = main(["relion-external", "--o", "External/job001/", "--in_parts", "particles.star", "--epochs", "2",
+                 *[f"--{k}={v}" for k, v in TINY_PARAMS.items() if k != "epochs"], "--resume", "yes", "--j", "2"])
+    assert code == 0 and (job / EXIT_SUCCESS).exists() and not (job / EXIT_ABORTED).exists()
+    assert (job / "particles.star").is_file()
     assert elapsed < 60, f"abort took {elapsed:.0f} s"

@@ -180,8 +180,12 @@ PROVENANCE_FIELDS = ("version", "created", "command_line")
 
 def pop_job_params(params: dict[str, str], *, where: str = "relion-external") -> dict[str, Any]:
     """Remove and convert the job-level (not training) parameters: `n_clusters` (maps at k-means
-    centres of z; default: chosen by BIC, at most 10). Returns keyword arguments for run_training_job."""
+    centres of z; default: chosen by BIC, at most 10) and `resume` (yes: continue the run in the
+    output folder from its last checkpoint, e.g. after an abort; only epochs, max_minutes and
+    device may change). Returns keyword arguments for run_training_job."""
     out: dict[str, Any] = {}
+    if "resume" in params:
+        out["resume"] = _convert(params.pop("resume"), bool, "resume")
     if "n_clusters" in params:
         value = _convert(params.pop("n_clusters"), int, "n_clusters")
         if value < 1:
@@ -208,7 +212,7 @@ def config_from_params(config_cls: type, params: dict[str, str], *, where: str =
         if name not in names:
             raise InputError(f"{where}: unknown parameter --{label} (value {text!r}). Training parameters are: "
                              + ", ".join(f"--{n}" for n in names) + "; and --n_clusters (maps at k-means "
-                             "centres of z).")
+                             "centres of z) and --resume (continue from the last checkpoint).")
         values[name] = _convert(str(text), hints.get(name, str), label)
     if base is not None:
         return dataclasses.replace(base, **values)
