@@ -44,6 +44,7 @@ class TrainedModel:
     run_dir: Path
     epoch: int
     images_seen: int
+    warm: object = None
 
     @property
     def zdim(self) -> int:
@@ -83,9 +84,14 @@ def load_trained(run_dir, device: str = "cpu", checkpoint: str | Path | None = N
     except (KeyError, RuntimeError) as exc:
         raise InputError(f"{path}: checkpoint does not match this cryofire's model ({exc})") from exc
     model.to(resolve_device(device)).eval()
+    warm = None
+    if config.warm_start == "search" and config.search_candidates and "warm" in state:
+        from cryofire_ext.train.warmstart import WarmMap
+
+        warm = WarmMap.from_state(state["warm"])
     return TrainedModel(model, config, box, psize, int(state["input_box"]), float(state["input_pixel_size_A"]),
                         StackStats(*[float(v) for v in state["stats"]]), run_dir, int(state["epoch"]),
-                        int(state["images"]))
+                        int(state["images"]), warm)
 
 
 @torch.no_grad()
@@ -109,7 +115,15 @@ def predict(run_dir, stack: ParticleStack, *, batch_size: int = 256, device: str
     for s in range(0, n, batch_size):
         idx = np.arange(s, min(n, s + batch_size))
         img, ctf = data.read(idx)
-        out = tm.model(img.to(dev), ctf.to(dev), 1.0)
+        img, ctf = img.to(dev), ctf.to(dev)
+        extra = (None, None)
+        if tm.warm is not None:
+            from cryofire_ext.train.data import crop
+            from cryofire_ext.train.warmstart import search
+
+            A_s, t_s = search(tm.warm, crop(img, tm.warm.box), ctf)
+            extra = (A_s[:, None], t_s[:, None] * (tm.box / tm.warm.box))
+        out = tm.model(img, ctf, 1.0, None, *extra)
         A[idx] = out.R.double().cpu().numpy()
         shifts_A[idx] = out.shift_px.double().cpu().numpy() * tm.pixel_size_A
         z[idx] = out.z.cpu().numpy()

@@ -86,10 +86,15 @@ class CryoFIRE(nn.Module):
 
     # ---- the training/inference step
     def forward(self, img: torch.Tensor, ctf_params: torch.Tensor, march_radius: float = 1.0,
-                z_override: torch.Tensor | None = None) -> StepOutput:
+                z_override: torch.Tensor | None = None, extra_R: torch.Tensor | None = None,
+                extra_shift_px: torch.Tensor | None = None) -> StepOutput:
         """img `(n, D, D)` normalised; ctf_params `(n, 9)`; z_override `(n, d)` replaces the encoder's z
-        in the decoder (pose-only phase)."""
+        in the decoder (pose-only phase); extra_R `(n, E, 3, 3)` / extra_shift_px `(n, E, 2)` are more pose
+        candidates (e.g. from a global search), placed after the encoder's."""
         R, t, z = self.candidates(img)
+        if extra_R is not None:
+            R = torch.cat((R, extra_R.to(R)), dim=1)
+            t = torch.cat((t, extra_shift_px.to(t)), dim=1)
         z_dec = z if z_override is None else z_override.to(z)
         F_pred = self.render(R, z_dec)
         weight = (self.k_radius <= march_radius + 1e-6).float()

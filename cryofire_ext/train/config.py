@@ -48,6 +48,9 @@ class TrainConfig:
     a low-resolution map; the encoder is then
     taught the searched poses of each training batch for `distill_images` images (weight
     decaying to 0 over the same number again) while the decoder learns from them.
+    With `search_candidates` the searched pose (refined locally) is also a candidate in the
+    winner-take-all loss, in training and in `predict` (semi-amortized: on CPU budgets the
+    encoder's own pose heads learn slowly; the loss picks whichever explains the image best).
     `warm_start="none"` is the seed's plain recipe.
 
     `train_box`: Fourier-crop the images to this box for training (None = keep).
@@ -85,6 +88,7 @@ class TrainConfig:
     warm_rotations: int = 4000
     warm_max_shift_px: float = 4.0
     distill_images: int = 10000
+    search_candidates: bool = True
     # runtime
     num_workers: int = 2
     log_every: int = 50

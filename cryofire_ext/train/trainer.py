@@ -179,13 +179,19 @@ def train(stack: ParticleStack, run_dir, config: TrainConfig, *, resume: bool = 
                 z_rand = env.shard(torch.randn(gbatch, config.zdim, generator=_batch_generator(config.seed, epoch, b)))
                 z_rand = z_rand.to(env.device)
             img, ctf = img.to(env.device), ctf.to(env.device)
-            with autocast:
-                out = net(img, ctf, radius, z_rand)
-            loss = out.loss.mean()
             dw = schedules.distill_weight(config, images_seen) if warm is not None else 0.0
-            if dw > 0:
+            extra = (None, None)
+            if warm is not None and (dw > 0 or config.search_candidates):
                 A_t, t_t = search(warm, crop(img, warm.box), ctf)
-                loss = loss + dw * chordal_pose_loss(out.R_all, out.shift_all, A_t, t_t * (box / warm.box)).mean()
+                t_t = t_t * (box / warm.box)
+                if config.search_candidates:
+                    extra = (A_t[:, None], t_t[:, None])
+            with autocast:
+                out = net(img, ctf, radius, z_rand, *extra)
+            loss = out.loss.mean()
+            if dw > 0:
+                n_enc = out.R_all.shape[1] - (1 if extra[0] is not None else 0)
+                loss = loss + dw * chordal_pose_loss(out.R_all[:, :n_enc], out.shift_all[:, :n_enc], A_t, t_t).mean()
             if config.z_l2 > 0 and config.zdim:
                 loss = loss + config.z_l2 * out.z.square().sum(-1).mean()
             opt.zero_grad(set_to_none=True)
