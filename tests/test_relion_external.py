@@ -140,10 +140,12 @@ def relion_dataset(tmp_path_factory):
             "A": dict(zip(star["particles"]["rlnImageName"], A_star))}
 
 
-def _copy_project(dataset, dest: Path) -> Path:
+def _copy_project(dataset, dest: Path, star: str = "particles.star") -> Path:
+    """A RELION project: the stack under Sim/, the particles STAR at `star` (names relative to the project)."""
     project = _new_project(dest)
     shutil.copytree(dataset["root"] / "Sim", project / "Sim")
-    shutil.copy(dataset["root"] / "particles.star", project / "particles.star")
+    (project / star).parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(dataset["root"] / "particles.star", project / star)
     return project
 
 
@@ -288,9 +290,9 @@ def _our_map_vs_truth(project: Path, dataset) -> tuple[float, np.ndarray]:
 
 def test_relion_runs_the_job_and_registers_its_outputs(relion_dataset, tmp_path):
     """The whole RELION round trip with a seconds-long training: the poses are not expected to be right."""
-    project = _copy_project(relion_dataset, tmp_path / "proj")
+    project = _copy_project(relion_dataset, tmp_path / "proj", star="Import/job001/particles.star")
     t0 = time.monotonic()
-    job = _run_external(project, "particles.star", TINY_PARAMS, threads=2)
+    job = _run_external(project, "Import/job001/particles.star", TINY_PARAMS, threads=2)
     elapsed = time.monotonic() - t0
     _check_registered_outputs(project, job)
     corr, rec = _our_map_vs_truth(project, relion_dataset)
