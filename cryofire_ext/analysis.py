@@ -172,7 +172,9 @@ def cluster(z: np.ndarray, k: int | None = None, *, method: str = "gmm", k_max: 
             seed: int = 0) -> Clustering:
     """Cluster `z` `(n, d)` with k-means and a Gaussian mixture; `labels` come from `method`.
 
-    K: `k` when given (1 <= k <= n), else chosen by `choose_k` (minimum BIC). Clusters are
+    K: `k` when given (1 <= k <= n), else chosen by `choose_k` (minimum BIC). When the mixture leaves a
+    cluster empty (nested components on unstructured z), the k-means labels are used and `method` says
+    so. Clusters are
     numbered by decreasing population (label 0 = the largest cluster), ties by PC order of
     the centre, so numbering is stable for a given seed.
     """
@@ -197,6 +199,10 @@ def cluster(z: np.ndarray, k: int | None = None, *, method: str = "gmm", k_max: 
     gmm_labels = gmm.predict(zs).astype(np.int64)
     if not bic and k < n:
         bic = {k: float(gmm.bic(zs))}
+    if method == "gmm" and len(np.unique(gmm_labels)) < k:
+        log.warning("the Gaussian mixture left %d of %d clusters empty (z has fewer separable groups than K); "
+                    "using the k-means labels, which fill every cluster", k - len(np.unique(gmm_labels)), k)
+        method = "kmeans"
     labels = gmm_labels if method == "gmm" else km_labels
     # renumber by decreasing population
     counts = np.bincount(labels, minlength=k)

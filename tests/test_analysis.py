@@ -100,6 +100,27 @@ def test_clustering_does_not_depend_on_the_units_of_z():
     assert clustering_error(tiny.labels, state) <= 0.01
 
 
+def test_a_user_k_gives_k_non_empty_clusters_when_the_mixture_nests(monkeypatch):
+    """On unstructured z a K=2 mixture can nest a tiny component inside a broad one that labels nobody
+    (seen on a poorly trained run's z: weights 0.008 / 0.992, populations 0 / 2000). The user asked for
+    K clusters, so the k-means labels are used and `method` says so."""
+
+    class Nested:  # what GaussianMixture returned there: every particle in one component
+        means_ = np.zeros((2, 2))
+
+        def predict(self, z):
+            return np.ones(len(z), dtype=np.int64)
+
+        def bic(self, z):
+            return 0.0
+
+    monkeypatch.setattr(analysis, "_gmm", lambda z, k, seed, n_init=2: Nested())
+    z, state = two_state_z(n=300, d=2)
+    c = analysis.cluster(z, 2)
+    assert c.method == "kmeans" and np.all(c.populations() > 0)
+    assert clustering_error(c.labels, state) <= 0.01
+
+
 def test_k_is_checked_and_user_k_kept():
     z, _ = two_state_z(n=50)
     with pytest.raises(InputError, match="number of particles"):
