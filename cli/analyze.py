@@ -71,10 +71,10 @@ def register(app: typer.Typer) -> None:
     @app.command("analyze")
     def analyze(
         run: Path = typer.Argument(..., help="Run folder of `cryofire train` (holds predictions.npz)."),
-        out: Optional[Path] = typer.Option(None, "-o", "--out", help="Output folder [default: RUN/analysis]."),
+        out: Optional[Path] = typer.Option(None, "-o", "--out", help="Output folder (default: RUN/analysis)."),
         clusters: Optional[int] = typer.Option(None, "--clusters", "-k",
-                                               help="Number of clusters K [default: minimum BIC of a Gaussian "
-                                                    "mixture over K = 1..--k-max]."),
+                                               help="Number of clusters K (default: minimum BIC of a Gaussian "
+                                                    "mixture over K = 1..--k-max)."),
         pcs: int = typer.Option(2, "--pcs", help="Principal components to traverse: maps along PC1..PCN."),
         method: str = typer.Option("gmm", "--method", help="Labels exported: gmm (Gaussian mixture) or kmeans."),
         k_max: int = typer.Option(10, "--k-max", help="Largest K tried when choosing K."),
@@ -126,7 +126,7 @@ def register(app: typer.Typer) -> None:
         clusters: str = typer.Option(..., "--clusters", help="1-based cluster numbers as shown by analyze: 1,3"),
         out: Path = typer.Option(..., "-o", "--out", help="Subset file: .star (RELION) or .cs (cryoSPARC)."),
         analysis_dir: Optional[Path] = typer.Option(None, "--analysis",
-                                                    help="Folder of `cryofire analyze` [default: RUN/analysis]."),
+                                                    help="Folder of `cryofire analyze` (default: RUN/analysis)."),
         force: bool = typer.Option(False, "--force", help="Overwrite the output."),
     ) -> None:
         """Write the particles of chosen clusters (1-based numbers) with every input column, ready for refinement."""
