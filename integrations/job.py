@@ -129,9 +129,9 @@ def loss_plot(run_dir, path, force: bool = False) -> Path:
 
 
 # ---------------------------------------------------------------- demo
-DEMO_CONFIG = dict(zdim=2, epochs=6, batch_size=32, lr=3e-4, lr_warmup_images=1000, symmetric=False,
-                   pose_only_images=3000, march_images=6000, distill_images=3000, warm_images=1000, warm_box=24,
-                   warm_steps=500, warm_rotations=3000, warm_max_shift_px=2.0)
+DEMO_CONFIG = dict(zdim=2, epochs=4, batch_size=32, lr=3e-4, lr_warmup_images=1000, symmetric=False,
+                   pose_only_images=1000, march_images=3000, distill_images=2500, warm_images=800, warm_box=24,
+                   warm_steps=300, warm_rotations=3000, warm_max_shift_px=2.0)
 
 
 @dataclass

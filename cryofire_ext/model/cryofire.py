@@ -87,19 +87,24 @@ class CryoFIRE(nn.Module):
     # ---- the training/inference step
     def forward(self, img: torch.Tensor, ctf_params: torch.Tensor, march_radius: float = 1.0,
                 z_override: torch.Tensor | None = None, extra_R: torch.Tensor | None = None,
-                extra_shift_px: torch.Tensor | None = None) -> StepOutput:
+                extra_shift_px: torch.Tensor | None = None, only_extra: bool = False) -> StepOutput:
         """img `(n, D, D)` normalised; ctf_params `(n, 9)`; z_override `(n, d)` replaces the encoder's z
         in the decoder (pose-only phase); extra_R `(n, E, 3, 3)` / extra_shift_px `(n, E, 2)` are more pose
-        candidates (e.g. from a global search), placed after the encoder's."""
-        R, t, z = self.candidates(img)
+        candidates (e.g. from a global search), placed after the encoder's; with `only_extra` only they
+        enter the loss (the encoder still gives z and its candidates in `R_all` for distillation)."""
+        R_enc, t_enc, z = self.candidates(img)
+        R, t = R_enc, t_enc
         if extra_R is not None:
-            R = torch.cat((R, extra_R.to(R)), dim=1)
-            t = torch.cat((t, extra_shift_px.to(t)), dim=1)
+            R = torch.cat((R_enc, extra_R.to(R_enc)), dim=1)
+            t = torch.cat((t_enc, extra_shift_px.to(t_enc)), dim=1)
+        first = R_enc.shape[1] if (only_extra and extra_R is not None) else 0
         z_dec = z if z_override is None else z_override.to(z)
-        F_pred = self.render(R, z_dec)
+        F_pred = self.render(R[:, first:], z_dec)
         weight = (self.k_radius <= march_radius + 1e-6).float()
-        losses = candidate_losses(self.observed(img), F_pred, self.ctf(ctf_params), self.k_half[:, :2], t, weight)
+        losses = candidate_losses(self.observed(img), F_pred, self.ctf(ctf_params), self.k_half[:, :2],
+                                  t[:, first:], weight)
         best, idx = winner_take_all(losses)
+        idx = idx + first
         ar = torch.arange(len(idx), device=idx.device)
         return StepOutput(best, R[ar, idx], t[ar, idx], z, R, t)
 

@@ -48,7 +48,8 @@ class TrainConfig:
     a low-resolution map; the encoder is then
     taught the searched poses of each training batch for `distill_images` images (weight
     decaying to 0 over the same number again) while the decoder learns from them.
-    With `search_candidates` the searched pose (refined locally) is also a candidate in the
+    While the distillation weight is 1 the reconstruction uses the searched pose only (the
+    decoder learns from clean poses). With `search_candidates` the searched pose (refined locally) is also a candidate in the
     winner-take-all loss, in training and in `predict` (semi-amortized: on CPU budgets the
     encoder's own pose heads learn slowly; the loss picks whichever explains the image best).
     `warm_start="none"` is the seed's plain recipe.

@@ -187,7 +187,7 @@ def train(stack: ParticleStack, run_dir, config: TrainConfig, *, resume: bool = 
                 if config.search_candidates:
                     extra = (A_t[:, None], t_t[:, None])
             with autocast:
-                out = net(img, ctf, radius, z_rand, *extra)
+                out = net(img, ctf, radius, z_rand, *extra, extra[0] is not None and dw >= 1.0)
             loss = out.loss.mean()
             if dw > 0:
                 n_enc = out.R_all.shape[1] - (1 if extra[0] is not None else 0)
