@@ -65,10 +65,16 @@ def _pipeliner(project: Path, *args: str, timeout: float = 300) -> subprocess.Co
 
 
 def _run_external(project: Path, in_part: str, params: dict[str, str], threads: int = 2) -> Path:
-    """Add an External job as the GUI would and run it; return its job folder."""
+    """Add an External job as the GUI would and run it; return its job folder.
+
+    The GUI has ten label/value rows; further options go in "Additional arguments" (other_args).
+    """
     options = [f"fn_exe == {_cryofire_exe()}", f"in_part == {in_part}", f"nr_threads == {threads}"]
-    for i, (label, value) in enumerate(params.items(), start=1):
+    items = list(params.items())
+    for i, (label, value) in enumerate(items[:10], start=1):
         options += [f"param{i}_label == {label}", f"param{i}_value == {value}"]
+    if items[10:]:
+        options.append("other_args == " + " ".join(f"--{label} {value}" for label, value in items[10:]))
     added = _pipeliner(project, "--addJob", "External", "--addJobOptions", ";".join(options))
     assert added.returncode == 0, added.stderr
     counter = starfile.read(project / "default_pipeline.star")["pipeline_general"]["rlnPipeLineJobCounter"]
