@@ -64,7 +64,8 @@ def _pipeliner(project: Path, *args: str, timeout: float = 300) -> subprocess.Co
     return subprocess.run(["relion_pipeliner", *args], cwd=project, capture_output=True, text=True, timeout=timeout)
 
 
-def _run_external(project: Path, in_part: str, params: dict[str, str], threads: int = 2) -> Path:
+def _run_external(project: Path, in_part: str, params: dict[str, str], threads: int = 2,
+                  timeout: float = 300) -> Path:
     """Add an External job as the GUI would and run it; return its job folder.
 
     The GUI has ten label/value rows; further options go in "Additional arguments" (other_args).
@@ -79,7 +80,7 @@ def _run_external(project: Path, in_part: str, params: dict[str, str], threads: 
     assert added.returncode == 0, added.stderr
     counter = starfile.read(project / "default_pipeline.star")["pipeline_general"]["rlnPipeLineJobCounter"]
     job = f"External/job{int(counter) - 1:03d}/"
-    ran = _pipeliner(project, "--RunJobs", job, "--sec_wait_after", "1")
+    ran = _pipeliner(project, "--RunJobs", job, "--sec_wait_after", "1", timeout=timeout)
     assert ran.returncode == 0, ran.stderr
     return project / job
 
@@ -312,7 +313,7 @@ def test_relion_reconstruct_from_our_poses_matches_the_truth(relion_dataset, tmp
     """The issue's bar: relion_reconstruct --ctf on our particles.star correlates >= 0.9 with the truth map."""
     project = _copy_project(relion_dataset, tmp_path / "proj")
     t0 = time.monotonic()
-    job = _run_external(project, "particles.star", RECOVERY_PARAMS, threads=2)
+    job = _run_external(project, "particles.star", RECOVERY_PARAMS, threads=2, timeout=3600)
     elapsed = time.monotonic() - t0
     _check_registered_outputs(project, job)
     corr, _ = _our_map_vs_truth(project, relion_dataset)
