@@ -62,10 +62,10 @@ def trained_run(tmp_path_factory) -> Path:
     from cryofire_ext.train.trainer import train
 
     torch.set_num_threads(2)
-    stack, _ = simulated_stack(n=128, box=32, snr=1.0, seed=1)
+    stack, _ = simulated_stack(n=96, box=32, snr=1.0, seed=1)
     run = tmp_path_factory.mktemp("trained_run")
-    cfg = TrainConfig(zdim=2, epochs=2, batch_size=32, hidden=64, dec_hidden=64, enc_channels=(8, 16, 32, 64, 64),
-                      warm_start="none", pose_only_images=128, lr_warmup_images=0, num_workers=1, device="cpu")
+    cfg = TrainConfig(zdim=2, epochs=2, batch_size=32, hidden=32, dec_hidden=32, dec_layers=2, enc_channels=(4, 8, 16, 32, 32),
+                      warm_start="none", pose_only_images=96, lr_warmup_images=0, num_workers=1, device="cpu")
     train(stack, run, cfg)
     predict(run, stack).save(run / "predictions.npz")
     return run

@@ -32,7 +32,7 @@ def test_predict_runs_every_particle_including_new_images(trained_run):
     q = predict(trained_run, stack, batch_size=7, device="cpu")
     assert np.allclose(p.A, q.A, atol=1e-5) and np.allclose(p.z, q.z, atol=1e-5)
     saved = Predictions.load(trained_run / "predictions.npz")
-    assert saved.meta["model_box"] == 32 and len(saved) == 128
+    assert saved.meta["model_box"] == 32 and len(saved) == 96
 
 
 def test_predict_refuses_mismatched_particles_and_bad_checkpoints(trained_run, tmp_path):

@@ -32,7 +32,8 @@ class TrainConfig:
     `enc_channels` CNN widths, one 3x3 conv + BatchNorm + ReLU + 2x2 max-pool per level
     (5 levels -> `(D/32)^2` cells of the last width, 256); `hidden` MLP width;
     `dec_layers` x `dec_hidden` neural field with `pe_freqs` (None = D/2) Gaussian
-    frequencies of scale `pe_sigma` (in cycles per unit of k times D/2).
+    frequencies of scale `pe_sigma` (in cycles per unit of k times D/2; 0.15 fitted the
+    phantom map to correlation 0.82 in 150 steps where 0.5 reached 0.19).
     `n_pose_heads` > 1 gives a winner-take-all multi-head encoder (cryoSPIN).
     `symmetric`: the image and its copy rotated 180 deg in-plane are both encoded;
     the smaller loss wins.
@@ -71,7 +72,7 @@ class TrainConfig:
     dec_hidden: int = 256
     dec_layers: int = 4
     pe_freqs: int | None = None
-    pe_sigma: float = 0.5
+    pe_sigma: float = 0.15
     n_pose_heads: int = 1
     symmetric: bool = True
     train_box: int | None = None
