@@ -1,10 +1,11 @@
 """Warm start: a coarse EM global search that gives the amortized encoder something to learn from.
 
 On CPU budgets gradient descent on a randomly started pose head learns no poses
-(issue 4). Here a low-resolution map is built ab initio by expectation-maximisation
+(issue 4). Here a low-resolution map is built ab initio by online hard-assignment EM
 over a fixed set of random rotations and a 3x3 shift grid on a few hundred images
-Fourier-cropped to `warm_box`, starting from a map back-projected at random poses
-and annealing the posterior. `search` then gives the best grid pose of any batch of
+Fourier-cropped to `warm_box`, starting from a map back-projected at random poses.
+(Batch EM with a soft posterior collapsed to the near-spherical average here; the
+minibatch noise of the online version breaks that symmetry.) `search` then gives the best grid pose of any batch of
 images against that map (cheap: two matrix products), which the trainer distils into
 the encoder while the decoder learns.
 
@@ -16,7 +17,6 @@ index `[kz, ky, kx]`, `k = 2 j / warm_box - 1`.
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -29,9 +29,9 @@ from cryofire_ext.model.losses import undo_shift
 from cryofire_ext.poses import random_rotations
 
 log = logging.getLogger(__name__)
-import os
-BETA0 = float(os.environ.get("BETA0", 0.5))
-R0 = float(os.environ.get("R0", 0.3))
+
+#: starting resolution of the online EM, units of the warm box's Nyquist (grows linearly to 1)
+R0 = 0.3
 
 
 @dataclass
@@ -130,64 +130,6 @@ def _scores(Y: torch.Tensor, C: torch.Tensor, S: torch.Tensor, lat: _Lattice, sh
     return 2.0 * cross - quad[:, None, :]
 
 
-def build_warm_map(images: torch.Tensor, ctf_params: torch.Tensor, pixel_size_A: float, *, n_rotations: int,
-                   iters: int, max_shift_px: float, seed: int, chunk: int = 256, callback=None) -> WarmMap:
-    """EM ab initio at low resolution.
-
-    images `(n, B, B)` normalised, at the warm box; ctf_params `(n, 9)`; pixel_size_A of these images;
-    max_shift_px the shift-grid step in warm-box pixels. Deterministic given `seed`.
-    """
-    n, box = images.shape[0], images.shape[-1]
-    device = images.device
-    lat = _Lattice(box, pixel_size_A, device)
-    rng = np.random.default_rng([int(seed), 4242])
-    rots = torch.as_tensor(random_rotations(n_rotations, rng), dtype=torch.float32, device=device)
-    shifts = _shift_grid(max_shift_px).to(device)
-    Y = lat.observe(images)  # (n, m)
-    C = evaluate_ctf(ctf_params.double().to(device), lat.freqs).float()  # (n, m)
-    sigma2 = float(Y.abs().square().mean())  # noise-dominated estimate of the per-coefficient variance
-    G = box + 1
-    coords_all = torch.einsum("mi,rij->rmj", lat.k, rots)  # (M, m, 3): A^T k as rows k @ A
-    # start: back-project at random poses (breaks the spherical symmetry of a flat start)
-    pick = torch.as_tensor(rng.integers(0, n_rotations, n), device=device)
-    acc = torch.zeros(G, G, G, 3, dtype=torch.float32, device=device)
-    YC0 = Y * C
-    _splat(acc, coords_all[pick].reshape(-1, 3), torch.stack((YC0.real, YC0.imag, C * C), -1).reshape(-1, 3))
-    V = _solve(acc, 0.1)
-    for it in range(iters):
-        frac = it / max(iters - 1, 1)
-        radius = 0.4 + 0.6 * frac
-        beta = BETA0 + (1.0 - BETA0) * frac  # annealed Gaussian posterior
-        S = _slices(V, coords_all)  # (M, m)
-        num_re = torch.zeros(S.shape, device=device)
-        num_im = torch.zeros(S.shape, device=device)
-        den_m = torch.zeros(S.shape, device=device)
-        for s0 in range(0, n, chunk):
-            sl = slice(s0, min(n, s0 + chunk))
-            sc = _scores(Y[sl], C[sl], S, lat, shifts, radius).flatten(1)
-            # noise power per coefficient from the best candidate's residual: a Gaussian posterior
-            wmask = (lat.r <= radius + 1e-6).float()
-            resid = (Y[sl].abs().square() * wmask).sum(1) - sc.max(1).values
-            sigma2_it = float(resid.clamp_min(1e-12).mean()) / float(wmask.sum())
-            w = torch.softmax(sc * (beta / sigma2_it), dim=1).reshape(-1, shifts.shape[0], S.shape[0])  # (b, S, M)
-            Ys = undo_shift(Y[sl], lat.k[:, :2], shifts[None].expand(Y[sl].shape[0], -1, -1))
-            YC = Ys * C[sl][:, None, :]  # (b, S, m)
-            for si in range(shifts.shape[0]):
-                wt = w[:, si, :].T
-                num_re += wt @ YC[:, si, :].real
-                num_im += wt @ YC[:, si, :].imag
-            den_m += w.sum(1).T @ (C[sl] * C[sl])
-        mask = lat.r <= radius + 1e-6
-        acc.zero_()
-        _splat(acc, coords_all[:, mask].reshape(-1, 3),
-               torch.stack((num_re[:, mask], num_im[:, mask], den_m[:, mask]), -1).reshape(-1, 3))
-        V = _solve(acc, 0.05)
-        if callback is not None:
-            callback(it, WarmMap(V, rots, shifts, box, float(pixel_size_A), sigma2))
-        log.debug("warm start EM iteration %d/%d radius %.2f", it + 1, iters, radius)
-    return WarmMap(V, rots, shifts, box, float(pixel_size_A), sigma2)
-
-
 @torch.no_grad()
 def search(warm: WarmMap, images: torch.Tensor, ctf_params: torch.Tensor, refine: bool = True):
     """Best grid pose of each image against the warm map.
@@ -251,7 +193,8 @@ def build_warm_map_online(images: torch.Tensor, ctf_params: torch.Tensor, pixel_
     and blends its back-projection into running sums that forget old batches by `forget`.
 
     The minibatch noise breaks the near-spherical symmetry a flat start is trapped in.
-    images `(n, B, B)` normalised at the warm box; other arguments as in `build_warm_map`.
+    images `(n, B, B)` normalised at the warm box; ctf_params `(n, 9)`; pixel_size_A of these images;
+    max_shift_px the shift-grid step in warm-box pixels. Deterministic given `seed`.
     """
     n, box = images.shape[0], images.shape[-1]
     device = images.device
