@@ -36,6 +36,8 @@ from tests.conftest import require_relion, shared_fixture
 BOX, N, SNR = 32, 600, 10.0
 K = np.diag([1.0, 1.0, -1.0])  # z mirror (volume and image frames)
 # Pose recovery (the issue's bar): the model's demo recipe, scaled to this dataset. Minutes of CPU.
+# Measured 2026-11-24 on 2 shared cores (trainer at 1332bfb): 7.3 min, median rotation error 11.7 deg,
+# aligned correlation 0.83 (with epochs=10, distill 6000: 9.2 deg, 0.82) - below the 0.9 the issue asks.
 RECOVERY_PARAMS = {"zdim": "1", "epochs": "6", "batch_size": "32", "num_workers": "0", "device": "cpu", "lr": "3e-4",
                    "lr_warmup_images": "1000", "symmetric": "false", "pose_only_images": "3000",
                    "march_images": "6000", "distill_images": "3000", "warm_images": "600", "warm_box": "24",
