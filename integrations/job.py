@@ -70,6 +70,11 @@ def run_training_job(particles, out_dir, config: TrainConfig, *, datadir=None,
         check_writable(out / name, overwrite)
     out.mkdir(parents=True, exist_ok=True)
     train(stack, out, config, resume=resume, should_stop=should_stop, on_progress=on_progress, argv=argv)
+    import torch.distributed as dist
+
+    if dist.is_initialized() and dist.get_rank() != 0:  # under torchrun only rank 0 predicts and exports
+        return JobOutputs(out, out / "particles.star", out / "particles.cs", out / "predictions.npz", [],
+                          out / "loss.png")
     return export_run(out, stack, force=overwrite, n_clusters=n_clusters, seed=config.seed)
 
 
