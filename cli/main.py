@@ -48,7 +48,7 @@ _register_all()
 def main(argv: list[str] | None = None) -> int:
     """Run the app; an InputError prints one paragraph to stderr and exits with status 2."""
     try:
-        app(args=argv, prog_name="cryofire", standalone_mode=False)
+        rc = app(args=argv, prog_name="cryofire", standalone_mode=False)
     except InputError as exc:
         err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
         return 2
@@ -57,20 +57,17 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except SystemExit as exc:
         return int(exc.code or 0)
-    except Exception as exc:  # click usage errors
-        import click
-
-        if isinstance(exc, click.ClickException):
+    except typer.TyperException as exc:  # usage errors (typer's own click): message and status 2
+        if hasattr(exc, "show"):
             exc.show()
-            return exc.exit_code
-        raise
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+        return int(getattr(exc, "exit_code", 2))
+    return rc if isinstance(rc, int) else 0
 
 
 def entry() -> None:
     """Console-script entry point."""
+    sys.exit(main())
+
+
+if __name__ == "__main__":
     sys.exit(main())
