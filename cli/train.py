@@ -108,9 +108,9 @@ def register(app: typer.Typer) -> None:
     @app.command("demo")
     def demo_cmd(
         out: Path = typer.Option(..., "-o", "--out", help="Output folder (data/, run/, metrics.json)."),
-        n: int = typer.Option(1000, "--n", help="Particles to simulate."),
+        n: int = typer.Option(2000, "--n", help="Particles to simulate."),
         snr: float = typer.Option(1.0, "--snr", help="Signal-to-noise ratio of the simulated images."),
-        epochs: Optional[int] = typer.Option(None, "--epochs", help="Training epochs (default 3)."),
+        epochs: Optional[int] = typer.Option(None, "--epochs", help="Training epochs (default 8)."),
         seed: int = typer.Option(0, "--seed"),
         force: bool = typer.Option(False, "--force", help="Overwrite existing outputs."),
     ) -> None:

@@ -134,8 +134,8 @@ def loss_plot(run_dir, path, force: bool = False) -> Path:
 
 
 # ---------------------------------------------------------------- demo
-DEMO_CONFIG = dict(zdim=2, epochs=3, batch_size=32, lr=3e-4, lr_warmup_images=1000, symmetric=False,
-                   pose_only_images=1000, march_images=3000, distill_images=2000, warm_images=800, warm_box=24,
+DEMO_CONFIG = dict(zdim=2, epochs=8, batch_size=32, lr=3e-4, lr_warmup_images=1000, symmetric=False,
+                   pose_only_images=2000, march_images=6000, distill_images=4000, warm_images=800, warm_box=24,
                    warm_steps=300, warm_rotations=3000, warm_max_shift_px=2.0)
 
 
@@ -143,7 +143,7 @@ DEMO_CONFIG = dict(zdim=2, epochs=3, batch_size=32, lr=3e-4, lr_warmup_images=10
 class DemoSettings:
     """Size of the demo (defaults finish in well under 10 minutes on 2 CPU cores)."""
 
-    n: int = 1000
+    n: int = 2000
     box: int = 32
     snr: float = 1.0
     shift_px: float = 2.0
