@@ -83,14 +83,10 @@ def test_batched_lattice_and_bad_shape():
 
 def test_sign_angle_and_phase_shift_match_relion_project(tmp_path):
     """relion_project --ctf images: our CTF beats its sign flip, a mirrored astigmatism angle and a negated phase shift."""
-    import subprocess
-
-    import mrcfile
-
     from cryofire_ext.poses import random_rotations
     from cryofire_ext.projection import correlation, project
     from tests.conftest import require_relion
-    from tests.test_projection import _write_star
+    from tests.test_projection import relion_project_images
 
     require_relion("relion_project")
     rng = np.random.default_rng(11)
@@ -104,13 +100,7 @@ def test_sign_angle_and_phase_shift_match_relion_project(tmp_path):
     # strong astigmatism at an oblique angle, and a phase plate, so each convention is tested
     ang = np.radians([25.0, 60.0, 110.0, 140.0, 35.0])
     ctf = CTFParams(np.full(n, 20000.0), np.full(n, 8000.0), ang, 300.0, 2.7, 0.1, np.full(n, 0.8), 0.0, 1.0)
-    with mrcfile.new(tmp_path / "map.mrc") as f:
-        f.set_data(maps[0])
-        f.voxel_size = apix
-    _write_star(tmp_path / "p.star", A, shifts, ctf, apix, 32)
-    subprocess.run(["relion_project", "--i", "map.mrc", "--o", "proj", "--ang", "p.star", "--ctf", "--angpix",
-                    str(apix)], cwd=tmp_path, check=True, capture_output=True)
-    rln = mrcfile.read(tmp_path / "proj.mrcs").astype(np.float64)
+    rln = relion_project_images(tmp_path, maps[0], A, shifts, ctf, apix)
 
     def corr(c: CTFParams):
         return correlation(project(maps[0], A, shifts, c, pixel_size_A=apix), rln)

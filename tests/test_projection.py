@@ -82,6 +82,17 @@ def _write_star(path, A, shifts_A, ctf: CTFParams, apix, box):
     starfile.write({"optics": optics, "particles": parts}, path, overwrite=True)
 
 
+def relion_project_images(tmp_path, volume, A, shifts_A, ctf: CTFParams, apix) -> np.ndarray:
+    """`relion_project --ctf` of `volume` `(D, D, D)` at poses `A`, origins `shifts_A` (A) and `ctf`: `(n, D, D)`."""
+    with mrcfile.new(tmp_path / "map.mrc") as f:
+        f.set_data(np.asarray(volume, dtype=np.float32))
+        f.voxel_size = apix
+    _write_star(tmp_path / "p.star", A, shifts_A, ctf, apix, volume.shape[-1])
+    subprocess.run(["relion_project", "--i", "map.mrc", "--o", "proj", "--ang", "p.star", "--ctf", "--angpix",
+                    str(apix)], cwd=tmp_path, check=True, capture_output=True)
+    return mrcfile.read(tmp_path / "proj.mrcs").astype(np.float64)
+
+
 def test_live_relion_project_with_ctf_and_shifts(tmp_path):
     """An independent STAR (written here with starfile) -> relion_project --ctf vs our project(); odd box too."""
     require_relion("relion_project")
@@ -92,13 +103,7 @@ def test_live_relion_project_with_ctf_and_shifts(tmp_path):
     shifts_A = rng.uniform(-4, 4, (n, 2)) * apix
     du = rng.uniform(8000, 25000, n)
     ctf = CTFParams(du, du - 4000.0, rng.uniform(0, np.pi, n), 300.0, 2.7, 0.1, rng.uniform(0, 1, n), 40.0, 1.0)
-    with mrcfile.new(tmp_path / "map.mrc") as f:
-        f.set_data(maps[1])
-        f.voxel_size = apix
-    _write_star(tmp_path / "p.star", A, shifts_A, ctf, apix, 32)
-    subprocess.run(["relion_project", "--i", "map.mrc", "--o", "proj", "--ang", "p.star", "--ctf", "--angpix",
-                    str(apix)], cwd=tmp_path, check=True, capture_output=True)
-    rln = mrcfile.read(tmp_path / "proj.mrcs").astype(np.float64)
+    rln = relion_project_images(tmp_path, maps[1], A, shifts_A, ctf, apix)
     ours = project(maps[1], A, shifts_A, ctf, pixel_size_A=apix)
     corr = correlation(ours, rln)
     assert corr.min() >= 0.99, corr
