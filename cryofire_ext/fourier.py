@@ -28,28 +28,30 @@ _DIMS2 = (-2, -1)
 _DIMS3 = (-3, -2, -1)
 
 
+def _centered(transform, x, dims: tuple[int, ...]) -> torch.Tensor:
+    """`fftshift(transform(ifftshift(x)))` over `dims`: zero frequency (or the origin) at index `n // 2`."""
+    x = torch.as_tensor(x)
+    return torch.fft.fftshift(transform(torch.fft.ifftshift(x, dim=dims), dim=dims), dim=dims)
+
+
 def fft2_centered(img: torch.Tensor) -> torch.Tensor:
     """Centred 2D DFT `(..., h, w)` real or complex -> complex `(..., h, w)`: `fftshift(fft2(ifftshift(img)))`."""
-    img = torch.as_tensor(img)
-    return torch.fft.fftshift(torch.fft.fft2(torch.fft.ifftshift(img, dim=_DIMS2), dim=_DIMS2), dim=_DIMS2)
+    return _centered(torch.fft.fft2, img, _DIMS2)
 
 
 def ifft2_centered(F: torch.Tensor) -> torch.Tensor:
     """Inverse of `fft2_centered`, complex `(..., h, w)` -> complex `(..., h, w)` (take `.real` for images)."""
-    F = torch.as_tensor(F)
-    return torch.fft.fftshift(torch.fft.ifft2(torch.fft.ifftshift(F, dim=_DIMS2), dim=_DIMS2), dim=_DIMS2)
+    return _centered(torch.fft.ifft2, F, _DIMS2)
 
 
 def fft3_centered(vol: torch.Tensor) -> torch.Tensor:
     """Centred 3D DFT over the last three dims `(..., d, h, w)` -> complex, zero frequency at `[d//2, h//2, w//2]`."""
-    vol = torch.as_tensor(vol)
-    return torch.fft.fftshift(torch.fft.fftn(torch.fft.ifftshift(vol, dim=_DIMS3), dim=_DIMS3), dim=_DIMS3)
+    return _centered(torch.fft.fftn, vol, _DIMS3)
 
 
 def ifft3_centered(F: torch.Tensor) -> torch.Tensor:
     """Inverse of `fft3_centered`, complex `(..., d, h, w)` -> complex (take `.real` for maps)."""
-    F = torch.as_tensor(F)
-    return torch.fft.fftshift(torch.fft.ifftn(torch.fft.ifftshift(F, dim=_DIMS3), dim=_DIMS3), dim=_DIMS3)
+    return _centered(torch.fft.ifftn, F, _DIMS3)
 
 
 def hartley2_centered(img: torch.Tensor) -> torch.Tensor:
