@@ -7,6 +7,9 @@ from pathlib import Path
 
 import pytest
 
+# the tiny trained run, one per session for every test module (importing it in a module would make a second one)
+pytest_plugins = ["tests.run_fixture"]
+
 SHARED_FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"
 
 

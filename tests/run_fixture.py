@@ -1,9 +1,9 @@
 """Shared training fixtures: simulated two-state phantom stacks and a tiny trained run (session scope).
 
-Other test modules import `trained_run` (a run folder with config.json, checkpoints/last.pt,
-predictions.npz) and `simulated_stack` from here:
-
-    from tests.run_fixture import trained_run, simulated_stack  # noqa: F401
+`trained_run` (a run folder with config.json, checkpoints/last.pt, predictions.npz) is registered
+for every test module by tests/conftest.py (`pytest_plugins`): ask for it by name, do not import it
+(an imported copy is a second session fixture and trains a second run). `simulated_stack` is a plain
+function: `from tests.run_fixture import simulated_stack`.
 """
 
 from __future__ import annotations

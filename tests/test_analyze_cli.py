@@ -247,19 +247,10 @@ def test_simulated_two_state_subsets_in_both_formats_and_relion_reconstruct(tmp_
     assert c_sub > c_full + 0.01 and c_sub > c_other + 0.01
 
 
-try:  # the model's session-scoped tiny trained run (tests/run_fixture.py)
-    from tests.run_fixture import trained_run  # noqa: F401
-except ImportError:
-    @pytest.fixture(scope="session")
-    def trained_run():
-        pytest.skip("tests/run_fixture.py (the trained_run fixture) is not in this checkout")
-
-
 @pytest.fixture
-def trained_run_dir(request) -> Path:
-    for module in ("cryofire_ext.predict", "cryofire_ext.train.trainer"):
-        pytest.importorskip(module, reason=f"{module} (training / the trained model loader) is absent")
-    return Path(request.getfixturevalue("trained_run"))
+def trained_run_dir(trained_run) -> Path:
+    """The session's tiny trained run (tests/run_fixture.py, registered in conftest)."""
+    return Path(trained_run)
 
 
 def test_analyze_and_eval_vol_on_a_trained_run(trained_run_dir, tmp_path, capsys):

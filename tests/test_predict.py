@@ -9,7 +9,7 @@ import torch
 from cryofire_ext.errors import InputError
 from cryofire_ext.predict import load_trained, predict
 from cryofire_ext.results import Predictions
-from tests.run_fixture import simulated_stack, trained_run  # noqa: F401
+from tests.run_fixture import simulated_stack
 
 
 def test_load_trained_gives_maps_with_the_run_voxel_size(trained_run):
