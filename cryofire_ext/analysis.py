@@ -18,10 +18,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol, Sequence
 
-import mrcfile
 import numpy as np
 
 from cryofire_ext.errors import InputError
+from cryofire_ext.images import write_mrc
 from cryofire_ext.results import Predictions
 from cryofire_ext.safe_io import atomic_path
 
@@ -302,15 +302,6 @@ class VolumeSource(Protocol):
         """`(m, d)` -> `(m, D, D, D)` float32 maps."""
 
 
-def write_mrc(vol: np.ndarray, path: str | os.PathLike, voxel_size_A: float, force: bool = False) -> Path:
-    """Write one `(D, D, D)` map as MRC with its voxel size (atomic; refuses to overwrite unless `force`)."""
-    with atomic_path(path, force=force) as tmp:
-        with mrcfile.new(tmp, overwrite=True) as mrc:
-            mrc.set_data(np.ascontiguousarray(vol, dtype=np.float32))
-            mrc.voxel_size = float(voxel_size_A)
-    return Path(path)
-
-
 def write_maps(source: VolumeSource, z: np.ndarray, out_dir: str | os.PathLike, names: Sequence[str],
                force: bool = False, batch: int = 4) -> list[Path]:
     """Maps at latent points `z` `(m, d)` written as `out_dir/<name>.mrc` with the model's voxel size."""
@@ -320,7 +311,7 @@ def write_maps(source: VolumeSource, z: np.ndarray, out_dir: str | os.PathLike, 
     for start in range(0, len(z), batch):
         vols = np.asarray(source.volumes(z[start:start + batch]))
         for j, vol in enumerate(vols):
-            paths.append(write_mrc(vol, out_dir / f"{names[start + j]}.mrc", source.pixel_size_A, force=force))
+            paths.append(write_mrc(out_dir / f"{names[start + j]}.mrc", vol, source.pixel_size_A, force=force))
     return paths
 
 
@@ -354,7 +345,7 @@ class Run:
         return None if v is None else float(v)
 
 
-def _loss_history(run_dir: Path) -> tuple[np.ndarray, np.ndarray, str] | None:
+def loss_history(run_dir: Path) -> tuple[np.ndarray, np.ndarray, str] | None:
     """The training loss curve from `run_dir/history.json` (the trainer's list of records with `loss` and
     `images` seen, or `epoch`/`step`), or None when the run kept none."""
     path = run_dir / "history.json"
@@ -387,7 +378,7 @@ def load_run(run_dir: str | os.PathLike) -> Run:
                          "`cryofire train` (or by `cryofire predict`). Give the folder of a finished run.")
     predictions = Predictions.load(pred_path)
     files = [run_dir / name for name in ("particles.star", "particles.cs") if (run_dir / name).is_file()]
-    return Run(path=run_dir, predictions=predictions, particle_files=files, loss_history=_loss_history(run_dir))
+    return Run(path=run_dir, predictions=predictions, particle_files=files, loss_history=loss_history(run_dir))
 
 
 def load_volume_source(run_dir: str | os.PathLike, device: str = "cpu") -> VolumeSource:

@@ -271,3 +271,20 @@ def open_particles_file(path: str | os.PathLike) -> MrcImages:
         return MrcImages.from_stacks([path])
     raise InputError(f"{path}: unknown extension '{path.suffix}' for an image file; expected .mrcs, .mrc or .txt "
                      "(a list of stacks), or read a .star/.cs file with its reader")
+
+
+def write_mrc(path: str | os.PathLike, data: np.ndarray, voxel_size_A: float, force: bool = False,
+              stack: bool = False) -> Path:
+    """Write a float32 map `(D, D, D)` or image stack `(n, D, D)` (`stack=True`) with its voxel size in A.
+
+    Atomic (temporary name, then rename); refuses to overwrite unless `force`.
+    """
+    from cryofire_ext.safe_io import atomic_path
+
+    with atomic_path(path, force=force) as tmp:
+        with mrcfile.new(tmp, overwrite=True) as mrc:
+            mrc.set_data(np.ascontiguousarray(data, dtype=np.float32))
+            if stack:
+                mrc.set_image_stack()
+            mrc.voxel_size = float(voxel_size_A)
+    return Path(path)

@@ -20,6 +20,7 @@ import numpy as np
 
 from cryofire_ext import analysis, plots
 from cryofire_ext.errors import InputError
+from cryofire_ext.images import write_mrc
 from cryofire_ext.poses import matrix_to_relion_euler
 from cryofire_ext.safe_io import atomic_path
 
@@ -228,7 +229,7 @@ def analyze_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = 
         vols = np.concatenate([np.asarray(src.volumes(centres_z[i:i + 4]), dtype=np.float32)
                                for i in range(0, clus.k, 4)])
         for j, vol in enumerate(vols):
-            res.cluster_maps.append(analysis.write_mrc(vol, out / "maps" / f"cluster_{j + 1:02d}.mrc", voxel, force))
+            res.cluster_maps.append(write_mrc(out / "maps" / f"cluster_{j + 1:02d}.mrc", vol, voxel, force))
         curves, freq = {}, None
         for i in range(clus.k):
             for j in range(i + 1, clus.k):

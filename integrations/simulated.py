@@ -22,6 +22,7 @@ import numpy as np
 
 from cryofire_ext import __version__
 from cryofire_ext.errors import InputError
+from cryofire_ext.images import write_mrc
 from cryofire_ext.phantom import phantom_maps
 from cryofire_ext.safe_io import atomic_path, check_writable
 from cryofire_ext.simulate import STACK_NAME, SimulatedDataset, check_maps, simulate, simulate_states
@@ -32,17 +33,6 @@ log = logging.getLogger(__name__)
 
 TRUTH_FORMAT = "cryofire-ext simulated truth"
 TRUTH_VERSION = 1
-
-
-def write_mrc(path, data: np.ndarray, voxel_size_A: float, force: bool = False, stack: bool = False) -> Path:
-    """Write a float32 map `(D, D, D)` or image stack `(n, D, D)` (`stack=True`) with its voxel size, atomically."""
-    with atomic_path(path, force=force) as tmp:
-        with mrcfile.new(tmp, overwrite=True) as mrc:
-            mrc.set_data(np.ascontiguousarray(data, dtype=np.float32))
-            if stack:
-                mrc.set_image_stack()
-            mrc.voxel_size = float(voxel_size_A)
-    return Path(path)
 
 
 def read_map(path, pixel_size_A: float | None = None) -> tuple[np.ndarray, float]:

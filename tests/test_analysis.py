@@ -10,6 +10,7 @@ import mrcfile
 import numpy as np
 import pytest
 
+from cryofire_ext.images import write_mrc
 from cryofire_ext import analysis, plots, report
 from cryofire_ext.errors import InputError
 from cryofire_ext.metrics import clustering_error, pc1_correlation
@@ -172,12 +173,12 @@ def test_map_fsc_is_one_for_equal_maps_and_low_for_independent_noise():
 
 def test_write_mrc_keeps_voxel_size_and_refuses_overwrite(tmp_path):
     vol = np.random.default_rng(0).normal(size=(8, 8, 8)).astype(np.float32)
-    p = analysis.write_mrc(vol, tmp_path / "m.mrc", 3.5)
+    p = write_mrc(tmp_path / "m.mrc", vol, 3.5)
     with mrcfile.open(p) as m:
         np.testing.assert_allclose(m.voxel_size.x, 3.5)
         np.testing.assert_array_equal(m.data, vol)
     with pytest.raises(InputError, match="exists"):
-        analysis.write_mrc(vol, p, 3.5)
+        write_mrc(p, vol, 3.5)
 
 
 def test_read_z_points_checks_dimension(tmp_path):
