@@ -98,7 +98,7 @@ def loss_curve(x: np.ndarray, loss: np.ndarray, path, *, xlabel: str = "epoch", 
     fig, (ax,) = _figure()
     x, loss = np.asarray(x, dtype=np.float64), np.asarray(loss, dtype=np.float64)
     ax.plot(x, loss, color="C0", lw=1.5, marker="o" if len(x) < 30 else None, ms=3)
-    if np.all(loss > 0):
+    if len(loss) and np.all(loss > 0):
         ax.set_yscale("log")
     ax.set(xlabel=xlabel, ylabel="loss", title="Training loss")
     ax.grid(alpha=0.3)

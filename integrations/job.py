@@ -112,25 +112,12 @@ def export_run(run_dir, stack: ParticleStack, *, force: bool = False, n_clusters
 
 
 def loss_plot(run_dir, path, force: bool = False) -> Path:
-    """PNG of the training loss against images seen, from `run_dir/history.json`."""
-    import matplotlib
+    """PNG of the training loss against images seen, from `run_dir/history.json` (empty axes when none)."""
+    from cryofire_ext.analysis import loss_history
+    from cryofire_ext.plots import loss_curve
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    hist = json.loads((Path(run_dir) / "history.json").read_text()) if (Path(run_dir) / "history.json").exists() else []
-    fig, ax = plt.subplots(figsize=(6, 4))
-    if hist:
-        ax.plot([h["images"] for h in hist], [h["loss"] for h in hist], lw=1)
-        ax.set_yscale("log")
-    ax.set_xlabel("images seen")
-    ax.set_ylabel("loss (mean squared Fourier error)")
-    ax.set_title("cryoFIRE training loss")
-    fig.tight_layout()
-    with atomic_path(path, force=force) as tmp:
-        fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    return Path(path)
+    x, y, xlabel = loss_history(Path(run_dir)) or (np.zeros(0), np.zeros(0), "images seen")
+    return loss_curve(x, y, path, xlabel=xlabel, force=force)
 
 
 # ---------------------------------------------------------------- demo
