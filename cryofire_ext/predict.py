@@ -2,7 +2,9 @@
 
 Not the values recorded during training: `predict` runs the model in evaluation mode
 over any stack with the training run's box and pixel size (new images included) and
-returns `Predictions` (poses as RELION matrices, shifts in Angstrom, z, loss).
+returns `Predictions` (poses as RELION matrices, shifts in Angstrom, z, loss). Each particle's pose,
+shift and z are those of the winning candidate: the encoder's heads at the encoder's z, and with a
+search warm start the searched pose (at each warm class's z when there are classes).
 """
 
 from __future__ import annotations
@@ -116,17 +118,21 @@ def predict(run_dir, stack: ParticleStack, *, batch_size: int = 256, device: str
         idx = np.arange(s, min(n, s + batch_size))
         img, ctf = data.read(idx)
         img, ctf = img.to(dev), ctf.to(dev)
-        extra = (None, None)
+        extra, ez = (None, None), None
         if tm.warm is not None:
             from cryofire_ext.train.data import crop
-            from cryofire_ext.train.warmstart import search
+            from cryofire_ext.train.trainer import candidates_at_codes
+            from cryofire_ext.train.warmstart import class_codes, search
 
-            A_s, t_s = search(tm.warm, crop(img, tm.warm.box), ctf)
-            extra = (A_s[:, None], t_s[:, None] * (tm.box / tm.warm.box))
-        out = tm.model(img, ctf, 1.0, None, *extra)
+            A_s, t_s, _ = search(tm.warm, crop(img, tm.warm.box), ctf)
+            t_s = t_s * (tm.box / tm.warm.box)
+            extra = (A_s[:, None], t_s[:, None])
+            if tm.warm.n_classes > 1 and tm.zdim:  # the searched pose at each class's z (the decoder picks)
+                extra, ez = candidates_at_codes(A_s, t_s, class_codes(tm.warm.n_classes, tm.zdim).to(dev))
+        out = tm.model(img, ctf, 1.0, None, *extra, extra_z=ez)
         A[idx] = out.R.double().cpu().numpy()
         shifts_A[idx] = out.shift_px.double().cpu().numpy() * tm.pixel_size_A
-        z[idx] = out.z.cpu().numpy()
+        z[idx] = out.z_win.float().cpu().numpy()
         loss[idx] = out.loss.double().cpu().numpy()
     meta = {"pixel_size_A": stack.pixel_size_A, "box": stack.box, "model_box": tm.box,
             "model_pixel_size_A": tm.pixel_size_A, "zdim": tm.zdim, "run_dir": str(tm.run_dir),

@@ -28,8 +28,9 @@ RZ_PI = torch.diag(torch.tensor([-1.0, -1.0, 1.0]))
 
 @dataclass
 class StepOutput:
-    """loss `(n,)` per image (winner); R `(n, 3, 3)`; shift_px `(n, 2)`; z `(n, d)`;
-    R_all `(n, C, 3, 3)`, shift_all `(n, C, 2)` every candidate (for distillation)."""
+    """loss `(n,)` per image (winner); R `(n, 3, 3)`; shift_px `(n, 2)`; z `(n, d)` the encoder's;
+    R_all `(n, C, 3, 3)`, shift_all `(n, C, 2)` every candidate (for distillation); z_win `(n, d)` the
+    z the winning candidate was rendered with."""
 
     loss: torch.Tensor
     R: torch.Tensor
@@ -37,6 +38,7 @@ class StepOutput:
     z: torch.Tensor
     R_all: torch.Tensor
     shift_all: torch.Tensor
+    z_win: torch.Tensor
 
 
 class CryoFIRE(nn.Module):
@@ -67,10 +69,13 @@ class CryoFIRE(nn.Module):
         return evaluate_ctf(ctf_params.double(), freqs).float()
 
     def render(self, R: torch.Tensor, z: torch.Tensor, points: torch.Tensor | None = None) -> torch.Tensor:
-        """R `(n, C, 3, 3)`, z `(n, d)` -> decoder values `(n, C, m, 2)` on `A^T k` for the half lattice."""
+        """R `(n, C, 3, 3)`, z `(n, d)` (or `(n, C, d)`, one per candidate) -> decoder values
+        `(n, C, m, 2)` on `A^T k` for the half lattice."""
         k = self.k_half if points is None else points
         coords = torch.einsum("mi,ncij->ncmj", k, R.to(k.dtype))
-        zz = z[:, None, None, :] if self.zdim else None
+        zz = None
+        if self.zdim:
+            zz = z[:, None, None, :] if z.dim() == 2 else z[:, :, None, :]
         return self.decoder(coords, zz)
 
     def candidates(self, img: torch.Tensor):
@@ -87,26 +92,31 @@ class CryoFIRE(nn.Module):
     # ---- the training/inference step
     def forward(self, img: torch.Tensor, ctf_params: torch.Tensor, march_radius: float = 1.0,
                 z_override: torch.Tensor | None = None, extra_R: torch.Tensor | None = None,
-                extra_shift_px: torch.Tensor | None = None, only_extra: bool = False) -> StepOutput:
+                extra_shift_px: torch.Tensor | None = None, only_extra: bool = False,
+                extra_z: torch.Tensor | None = None) -> StepOutput:
         """img `(n, D, D)` normalised; ctf_params `(n, 9)`; z_override `(n, d)` replaces the encoder's z
         in the decoder (pose-only phase); extra_R `(n, E, 3, 3)` / extra_shift_px `(n, E, 2)` are more pose
-        candidates (e.g. from a global search), placed after the encoder's; with `only_extra` only they
-        enter the loss (the encoder still gives z and its candidates in `R_all` for distillation)."""
+        candidates (e.g. from a global search), placed after the encoder's, rendered at `extra_z`
+        `(n, E, d)` when given (else like the encoder's); with `only_extra` only they enter the loss
+        (the encoder still gives z and its candidates in `R_all` for distillation)."""
         R_enc, t_enc, z = self.candidates(img)
         R, t = R_enc, t_enc
+        z_dec = z if z_override is None else z_override.to(z)
+        z_cand = z_dec[:, None].expand(-1, R_enc.shape[1], -1)
         if extra_R is not None:
             R = torch.cat((R_enc, extra_R.to(R_enc)), dim=1)
             t = torch.cat((t_enc, extra_shift_px.to(t_enc)), dim=1)
+            ez = z_dec[:, None].expand(-1, extra_R.shape[1], -1) if extra_z is None else extra_z.to(z)
+            z_cand = torch.cat((z_cand, ez), dim=1)
         first = R_enc.shape[1] if (only_extra and extra_R is not None) else 0
-        z_dec = z if z_override is None else z_override.to(z)
-        F_pred = self.render(R[:, first:], z_dec)
+        F_pred = self.render(R[:, first:], z_cand[:, first:])
         weight = (self.k_radius <= march_radius + 1e-6).float()
         losses = candidate_losses(self.observed(img), F_pred, self.ctf(ctf_params), self.k_half[:, :2],
                                   t[:, first:], weight)
         best, idx = winner_take_all(losses)
         idx = idx + first
         ar = torch.arange(len(idx), device=idx.device)
-        return StepOutput(best, R[ar, idx], t[ar, idx], z, R, t)
+        return StepOutput(best, R[ar, idx], t[ar, idx], z, R, t, z_cand[ar, idx])
 
     # ---- maps
     @torch.no_grad()

@@ -46,7 +46,16 @@ class TrainConfig:
     poses on CPU budgets, see benchmarks/): an online hard-assignment EM (`warm_steps`
     minibatches of `warm_batch` images, global search over `warm_rotations` rotations
     and a 3x3 shift grid) on `warm_images` images Fourier-cropped to `warm_box` builds
-    a low-resolution map; the encoder is then
+    a low-resolution map; `warm_rounds` projection-matching rounds on the same images then
+    lift it to the training box (back-project at the current poses, search again: global grid
+    and a local refinement of rotation and shift), and with `zdim` > 0 and `warm_classes` K > 1
+    a hard-EM classification at fixed poses splits them into K class maps. Each training
+    particle's searched (pose, shift, class) is computed once, when it is first seen. The
+    class gives the encoder's z a target (the K vertices of a simplex in z, `class_codes`),
+    taught like the poses (`distill_images`) while the decoder learns each class from its
+    target z; afterwards, with `search_candidates`, the searched pose is a candidate once at
+    every class's z and the decoder's loss picks the class (in training and in `predict`). The
+    encoder is then
     taught the searched poses of each training batch for `distill_images` images (weight
     decaying to 0 over the same number again) while the decoder learns from them.
     While the distillation weight is 1 the reconstruction uses the searched pose only (the
@@ -89,6 +98,8 @@ class TrainConfig:
     warm_batch: int = 32
     warm_rotations: int = 4000
     warm_max_shift_px: float = 4.0
+    warm_rounds: int = 2
+    warm_classes: int = 2
     distill_images: int = 10000
     search_candidates: bool = True
     # runtime
@@ -131,6 +142,10 @@ class TrainConfig:
             bad("train_box", "an even box of at least 32 px (the encoder pools 5 times)")
         if self.warm_box < 8 or self.warm_box % 2:
             bad("warm_box", "an even box of at least 8 px")
+        if not isinstance(self.warm_rounds, int) or self.warm_rounds < 0:
+            bad("warm_rounds", "an integer >= 0 (refinement rounds at the training box)")
+        if not isinstance(self.warm_classes, int) or self.warm_classes < 1:
+            bad("warm_classes", "an integer >= 1 (classes of the warm start; 1 = none)")
 
     # ---- persistence
     def to_dict(self) -> dict:

@@ -27,7 +27,8 @@ from cryofire_ext.train import distributed, schedules
 from cryofire_ext.train.checkpoint import load_checkpoint, save_checkpoint
 from cryofire_ext.train.config import TrainConfig
 from cryofire_ext.train.data import PrefetchLoader, StackStats, TrainingImages, crop, epoch_batches, scan_stack
-from cryofire_ext.train.warmstart import WarmMap, build_warm_map_online, search
+from cryofire_ext.train.warmstart import (WarmMap, build_warm_map_online, class_codes, refine_warm_map,
+                                          search)
 
 log = logging.getLogger(__name__)
 
@@ -120,6 +121,10 @@ def train(stack: ParticleStack, run_dir, config: TrainConfig, *, resume: bool = 
             warm = WarmMap.from_state(state["warm"])
         else:
             warm = _warm_start(config, data, stack, box, env.device)
+    searched = SearchCache(warm, n, box, state.get("searched") if state else None) if warm is not None else None
+    codes = None
+    if warm is not None and warm.n_classes > 1 and config.zdim > 0:
+        codes = class_codes(warm.n_classes, config.zdim).to(env.device)
     net = distributed.wrap(model, env)
     epoch0 = int(state["epoch"]) if state else 0
     batch0 = int(state["batch"]) if state else 0
@@ -141,6 +146,7 @@ def train(stack: ParticleStack, run_dir, config: TrainConfig, *, resume: bool = 
              "pixel_size_A": pixel_size}
         if warm is not None:
             s["warm"] = warm.state()
+            s["searched"] = searched.state()
         return s
 
     def checkpoint(epoch: int, batch: int, epoch_file: bool = False) -> Path:
@@ -180,18 +186,26 @@ def train(stack: ParticleStack, run_dir, config: TrainConfig, *, resume: bool = 
                 z_rand = z_rand.to(env.device)
             img, ctf = img.to(env.device), ctf.to(env.device)
             dw = schedules.distill_weight(config, images_seen) if warm is not None else 0.0
-            extra = (None, None)
+            extra, ez = (None, None), None
+            z_t = None
             if warm is not None and (dw > 0 or config.search_candidates):
-                A_t, t_t = search(warm, crop(img, warm.box), ctf)
-                t_t = t_t * (box / warm.box)
+                A_t, t_t, c_t = searched.get(idx, img, ctf)
                 if config.search_candidates:
                     extra = (A_t[:, None], t_t[:, None])
+                if codes is not None:
+                    z_t = codes[c_t]
+                    if dw >= 1.0:  # the decoder learns each class from its searched class's z
+                        z_rand = z_t
+                    elif config.search_candidates:  # then the searched pose at every class's z competes
+                        extra, ez = candidates_at_codes(A_t, t_t, codes)
             with autocast:
-                out = net(img, ctf, radius, z_rand, *extra, extra[0] is not None and dw >= 1.0)
+                out = net(img, ctf, radius, z_rand, *extra, extra[0] is not None and dw >= 1.0, ez)
             loss = out.loss.mean()
             if dw > 0:
-                n_enc = out.R_all.shape[1] - (1 if extra[0] is not None else 0)
+                n_enc = out.R_all.shape[1] - (extra[0].shape[1] if extra[0] is not None else 0)
                 loss = loss + dw * chordal_pose_loss(out.R_all[:, :n_enc], out.shift_all[:, :n_enc], A_t, t_t).mean()
+            if z_t is not None and dw > 0:
+                loss = loss + dw * (out.z - z_t).square().sum(-1).mean()
             if config.z_l2 > 0 and config.zdim:
                 loss = loss + config.z_l2 * out.z.square().sum(-1).mean()
             opt.zero_grad(set_to_none=True)
@@ -228,4 +242,49 @@ def _warm_start(config: TrainConfig, data: TrainingImages, stack: ParticleStack,
                                  max_shift_px=config.warm_max_shift_px * wb / stack.box, seed=config.seed,
                                  batch=config.warm_batch)
     log.info("warm start: coarse map from %d images at %d px in %.1f s", k, wb, time.monotonic() - t)
+    if config.warm_rounds > 0:
+        t = time.monotonic()
+        warm = refine_warm_map(warm, img.to(device), ctf.to(device), stack.pixel_size_A * stack.box / box,
+                               rounds=config.warm_rounds, n_classes=config.warm_classes if config.zdim else 1,
+                               max_shift_px=config.warm_max_shift_px * box / stack.box, seed=config.seed)
+        log.info("warm start: %d refinement rounds and %d class(es) at %d px in %.1f s", config.warm_rounds,
+                 warm.n_classes, box, time.monotonic() - t)
     return warm
+
+
+def candidates_at_codes(A: torch.Tensor, t: torch.Tensor, codes: torch.Tensor):
+    """The searched pose `A` `(n, 3, 3)` and shift `t` `(n, 2)` once per class code `(K, d)` ->
+    ((A `(n, K, 3, 3)`, t `(n, K, 2)`), z `(n, K, d)`): the decoder then picks the class (winner-take-all)."""
+    n, K = A.shape[0], codes.shape[0]
+    return (A[:, None].expand(-1, K, -1, -1), t[:, None].expand(-1, K, -1)), codes[None].expand(n, -1, -1)
+
+
+class SearchCache:
+    """Each particle's searched (pose, shift, class) against the fixed warm maps, computed when the
+    particle is first seen and kept (checkpointed, so a resumed run reuses the same values).
+
+    `get(idx, img, ctf)`: particle indices `(n,)` and their training images -> A `(n, 3, 3)`,
+    shifts `(n, 2)` px of the training box, class `(n,)`.
+    """
+
+    def __init__(self, warm: WarmMap, n: int, box: int, saved: dict | None = None):
+        self.warm, self.box = warm, box
+        self.A = torch.zeros(n, 3, 3)
+        self.t = torch.zeros(n, 2)
+        self.cls = torch.zeros(n, dtype=torch.long)
+        self.known = torch.zeros(n, dtype=torch.bool)
+        if saved is not None:
+            self.A, self.t, self.cls, self.known = saved["A"], saved["t"], saved["cls"], saved["known"]
+
+    def get(self, idx, img: torch.Tensor, ctf: torch.Tensor):
+        idx = torch.as_tensor(np.asarray(idx), dtype=torch.long)
+        todo = torch.nonzero(~self.known[idx]).squeeze(-1)
+        if len(todo):
+            A, t, c = search(self.warm, crop(img[todo.to(img.device)], self.warm.box), ctf[todo.to(ctf.device)])
+            j = idx[todo]
+            self.A[j], self.t[j] = A.cpu(), t.cpu() * (self.box / self.warm.box)
+            self.cls[j], self.known[j] = c.cpu(), True
+        return self.A[idx].to(img.device), self.t[idx].to(img.device), self.cls[idx].to(img.device)
+
+    def state(self) -> dict:
+        return {"A": self.A, "t": self.t, "cls": self.cls, "known": self.known}

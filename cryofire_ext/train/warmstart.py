@@ -1,17 +1,20 @@
-"""Warm start: a coarse EM global search that gives the amortized encoder something to learn from.
+"""Warm start: a global search that gives the amortized model poses and classes to learn from.
 
 On CPU budgets gradient descent on a randomly started pose head learns no poses
 (issue 4). Here a low-resolution map is built ab initio by online hard-assignment EM
 over a fixed set of random rotations and a 3x3 shift grid on a few hundred images
 Fourier-cropped to `warm_box`, starting from a map back-projected at random poses.
 (Batch EM with a soft posterior collapsed to the near-spherical average here; the
-minibatch noise of the online version breaks that symmetry.) `search` then gives the best grid pose of any batch of
-images against that map (cheap: two matrix products), which the trainer distils into
-the encoder while the decoder learns.
+minibatch noise of the online version breaks that symmetry.) `refine_warm_map` then lifts
+it to the training box by projection-matching rounds (back-project, search again) and,
+for heterogeneous runs, splits it into class maps by hard-EM classification at fixed poses.
+`search` gives the best (class, pose, shift) of any batch of images against those maps:
+a global grid (two matrix products per class) and a local refinement of rotation and shift.
+The trainer distils the result into the encoder and keeps it as a candidate.
 
-Units: lattice `k` in Nyquist units of the warm box; shifts in warm-box pixels
-(RELION origin sign). The map is a complex Fourier grid `(G, G, G)`, `G = warm_box + 1`,
-index `[kz, ky, kx]`, `k = 2 j / warm_box - 1`.
+Units: lattice `k` in Nyquist units of the map's box; shifts in that box's pixels
+(RELION origin sign). Each map is a complex Fourier grid `(G, G, G)`, `G = box + 1`,
+index `[kz, ky, kx]`, `k = 2 j / box - 1`.
 """
 
 from __future__ import annotations
@@ -36,7 +39,8 @@ R0 = 0.3
 
 @dataclass
 class WarmMap:
-    """V `(G, G, G)` complex64 Fourier map on the warm lattice; rotations `(M, 3, 3)`; shifts_px `(S, 2)`."""
+    """V `(K, G, G, G)` complex64 Fourier maps (one per class, K >= 1) on the lattice of `box`;
+    rotations `(M, 3, 3)` the global-search grid; shifts_px `(S, 2)` its shift grid (pixels of `box`)."""
 
     V: torch.Tensor
     rotations: torch.Tensor
@@ -52,8 +56,13 @@ class WarmMap:
 
     @classmethod
     def from_state(cls, s: dict) -> "WarmMap":
-        return cls(torch.complex(s["V_re"], s["V_im"]), s["rotations"], s["shifts_px"], int(s["box"]),
+        V = torch.complex(s["V_re"], s["V_im"])
+        return cls(V if V.dim() == 4 else V[None], s["rotations"], s["shifts_px"], int(s["box"]),
                    float(s["pixel_size_A"]), float(s["sigma2"]))
+
+    @property
+    def n_classes(self) -> int:
+        return int(self.V.shape[0])
 
 
 class _Lattice:
@@ -130,43 +139,102 @@ def _scores(Y: torch.Tensor, C: torch.Tensor, S: torch.Tensor, lat: _Lattice, sh
     return 2.0 * cross - quad[:, None, :]
 
 
+def _score_at(Y: torch.Tensor, C: torch.Tensor, k_xy: torch.Tensor, S: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """Log-likelihood up to a constant of images `Y` `(n, m)` under slices `S` `(n, c, m)` at shifts
+    `t` `(n, c, 2)` px -> `(n, c)`."""
+    Ys = undo_shift(Y, k_xy, t)
+    return 2.0 * (Ys * C[:, None]).conj().mul(S).real.sum(-1) - ((C * C)[:, None] * S.abs().square()).sum(-1)
+
+
 @torch.no_grad()
-def search(warm: WarmMap, images: torch.Tensor, ctf_params: torch.Tensor, refine: bool = True):
-    """Best grid pose of each image against the warm map.
+def search(warm: WarmMap, images: torch.Tensor, ctf_params: torch.Tensor, refine: bool = True,
+           chunk: int = 128):
+    """Best pose and class of each image against the warm maps (global grid, then local refinement).
 
     images `(n, B, B)` normalised at the warm box -> (A `(n, 3, 3)` RELION matrices, shifts `(n, 2)`
-    warm-box pixels). With `refine`, a second pass over 8 nearby rotations per image.
+    warm-box pixels, class `(n,)` int64). Each class map is searched on its own and the best score
+    wins. With `refine`, a local search of rotations (steps of `REFINE_STEPS_RAD`) and then of
+    shifts (`REFINE_SHIFT_STEPS`, a fraction of the grid's pitch) follows the grid search.
     """
     device = images.device
     lat = _Lattice(warm.box, warm.pixel_size_A, device)
-    Y = lat.observe(images)
-    C = evaluate_ctf(ctf_params.double().to(device), lat.freqs).float()
     rots = warm.rotations.to(device)
-    S = _slices(warm.V.to(device), torch.einsum("mi,rij->rmj", lat.k, rots))
-    sc = _scores(Y, C, S, lat, warm.shifts_px.to(device), 1.0)  # (n, S, M)
-    flat = sc.flatten(1).argmax(1)
-    s_idx, r_idx = flat // sc.shape[2], flat % sc.shape[2]
-    A = rots[r_idx]
-    t = warm.shifts_px.to(device)[s_idx]
-    if refine:
-        A = _refine(warm, Y, C, lat, A, t)
+    shifts = warm.shifts_px.to(device)
+    coords = torch.einsum("mi,rij->rmj", lat.k, rots)
+    S_all = [_slices(V.to(device), coords) for V in warm.V]
+    out_A, out_t, out_c = [], [], []
+    for s in range(0, images.shape[0], chunk):
+        Y = lat.observe(images[s:s + chunk])
+        C = evaluate_ctf(ctf_params[s:s + chunk].double().to(device), lat.freqs).float()
+        per_class = []  # each class searched (and refined) on its own; the best final score wins
+        for c, S in enumerate(S_all):
+            val, flat = _scores(Y, C, S, lat, shifts, 1.0).flatten(1).max(1)  # over (shift, rotation)
+            A, t = rots[flat % S.shape[0]], shifts[flat // S.shape[0]]
+            cls = torch.full_like(flat, c)
+            if refine:
+                A, t = refine_local(warm, Y, C, lat, A, t, cls)
+                val = class_scores(warm, Y, C, lat, A, t)[:, c]
+            per_class.append((val, A, t))
+        vals = torch.stack([v for v, _, _ in per_class], 1)
+        cls = vals.argmax(1)
+        ar = torch.arange(len(cls), device=device)
+        out_A.append(torch.stack([a for _, a, _ in per_class], 1)[ar, cls])
+        out_t.append(torch.stack([t for _, _, t in per_class], 1)[ar, cls])
+        out_c.append(cls)
+    return torch.cat(out_A), torch.cat(out_t), torch.cat(out_c)
+
+
+#: local refinement: rotation steps (radians, each tried along `n_dir` random axes), then shift steps
+#: (fractions of the shift grid's pitch, a 3x3 neighbourhood each)
+REFINE_STEPS_RAD = (0.12, 0.08, 0.05, 0.03, 0.02, 0.012)
+REFINE_SHIFT_STEPS = (0.5, 0.25)
+
+
+def refine_local(warm: WarmMap, Y: torch.Tensor, C: torch.Tensor, lat: "_Lattice", A: torch.Tensor,
+                 t: torch.Tensor, cls: torch.Tensor, n_dir: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    """Hill-climb each image's pose `A` `(n, 3, 3)` and shift `t` `(n, 2)` px against its class map
+    `cls` `(n,)`: observed `Y` `(n, m)`, CTF `C` `(n, m)` on `lat`. Deterministic."""
+    gen = torch.Generator().manual_seed(99)
+    n, ar = A.shape[0], torch.arange(A.shape[0], device=A.device)
+    pitch = _grid_pitch(warm.shifts_px)
+    for step in REFINE_STEPS_RAD:
+        axes = Fn.normalize(torch.randn(n_dir, 3, generator=gen), dim=-1).to(A.device)
+        cand = torch.cat((A[:, None], _axis_angle(axes * step)[None] @ A[:, None]), dim=1)  # (n, 1+n_dir, 3, 3)
+        coords = torch.einsum("mi,ncij->ncmj", lat.k, cand)
+        S = _class_slices(warm, coords, cls)
+        score = _score_at(Y, C, lat.k[:, :2], S, t[:, None].expand(-1, cand.shape[1], -1))
+        A = cand[ar, score.argmax(1)]
+    S = _class_slices(warm, torch.einsum("mi,nij->nmj", lat.k, A)[:, None], cls)  # (n, 1, m)
+    for frac in REFINE_SHIFT_STEPS:
+        d = frac * pitch
+        g = torch.tensor([[x, y] for y in (-d, 0.0, d) for x in (-d, 0.0, d)], device=A.device)
+        tc = t[:, None] + g[None]  # (n, 9, 2)
+        score = _score_at(Y, C, lat.k[:, :2], S.expand(-1, tc.shape[1], -1), tc)
+        t = tc[ar, score.argmax(1)]
     return A, t
 
 
-def _refine(warm, Y, C, lat, A, t, steps=(0.12, 0.06), n_dir: int = 12):
-    """Local search: perturb each pose by small rotations (radians) and keep the best."""
-    gen = torch.Generator().manual_seed(99)
-    for step in steps:
-        axes = Fn.normalize(torch.randn(n_dir, 3, generator=gen), dim=-1).to(A.device)
-        dR = _axis_angle(axes * step)  # (n_dir, 3, 3)
-        cand = torch.cat((A[:, None], dR[None] @ A[:, None]), dim=1)  # (n, 1+n_dir, 3, 3)
-        coords = torch.einsum("mi,ncij->ncmj", lat.k, cand)
-        S = _slices(warm.V.to(A.device), coords.reshape(-1, lat.k.shape[0], 3)).reshape(*cand.shape[:2], -1)
-        Ys = undo_shift(Y, lat.k[:, :2], t[:, None, :])[:, 0]  # (n, m)
-        YC = Ys * C
-        score = 2.0 * (YC[:, None].conj() * S).real.sum(-1) - ((C * C)[:, None] * S.abs().square()).sum(-1)
-        A = cand[torch.arange(A.shape[0]), score.argmax(1)]
-    return A
+def class_scores(warm: WarmMap, Y: torch.Tensor, C: torch.Tensor, lat: "_Lattice", A: torch.Tensor,
+                 t: torch.Tensor) -> torch.Tensor:
+    """Log-likelihood `(n, K)` of each image under each class map at its pose `A` and shift `t`."""
+    coords = torch.einsum("mi,nij->nmj", lat.k, A.float())[:, None]
+    return torch.cat([_score_at(Y, C, lat.k[:, :2], _slices(V.to(A.device), coords), t[:, None].float())
+                      for V in warm.V], dim=1)
+
+
+def _grid_pitch(shifts_px: torch.Tensor) -> float:
+    u = torch.unique(shifts_px[:, 0])
+    return float((u[1:] - u[:-1]).min()) if len(u) > 1 else 1.0
+
+
+def _class_slices(warm: WarmMap, coords: torch.Tensor, cls: torch.Tensor) -> torch.Tensor:
+    """Slices `(n, c, m)` of each image's class map at coords `(n, c, m, 3)`."""
+    out = torch.empty(coords.shape[:-1], dtype=torch.complex64, device=coords.device)
+    for k in range(warm.n_classes):
+        sel = torch.nonzero(cls == k).squeeze(-1)
+        if len(sel):
+            out[sel] = _slices(warm.V[k].to(coords.device), coords[sel])
+    return out
 
 
 def _axis_angle(v: torch.Tensor) -> torch.Tensor:
@@ -179,10 +247,10 @@ def _axis_angle(v: torch.Tensor) -> torch.Tensor:
     return torch.eye(3, dtype=v.dtype, device=v.device) + torch.sin(th) * K + (1 - torch.cos(th)) * K @ K
 
 
-def warm_volume(warm: WarmMap) -> torch.Tensor:
-    """Real-space view of the warm map `(box, box, box)` (for inspection)."""
-    G, box = warm.V.shape[0], warm.box
-    F = warm.V[:box, :box, :box]
+def warm_volume(warm: WarmMap, k: int = 0) -> torch.Tensor:
+    """Real-space view of class `k`'s warm map `(box, box, box)` (for inspection)."""
+    box = warm.box
+    F = warm.V[k, :box, :box, :box]
     return fourier.ifft3_centered(F).real
 
 
@@ -228,8 +296,8 @@ def build_warm_map_online(images: torch.Tensor, ctf_params: torch.Tensor, pixel_
                torch.stack((YC.real, YC.imag, C[sel][:, mask] ** 2), -1).reshape(-1, 3))
         V = _solve(acc, 0.05)
         if callback is not None and (it + 1) % max(1, steps // 10) == 0:
-            callback(it, WarmMap(V, rots, shifts, box, float(pixel_size_A), 1.0))
-    return WarmMap(V, rots, shifts, box, float(pixel_size_A), 1.0)
+            callback(it, WarmMap(V[None], rots, shifts, box, float(pixel_size_A), 1.0))
+    return WarmMap(V[None], rots, shifts, box, float(pixel_size_A), 1.0)
 
 
 class _Sub:
@@ -237,3 +305,120 @@ class _Sub:
 
     def __init__(self, lat: _Lattice, mask: torch.Tensor):
         self.k, self.r = lat.k[mask], lat.r[mask]
+
+
+# ---------------------------------------------------------------- refinement at the training box
+def fine_shift_grid(max_shift_px: float, max_pitch_px: float = 1.5) -> torch.Tensor:
+    """Square grid `(S, 2)` over `[-max, max]^2` px with a pitch of at most `max_pitch_px`."""
+    if max_shift_px <= 0:
+        return torch.zeros(1, 2)
+    per_side = 2 * int(np.ceil(max_shift_px / max_pitch_px)) + 1
+    g = torch.linspace(-float(max_shift_px), float(max_shift_px), per_side)
+    return torch.stack(torch.meshgrid(g, g, indexing="xy"), dim=-1).reshape(-1, 2)
+
+
+@torch.no_grad()
+def reconstruct_classes(images: torch.Tensor, ctf_params: torch.Tensor, A: torch.Tensor, shifts_px: torch.Tensor,
+                        labels: torch.Tensor, n_classes: int, pixel_size_A: float, reg: float = 0.05) -> torch.Tensor:
+    """Wiener-like back-projection of each class: images `(n, B, B)` at poses `A` `(n, 3, 3)`, shifts
+    `(n, 2)` px, class `labels` `(n,)` -> `(K, B+1, B+1, B+1)` complex Fourier maps."""
+    box = images.shape[-1]
+    lat = _Lattice(box, pixel_size_A, images.device)
+    maps = []
+    for k in range(n_classes):
+        sel = torch.nonzero(labels == k).squeeze(-1)
+        acc = torch.zeros(box + 1, box + 1, box + 1, 3, dtype=torch.float32, device=images.device)
+        for s in range(0, len(sel), 256):
+            i = sel[s:s + 256]
+            Y = lat.observe(images[i])
+            C = evaluate_ctf(ctf_params[i].double(), lat.freqs).float()
+            YC = undo_shift(Y, lat.k[:, :2], shifts_px[i][:, None].float())[:, 0] * C
+            coords = torch.einsum("mi,nij->nmj", lat.k, A[i].float())
+            _splat(acc, coords.reshape(-1, 3), torch.stack((YC.real, YC.imag, C * C), -1).reshape(-1, 3))
+        maps.append(_solve(acc, reg))
+    return torch.stack(maps)
+
+
+#: classification compares the class maps up to this resolution (the differences between states are
+#: large-scale; finer shells mostly add noise to the decision: on the demo's 800 warm images a random
+#: split stayed random when scored to Nyquist at 12 A and converged to the states when scored to 20 A)
+CLASSIFY_RESOLUTION_A = 20.0
+
+
+@torch.no_grad()
+def classify(images: torch.Tensor, ctf_params: torch.Tensor, A: torch.Tensor, shifts_px: torch.Tensor,
+             n_classes: int, pixel_size_A: float, seed: int, iters: int = 30) -> torch.Tensor:
+    """Hard-EM 3D classification at fixed poses from a random split -> labels `(n,)` int64 (deterministic).
+
+    Scores use lattice points up to `CLASSIFY_RESOLUTION_A`."""
+    n, box = images.shape[0], images.shape[-1]
+    lat = _Lattice(box, pixel_size_A, images.device)
+    keep = lat.r <= min(1.0, 2.0 * pixel_size_A / CLASSIFY_RESOLUTION_A) + 1e-6
+    low = _Sub(lat, keep)
+    gen = torch.Generator().manual_seed(int(seed) * 7919 + 17)
+    labels = torch.randint(0, n_classes, (n,), generator=gen).to(images.device)
+    for _ in range(iters):
+        warm = WarmMap(reconstruct_classes(images, ctf_params, A, shifts_px, labels, n_classes, pixel_size_A),
+                       A[:1], shifts_px[:1], box, pixel_size_A, 1.0)
+        new = torch.empty_like(labels)
+        for s in range(0, n, 256):
+            Y = lat.observe(images[s:s + 256])[:, keep]
+            C = evaluate_ctf(ctf_params[s:s + 256].double(), lat.freqs).float()[:, keep]
+            new[s:s + 256] = class_scores(warm, Y, C, low, A[s:s + 256], shifts_px[s:s + 256]).argmax(1)
+        changed = float((new != labels).float().mean())
+        labels = new
+        if changed < 1e-3:
+            break
+    return labels
+
+
+#: search rounds over (class, rotation, shift) after the classification
+CLASS_ROUNDS = 2
+
+
+@torch.no_grad()
+def refine_warm_map(warm: WarmMap, images: torch.Tensor, ctf_params: torch.Tensor, pixel_size_A: float, *,
+                    rounds: int, n_classes: int, max_shift_px: float, seed: int) -> WarmMap:
+    """Projection-matching rounds that lift the coarse warm map to the training box, then classes.
+
+    images `(n, B, B)` normalised at the training box; pixel_size_A of these images; max_shift_px
+    the search range in pixels of B. Each round back-projects the images at their current poses
+    and searches again (global grid + local refinement of rotation and shift). With
+    `n_classes` > 1, a hard-EM classification at fixed poses from a random split follows, and a
+    `CLASS_ROUNDS` rounds search over (class, rotation, shift). Deterministic given `seed`.
+    Returns the maps (one per class) at the training box, for `search`.
+    """
+    box = images.shape[-1]
+    coarse = images if box == warm.box else fourier.fourier_crop(images, warm.box)
+    A, t, _ = search(warm, coarse, ctf_params)
+    t = t * (box / warm.box)
+    shifts = fine_shift_grid(max_shift_px).to(images.device)
+    labels = torch.zeros(images.shape[0], dtype=torch.long, device=images.device)
+    for r in range(rounds):
+        V = reconstruct_classes(images, ctf_params, A, t, labels, 1, pixel_size_A)
+        A, t, _ = search(WarmMap(V, warm.rotations, shifts, box, pixel_size_A, 1.0), images, ctf_params)
+        log.info("refinement round %d/%d at %d px", r + 1, rounds, box)
+    K = 1
+    if n_classes > 1:
+        labels = classify(images, ctf_params, A, t, n_classes, pixel_size_A, seed)
+        for _ in range(CLASS_ROUNDS):
+            V = reconstruct_classes(images, ctf_params, A, t, labels, n_classes, pixel_size_A)
+            A, t, labels = search(WarmMap(V, warm.rotations, shifts, box, pixel_size_A, 1.0), images, ctf_params)
+        K = n_classes
+        log.info("classification into %d classes: %s images", K, torch.bincount(labels, minlength=K).tolist())
+    V = reconstruct_classes(images, ctf_params, A, t, labels, K, pixel_size_A)
+    return WarmMap(V, warm.rotations, shifts, box, float(pixel_size_A), 1.0)
+
+
+def class_codes(n_classes: int, zdim: int) -> torch.Tensor:
+    """Latent targets `(K, zdim)` for K classes: the vertices of a regular simplex of unit radius
+    (class k -> a point as far from the others as the dimensions allow; truncated when zdim < K-1)."""
+    K = int(n_classes)
+    centred = torch.eye(K, dtype=torch.float64) - 1.0 / K
+    basis = torch.linalg.svd(centred, full_matrices=False).Vh[: max(K - 1, 0)]  # (K-1, K)
+    pts = centred @ basis.T  # (K, K-1)
+    pts = pts / pts.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    out = torch.zeros(K, zdim, dtype=torch.float64)
+    m = min(zdim, K - 1)
+    out[:, :m] = pts[:, :m]
+    return out.float()
