@@ -61,6 +61,9 @@ def register(app: typer.Typer) -> None:
         device: Optional[str] = typer.Option(None, "--device", help="auto, cpu or cuda."),
         train_box: Optional[int] = typer.Option(None, "--train-box", help="Fourier-crop images to this box."),
         warm_start: Optional[str] = typer.Option(None, "--warm-start", help="search (default) or none."),
+        warm_classes: Optional[int] = typer.Option(None, "--warm-classes",
+                                                   help="Classes the warm start splits the particles into "
+                                                        "(default 2; 1 = none; ignored for --zdim 0)."),
         force: bool = typer.Option(False, "--force", help="Overwrite existing exports in --out."),
     ) -> None:
         """Train cryoFIRE on particles with no poses; write poses, z, maps and STAR/.cs files into --out."""
@@ -71,7 +74,8 @@ def register(app: typer.Typer) -> None:
         if resume and config is None and (out / "config.json").is_file():
             cfg = TrainConfig.load(out / "config.json")
         overrides = {"zdim": zdim, "epochs": epochs, "max_minutes": max_minutes, "batch_size": batch_size,
-                     "seed": seed, "device": device, "train_box": train_box, "warm_start": warm_start}
+                     "seed": seed, "device": device, "train_box": train_box, "warm_start": warm_start,
+                     "warm_classes": warm_classes}
         cfg = TrainConfig.from_dict({**cfg.to_dict(), **{k: v for k, v in overrides.items() if v is not None}})
         handler = _log_file(out / "train.log")
         prog, on_progress = _progress()

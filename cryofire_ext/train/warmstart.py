@@ -347,29 +347,33 @@ CLASSIFY_RESOLUTION_A = 20.0
 
 @torch.no_grad()
 def classify(images: torch.Tensor, ctf_params: torch.Tensor, A: torch.Tensor, shifts_px: torch.Tensor,
-             n_classes: int, pixel_size_A: float, seed: int, iters: int = 30) -> torch.Tensor:
-    """Hard-EM 3D classification at fixed poses from a random split -> labels `(n,)` int64 (deterministic).
+             n_classes: int, pixel_size_A: float, seed: int, iters: int = 30, starts: int = 4) -> torch.Tensor:
+    """Hard-EM 3D classification at fixed poses -> labels `(n,)` int64 (deterministic given `seed`).
 
-    Scores use lattice points up to `CLASSIFY_RESOLUTION_A`."""
+    From `starts` random splits, each iterated to convergence; the split whose class maps explain
+    the images best (summed log-likelihood) wins. Scores use lattice points up to
+    `CLASSIFY_RESOLUTION_A`."""
     n, box = images.shape[0], images.shape[-1]
     lat = _Lattice(box, pixel_size_A, images.device)
     keep = lat.r <= min(1.0, 2.0 * pixel_size_A / CLASSIFY_RESOLUTION_A) + 1e-6
     low = _Sub(lat, keep)
+    Y = lat.observe(images)[:, keep]
+    C = evaluate_ctf(ctf_params.double(), lat.freqs).float()[:, keep]
     gen = torch.Generator().manual_seed(int(seed) * 7919 + 17)
-    labels = torch.randint(0, n_classes, (n,), generator=gen).to(images.device)
-    for _ in range(iters):
-        warm = WarmMap(reconstruct_classes(images, ctf_params, A, shifts_px, labels, n_classes, pixel_size_A),
-                       A[:1], shifts_px[:1], box, pixel_size_A, 1.0)
-        new = torch.empty_like(labels)
-        for s in range(0, n, 256):
-            Y = lat.observe(images[s:s + 256])[:, keep]
-            C = evaluate_ctf(ctf_params[s:s + 256].double(), lat.freqs).float()[:, keep]
-            new[s:s + 256] = class_scores(warm, Y, C, low, A[s:s + 256], shifts_px[s:s + 256]).argmax(1)
-        changed = float((new != labels).float().mean())
-        labels = new
-        if changed < 1e-3:
-            break
-    return labels
+    best, best_ll = None, -float("inf")
+    for _ in range(starts):
+        labels = torch.randint(0, n_classes, (n,), generator=gen).to(images.device)
+        for _ in range(iters):
+            warm = WarmMap(reconstruct_classes(images, ctf_params, A, shifts_px, labels, n_classes, pixel_size_A),
+                           A[:1], shifts_px[:1], box, pixel_size_A, 1.0)
+            ll, new = class_scores(warm, Y, C, low, A, shifts_px).max(1)
+            changed = float((new != labels).float().mean())
+            labels = new
+            if changed < 1e-3:
+                break
+        if float(ll.sum()) > best_ll:
+            best, best_ll = labels, float(ll.sum())
+    return best
 
 
 #: search rounds over (class, rotation, shift) after the classification
