@@ -126,6 +126,28 @@ def test_winner_take_all_keeps_the_best_candidate_and_volume_round_trip():
     assert c > 0.98
 
 
+class ScaledByZ(ExactField):
+    """The true map's transform times z[0]: only z = +1 renders the images (a decoder with two 'classes')."""
+
+    zdim = 1
+
+    def forward(self, k, z=None):
+        return super().forward(k) * z[..., :1].expand(*k.shape[:-1], 1)
+
+
+def test_extra_candidates_at_their_own_z_let_the_decoder_pick_the_class():
+    vol, apix, A, t_A, ctf, img = _images(n=5, shifts=False)
+    m = CryoFIRE(32, apix, 1, symmetric=False, **SMALL)
+    m.decoder = ScaledByZ(vol)
+    A_t = torch.as_tensor(A, dtype=torch.float32)
+    codes = torch.tensor([[-1.0], [1.0]])
+    extra_R = A_t[:, None].expand(-1, 2, -1, -1)
+    out = m(img, torch.as_tensor(ctf.as_array()), 1.0, None, extra_R, torch.zeros(5, 2, 2), False,
+            codes[None].expand(5, -1, -1))
+    assert torch.equal(out.z_win, torch.ones(5, 1))  # the +1 candidate (the true class) wins every image
+    assert torch.allclose(out.R, A_t) and out.z.shape == (5, 1)  # z stays the encoder's own output
+
+
 def test_flop_count_is_positive_and_grows_with_heads():
     a = CryoFIRE(32, 5.0, 2, n_pose_heads=1, **SMALL).flops_per_image()
     b = CryoFIRE(32, 5.0, 2, n_pose_heads=4, **SMALL).flops_per_image()

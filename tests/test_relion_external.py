@@ -12,7 +12,6 @@ from a cross-correlation peak.
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import sys
@@ -35,18 +34,18 @@ from tests.conftest import require_relion, shared_fixture
 
 BOX, N, SNR = 32, 600, 10.0
 K = np.diag([1.0, 1.0, -1.0])  # z mirror (volume and image frames)
-# Pose recovery (the issue's bar): the model's demo recipe, scaled to this dataset. Minutes of CPU.
-# Measured 2026-11-24 on 2 shared cores (trainer at 1332bfb): 7.3 min, median rotation error 11.7 deg,
-# aligned correlation 0.83 (with epochs=10, distill 6000: 9.2 deg, 0.82) - below the 0.9 the issue asks.
+# Pose recovery (the issue's bar): the model's demo recipe, scaled to this dataset (one state: no warm
+# classes; a finer global grid). Measured 2026-11-24 on 2 idle cores: job 77 s, median rotation error
+# 2.3 deg (1.0% beyond 20 deg), aligned correlation 0.990 (0.996 from the true poses).
 RECOVERY_PARAMS = {"zdim": "1", "epochs": "6", "batch_size": "32", "num_workers": "0", "device": "cpu", "lr": "3e-4",
                    "lr_warmup_images": "1000", "symmetric": "false", "pose_only_images": "3000",
                    "march_images": "6000", "distill_images": "3000", "warm_images": "600", "warm_box": "24",
-                   "warm_steps": "500", "warm_rotations": "3000", "warm_max_shift_px": "2.0"}
+                   "warm_steps": "500", "warm_rotations": "8000", "warm_max_shift_px": "2.0",
+                   "warm_classes": "1", "warm_rounds": "3"}
 # Plumbing only (seconds): one epoch of a small model, no warm start.
 TINY_PARAMS = {"zdim": "1", "epochs": "1", "batch_size": "64", "num_workers": "0", "device": "cpu",
                "warm_start": "none", "hidden": "64", "dec_hidden": "64", "enc_channels": "8,16,32,64,64",
                "n_clusters": "2"}
-SLOW_ENV = "CRYOFIRE_SLOW_TESTS"
 
 
 # --------------------------------------------------------------------------- helpers
@@ -178,7 +177,7 @@ def _resample(vol: np.ndarray, T: np.ndarray) -> np.ndarray:
     g = np.arange(n) - n // 2
     z, y, x = np.meshgrid(g, g, g, indexing="ij")
     src = T @ np.stack([x.ravel(), y.ravel(), z.ravel()])
-    return map_coordinates(vol, np.stack([src[2], src[1], src[0]]) + n // 2, order=1).reshape(vol.shape)
+    return map_coordinates(vol, np.stack([src[2], src[1], src[0]]) + n // 2, order=3).reshape(vol.shape)
 
 
 def _masked_corr(a: np.ndarray, b: np.ndarray) -> float:
@@ -194,7 +193,22 @@ def aligned_correlation(truth: np.ndarray, rec: np.ndarray, A_true: np.ndarray, 
     moved = _resample(rec, T)
     cc = np.real(np.fft.ifftn(np.fft.fftn(truth) * np.conj(np.fft.fftn(moved))))
     moved = np.roll(moved, np.unravel_index(np.argmax(cc), cc.shape), axis=(0, 1, 2))
-    return _masked_corr(truth, moved)
+    return max(_masked_corr(truth, _subvoxel_shift(moved, d)) for d in _subvoxel_grid())
+
+
+def _subvoxel_grid(step: float = 0.25) -> list[np.ndarray]:
+    """Fractional shifts (voxels, [z, y, x]) in [-0.5, 0.5]^3: an ab initio map's origin is free, like its
+    orientation, and at 10 A/px an integer-voxel alignment alone costs several points of correlation."""
+    g = np.arange(-0.5, 0.5 + 1e-9, step)
+    return [np.array([a, b, c]) for a in g for b in g for c in g]
+
+
+def _subvoxel_shift(vol: np.ndarray, d: np.ndarray) -> np.ndarray:
+    """`vol` moved by `d` voxels ([z, y, x]) with a Fourier phase ramp."""
+    f = [np.fft.fftfreq(n) for n in vol.shape]
+    kz, ky, kx = np.meshgrid(*f, indexing="ij")
+    ramp = np.exp(-2j * np.pi * (kz * d[0] + ky * d[1] + kx * d[2]))
+    return np.real(np.fft.ifftn(np.fft.fftn(vol) * ramp))
 
 
 def _reconstruct(project: Path, star: str, out: str) -> np.ndarray:
@@ -310,7 +324,6 @@ def test_relion_runs_the_job_and_registers_its_outputs(relion_dataset, tmp_path)
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(os.environ.get(SLOW_ENV) != "1", reason=f"pose recovery takes many CPU minutes; set {SLOW_ENV}=1")
 def test_relion_reconstruct_from_our_poses_matches_the_truth(relion_dataset, tmp_path):
     """The issue's bar: relion_reconstruct --ctf on our particles.star correlates >= 0.9 with the truth map."""
     project = _copy_project(relion_dataset, tmp_path / "proj")
@@ -319,8 +332,17 @@ def test_relion_reconstruct_from_our_poses_matches_the_truth(relion_dataset, tmp
     elapsed = time.monotonic() - t0
     _check_registered_outputs(project, job)
     corr, _ = _our_map_vs_truth(project, relion_dataset)
+    true_rec = _reconstruct(project, "particles.star", "rec_true_poses.mrc")  # the input STAR holds the true poses
+    A = np.stack(list(relion_dataset["A"].values()))
+    ceiling = aligned_correlation(relion_dataset["truth"], true_rec, A, A)
+    from cryofire_ext.metrics import rotation_error_deg
+
+    ours = _poses_by_name(project / "External/job001/particles.star")
+    errs = rotation_error_deg(np.stack([ours[k] for k in relion_dataset["A"]]), A).errors_deg
+    rot = float(np.median(errs))
     print(f"relion_reconstruct from our poses: aligned correlation {corr:.3f} with the truth map "
-          f"({N} particles, box {BOX}, SNR {SNR}); job took {elapsed:.0f} s")
+          f"({N} particles, box {BOX}, SNR {SNR}; {ceiling:.3f} from the true poses); median rotation error "
+          f"{rot:.1f} deg ({np.mean(errs > 20):.1%} beyond 20 deg); job took {elapsed:.0f} s")
     assert corr >= 0.9
 
 
