@@ -31,6 +31,7 @@ def main() -> None:
     ap.add_argument("--snr", type=float, default=1.0)
     ap.add_argument("--epochs", type=int, default=None, help="default: the demo's")
     ap.add_argument("--zdim", type=int, default=None, help="default: the demo's")
+    ap.add_argument("--warm-classes", type=int, default=None, help="default: the demo's (2)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--seed", type=int, default=0)
@@ -49,7 +50,8 @@ def main() -> None:
     maps, apix = phantom_maps(args.box, states=args.states)  # the arm swings over 40 deg through the states
     ds = simulate(maps, args.n, snr=args.snr, shift_px=2.0, pixel_size_A=apix, seed=args.seed)
     run = args.out / "run"
-    over = {k: v for k, v in (("zdim", args.zdim), ("epochs", args.epochs)) if v is not None}
+    over = {k: v for k, v in (("zdim", args.zdim), ("epochs", args.epochs), ("warm_classes", args.warm_classes))
+            if v is not None}
     cfg = TrainConfig(**{**DEMO_CONFIG, "device": args.device, "seed": args.seed, **over})
     t1 = time.time()
     train(ds.particles, run, cfg)
@@ -61,7 +63,7 @@ def main() -> None:
     rot = metrics.rotation_error_deg(pred.A, ds.A)  # ab initio maps live in a globally rotated frame
     truth_maps = [np.roll(t[::-1], 1, axis=0) if rot.flipped else t for t in ds.maps]
     result = {"states": args.states, "n": args.n, "box": args.box, "snr": args.snr, "epochs": cfg.epochs,
-              "zdim": cfg.zdim, "train_s": round(t2 - t1, 1), "simulate_s": round(t1 - t0, 1),
+              "zdim": cfg.zdim, "warm_classes": cfg.warm_classes, "train_s": round(t2 - t1, 1), "simulate_s": round(t1 - t0, 1),
               "median_rotation_error_deg": float(np.median(rot.errors_deg)), "hand_flipped": bool(rot.flipped),
               "pc1_abs_corr_state": metrics.pc1_correlation(pred.z, ds.state)}
     for name, k in (("bic", None), ("k_states", args.states)):
