@@ -123,7 +123,7 @@ def loss_plot(run_dir, path, force: bool = False) -> Path:
 # ---------------------------------------------------------------- demo
 DEMO_CONFIG = dict(zdim=2, epochs=8, batch_size=32, lr=3e-4, lr_warmup_images=1000, symmetric=False,
                    pose_only_images=2000, march_images=6000, distill_images=4000, warm_images=800, warm_box=24,
-                   warm_steps=300, warm_rotations=3000, warm_max_shift_px=2.0)
+                   warm_steps=300, warm_rotations=8000, warm_max_shift_px=2.0)
 
 
 @dataclass
