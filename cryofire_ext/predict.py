@@ -114,21 +114,21 @@ def predict(run_dir, stack: ParticleStack, *, batch_size: int = 256, device: str
     shifts_A = np.empty((n, 2))
     z = np.empty((n, tm.zdim), np.float32)
     loss = np.empty(n)
+    if tm.warm is not None:
+        from cryofire_ext.train.trainer import candidates_at_codes
+        from cryofire_ext.train.warmstart import class_targets, search
+
+        codes = class_targets(tm.warm, tm.zdim, dev)
     for s in range(0, n, batch_size):
         idx = np.arange(s, min(n, s + batch_size))
         img, ctf = data.read(idx)
         img, ctf = img.to(dev), ctf.to(dev)
         extra, ez = (None, None), None
         if tm.warm is not None:
-            from cryofire_ext.train.data import crop
-            from cryofire_ext.train.trainer import candidates_at_codes
-            from cryofire_ext.train.warmstart import class_codes, search
-
-            A_s, t_s, _ = search(tm.warm, crop(img, tm.warm.box), ctf)
-            t_s = t_s * (tm.box / tm.warm.box)
+            A_s, t_s, _ = search(tm.warm, img, ctf)
             extra = (A_s[:, None], t_s[:, None])
-            if tm.warm.n_classes > 1 and tm.zdim:  # the searched pose at each class's z (the decoder picks)
-                extra, ez = candidates_at_codes(A_s, t_s, class_codes(tm.warm.n_classes, tm.zdim).to(dev))
+            if codes is not None:  # the searched pose at each class's z (the decoder picks)
+                extra, ez = candidates_at_codes(A_s, t_s, codes)
         out = tm.model(img, ctf, 1.0, None, *extra, extra_z=ez)
         A[idx] = out.R.double().cpu().numpy()
         shifts_A[idx] = out.shift_px.double().cpu().numpy() * tm.pixel_size_A

@@ -16,7 +16,7 @@ from cryofire_ext.phantom import phantom_maps
 from cryofire_ext.poses import random_rotations
 from cryofire_ext.simulate import simulate
 from cryofire_ext.train.data import StackStats, TrainingImages
-from cryofire_ext.train.warmstart import (WarmMap, build_warm_map_online, class_codes, classify, fine_shift_grid,
+from cryofire_ext.train.warmstart import (WarmMap, build_warm_map_online, class_codes, classify, shift_grid,
                                           reconstruct_classes, refine_warm_map, search)
 
 torch.set_num_threads(2)
@@ -42,7 +42,7 @@ def test_search_against_true_class_maps_finds_pose_shift_and_state(two_states):
     A, t, state = _truth(ds)
     V = reconstruct_classes(images, ctf, A, t, state, 2, apix)
     rots = torch.as_tensor(random_rotations(3000, np.random.default_rng(3)), dtype=torch.float32)
-    warm = WarmMap(V, rots, fine_shift_grid(2.0), 32, apix, 1.0)
+    warm = WarmMap(V, rots, shift_grid(2.0), 32, apix, 1.0)
     A_s, t_s, c_s = search(warm, images, ctf)
     err = geodesic_deg(A_s.double().numpy(), ds.A)  # same frame as the maps: no global alignment
     assert np.median(err) < 5.0 and np.mean(err < 20) > 0.9

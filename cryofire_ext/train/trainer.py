@@ -27,8 +27,7 @@ from cryofire_ext.train import distributed, schedules
 from cryofire_ext.train.checkpoint import load_checkpoint, save_checkpoint
 from cryofire_ext.train.config import TrainConfig
 from cryofire_ext.train.data import PrefetchLoader, StackStats, TrainingImages, crop, epoch_batches, scan_stack
-from cryofire_ext.train.warmstart import (WarmMap, build_warm_map_online, class_codes, refine_warm_map,
-                                          search)
+from cryofire_ext.train.warmstart import WarmMap, build_warm_map_online, class_targets, refine_warm_map, search
 
 log = logging.getLogger(__name__)
 
@@ -121,10 +120,8 @@ def train(stack: ParticleStack, run_dir, config: TrainConfig, *, resume: bool = 
             warm = WarmMap.from_state(state["warm"])
         else:
             warm = _warm_start(config, data, stack, box, env.device)
-    searched = SearchCache(warm, n, box, state.get("searched") if state else None) if warm is not None else None
-    codes = None
-    if warm is not None and warm.n_classes > 1 and config.zdim > 0:
-        codes = class_codes(warm.n_classes, config.zdim).to(env.device)
+    searched = SearchCache(warm, n, state.get("searched") if state else None) if warm is not None else None
+    codes = class_targets(warm, config.zdim, env.device)
     net = distributed.wrap(model, env)
     epoch0 = int(state["epoch"]) if state else 0
     batch0 = int(state["batch"]) if state else 0
@@ -267,8 +264,8 @@ class SearchCache:
     shifts `(n, 2)` px of the training box, class `(n,)`.
     """
 
-    def __init__(self, warm: WarmMap, n: int, box: int, saved: dict | None = None):
-        self.warm, self.box = warm, box
+    def __init__(self, warm: WarmMap, n: int, saved: dict | None = None):
+        self.warm = warm
         self.A = torch.zeros(n, 3, 3)
         self.t = torch.zeros(n, 2)
         self.cls = torch.zeros(n, dtype=torch.long)
@@ -280,9 +277,9 @@ class SearchCache:
         idx = torch.as_tensor(np.asarray(idx), dtype=torch.long)
         todo = torch.nonzero(~self.known[idx]).squeeze(-1)
         if len(todo):
-            A, t, c = search(self.warm, crop(img[todo.to(img.device)], self.warm.box), ctf[todo.to(ctf.device)])
+            A, t, c = search(self.warm, img[todo.to(img.device)], ctf[todo.to(ctf.device)])
             j = idx[todo]
-            self.A[j], self.t[j] = A.cpu(), t.cpu() * (self.box / self.warm.box)
+            self.A[j], self.t[j] = A.cpu(), t.cpu()
             self.cls[j], self.known[j] = c.cpu(), True
         return self.A[idx].to(img.device), self.t[idx].to(img.device), self.cls[idx].to(img.device)
 

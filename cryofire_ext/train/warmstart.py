@@ -30,6 +30,7 @@ from cryofire_ext import fourier
 from cryofire_ext.ctf import evaluate_ctf
 from cryofire_ext.model.losses import undo_shift
 from cryofire_ext.poses import random_rotations
+from cryofire_ext.train.data import crop
 
 log = logging.getLogger(__name__)
 
@@ -120,14 +121,6 @@ def _solve(acc: torch.Tensor, reg: float) -> torch.Tensor:
     return torch.complex(acc[..., 0], acc[..., 1]) / (den + lam + 1e-6)
 
 
-def _shift_grid(max_shift_px: float) -> torch.Tensor:
-    s = float(max_shift_px)
-    if s <= 0:
-        return torch.zeros(1, 2)
-    g = torch.tensor([-s, 0.0, s])
-    return torch.stack(torch.meshgrid(g, g, indexing="xy"), dim=-1).reshape(-1, 2)
-
-
 def _scores(Y: torch.Tensor, C: torch.Tensor, S: torch.Tensor, lat: _Lattice, shifts: torch.Tensor,
             radius: float) -> torch.Tensor:
     """Log-likelihood up to a constant `(n, S, M)`: `2 Re<Y_s C, S_m> - <C^2, |S_m|^2>` on `|k| <= radius`."""
@@ -151,29 +144,32 @@ def search(warm: WarmMap, images: torch.Tensor, ctf_params: torch.Tensor, refine
            chunk: int = 128):
     """Best pose and class of each image against the warm maps (global grid, then local refinement).
 
-    images `(n, B, B)` normalised at the warm box -> (A `(n, 3, 3)` RELION matrices, shifts `(n, 2)`
-    warm-box pixels, class `(n,)` int64). Each class map is searched on its own and the best score
-    wins. With `refine`, a local search of rotations (steps of `REFINE_STEPS_RAD`) and then of
-    shifts (`REFINE_SHIFT_STEPS`, a fraction of the grid's pitch) follows the grid search.
+    images `(n, B, B)` normalised, `B >= warm.box` (Fourier-cropped to the warm box here) ->
+    (A `(n, 3, 3)` RELION matrices, shifts `(n, 2)` in pixels of B, class `(n,)` int64). Each class
+    map is searched on its own and the best score wins. With `refine`, a local search of rotations
+    (steps of `REFINE_STEPS_RAD`) and then of shifts (`REFINE_SHIFT_STEPS`, a fraction of the grid's
+    pitch) follows the grid search.
     """
     device = images.device
+    box = images.shape[-1]
+    images = crop(images, warm.box)
     lat = _Lattice(warm.box, warm.pixel_size_A, device)
     rots = warm.rotations.to(device)
     shifts = warm.shifts_px.to(device)
+    pitch = _grid_pitch(warm.shifts_px)
     coords = torch.einsum("mi,rij->rmj", lat.k, rots)
-    S_all = [_slices(V.to(device), coords) for V in warm.V]
+    maps = [V.to(device) for V in warm.V]
+    S_all = [_slices(V, coords) for V in maps]
     out_A, out_t, out_c = [], [], []
     for s in range(0, images.shape[0], chunk):
         Y = lat.observe(images[s:s + chunk])
         C = evaluate_ctf(ctf_params[s:s + chunk].double().to(device), lat.freqs).float()
         per_class = []  # each class searched (and refined) on its own; the best final score wins
-        for c, S in enumerate(S_all):
+        for V, S in zip(maps, S_all):
             val, flat = _scores(Y, C, S, lat, shifts, 1.0).flatten(1).max(1)  # over (shift, rotation)
             A, t = rots[flat % S.shape[0]], shifts[flat // S.shape[0]]
-            cls = torch.full_like(flat, c)
             if refine:
-                A, t = refine_local(warm, Y, C, lat, A, t, cls)
-                val = class_scores(warm, Y, C, lat, A, t)[:, c]
+                A, t, val = refine_local(V, Y, C, lat, A, t, pitch)
             per_class.append((val, A, t))
         vals = torch.stack([v for v, _, _ in per_class], 1)
         cls = vals.argmax(1)
@@ -181,7 +177,7 @@ def search(warm: WarmMap, images: torch.Tensor, ctf_params: torch.Tensor, refine
         out_A.append(torch.stack([a for _, a, _ in per_class], 1)[ar, cls])
         out_t.append(torch.stack([t for _, _, t in per_class], 1)[ar, cls])
         out_c.append(cls)
-    return torch.cat(out_A), torch.cat(out_t), torch.cat(out_c)
+    return torch.cat(out_A), torch.cat(out_t) * (box / warm.box), torch.cat(out_c)
 
 
 #: local refinement: rotation steps (radians, each tried along `n_dir` random axes), then shift steps
@@ -190,51 +186,41 @@ REFINE_STEPS_RAD = (0.12, 0.08, 0.05, 0.03, 0.02, 0.012)
 REFINE_SHIFT_STEPS = (0.5, 0.25)
 
 
-def refine_local(warm: WarmMap, Y: torch.Tensor, C: torch.Tensor, lat: "_Lattice", A: torch.Tensor,
-                 t: torch.Tensor, cls: torch.Tensor, n_dir: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
-    """Hill-climb each image's pose `A` `(n, 3, 3)` and shift `t` `(n, 2)` px against its class map
-    `cls` `(n,)`: observed `Y` `(n, m)`, CTF `C` `(n, m)` on `lat`. Deterministic."""
+def refine_local(V: torch.Tensor, Y: torch.Tensor, C: torch.Tensor, lat: "_Lattice", A: torch.Tensor,
+                 t: torch.Tensor, pitch_px: float, n_dir: int = 16):
+    """Hill-climb each image's pose `A` `(n, 3, 3)` and shift `t` `(n, 2)` px against the map `V`
+    `(G, G, G)`: observed `Y` `(n, m)`, CTF `C` `(n, m)` on `lat`; shift steps are fractions of
+    `pitch_px`. Deterministic. Returns (A, t, score `(n,)` the log-likelihood at them)."""
     gen = torch.Generator().manual_seed(99)
-    n, ar = A.shape[0], torch.arange(A.shape[0], device=A.device)
-    pitch = _grid_pitch(warm.shifts_px)
+    ar = torch.arange(A.shape[0], device=A.device)
     for step in REFINE_STEPS_RAD:
         axes = Fn.normalize(torch.randn(n_dir, 3, generator=gen), dim=-1).to(A.device)
         cand = torch.cat((A[:, None], _axis_angle(axes * step)[None] @ A[:, None]), dim=1)  # (n, 1+n_dir, 3, 3)
-        coords = torch.einsum("mi,ncij->ncmj", lat.k, cand)
-        S = _class_slices(warm, coords, cls)
+        S = _slices(V, torch.einsum("mi,ncij->ncmj", lat.k, cand))
         score = _score_at(Y, C, lat.k[:, :2], S, t[:, None].expand(-1, cand.shape[1], -1))
         A = cand[ar, score.argmax(1)]
-    S = _class_slices(warm, torch.einsum("mi,nij->nmj", lat.k, A)[:, None], cls)  # (n, 1, m)
+    S = _slices(V, torch.einsum("mi,nij->nmj", lat.k, A)[:, None])  # (n, 1, m)
     for frac in REFINE_SHIFT_STEPS:
-        d = frac * pitch
+        d = frac * pitch_px
         g = torch.tensor([[x, y] for y in (-d, 0.0, d) for x in (-d, 0.0, d)], device=A.device)
         tc = t[:, None] + g[None]  # (n, 9, 2)
-        score = _score_at(Y, C, lat.k[:, :2], S.expand(-1, tc.shape[1], -1), tc)
-        t = tc[ar, score.argmax(1)]
-    return A, t
+        best, j = _score_at(Y, C, lat.k[:, :2], S.expand(-1, tc.shape[1], -1), tc).max(1)
+        t = tc[ar, j]
+    return A, t, best
 
 
-def class_scores(warm: WarmMap, Y: torch.Tensor, C: torch.Tensor, lat: "_Lattice", A: torch.Tensor,
+def class_scores(V: torch.Tensor, Y: torch.Tensor, C: torch.Tensor, lat: "_Lattice", A: torch.Tensor,
                  t: torch.Tensor) -> torch.Tensor:
-    """Log-likelihood `(n, K)` of each image under each class map at its pose `A` and shift `t`."""
+    """Log-likelihood `(n, K)` of each image under each class map `V` `(K, G, G, G)` at its pose `A`
+    and shift `t`."""
     coords = torch.einsum("mi,nij->nmj", lat.k, A.float())[:, None]
-    return torch.cat([_score_at(Y, C, lat.k[:, :2], _slices(V.to(A.device), coords), t[:, None].float())
-                      for V in warm.V], dim=1)
+    return torch.cat([_score_at(Y, C, lat.k[:, :2], _slices(Vk.to(A.device), coords), t[:, None].float())
+                      for Vk in V], dim=1)
 
 
 def _grid_pitch(shifts_px: torch.Tensor) -> float:
     u = torch.unique(shifts_px[:, 0])
     return float((u[1:] - u[:-1]).min()) if len(u) > 1 else 1.0
-
-
-def _class_slices(warm: WarmMap, coords: torch.Tensor, cls: torch.Tensor) -> torch.Tensor:
-    """Slices `(n, c, m)` of each image's class map at coords `(n, c, m, 3)`."""
-    out = torch.empty(coords.shape[:-1], dtype=torch.complex64, device=coords.device)
-    for k in range(warm.n_classes):
-        sel = torch.nonzero(cls == k).squeeze(-1)
-        if len(sel):
-            out[sel] = _slices(warm.V[k].to(coords.device), coords[sel])
-    return out
 
 
 def _axis_angle(v: torch.Tensor) -> torch.Tensor:
@@ -269,7 +255,7 @@ def build_warm_map_online(images: torch.Tensor, ctf_params: torch.Tensor, pixel_
     lat = _Lattice(box, pixel_size_A, device)
     rng = np.random.default_rng([int(seed), 4242])
     rots = torch.as_tensor(random_rotations(n_rotations, rng), dtype=torch.float32, device=device)
-    shifts = _shift_grid(max_shift_px).to(device)
+    shifts = shift_grid(max_shift_px, max_shift_px).to(device)  # 3x3 at 0, +-max
     Y = lat.observe(images)
     C = evaluate_ctf(ctf_params.double().to(device), lat.freqs).float()
     G = box + 1
@@ -308,7 +294,7 @@ class _Sub:
 
 
 # ---------------------------------------------------------------- refinement at the training box
-def fine_shift_grid(max_shift_px: float, max_pitch_px: float = 1.5) -> torch.Tensor:
+def shift_grid(max_shift_px: float, max_pitch_px: float = 1.5) -> torch.Tensor:
     """Square grid `(S, 2)` over `[-max, max]^2` px with a pitch of at most `max_pitch_px`."""
     if max_shift_px <= 0:
         return torch.zeros(1, 2)
@@ -364,9 +350,8 @@ def classify(images: torch.Tensor, ctf_params: torch.Tensor, A: torch.Tensor, sh
     for _ in range(starts):
         labels = torch.randint(0, n_classes, (n,), generator=gen).to(images.device)
         for _ in range(iters):
-            warm = WarmMap(reconstruct_classes(images, ctf_params, A, shifts_px, labels, n_classes, pixel_size_A),
-                           A[:1], shifts_px[:1], box, pixel_size_A, 1.0)
-            ll, new = class_scores(warm, Y, C, low, A, shifts_px).max(1)
+            V = reconstruct_classes(images, ctf_params, A, shifts_px, labels, n_classes, pixel_size_A)
+            ll, new = class_scores(V, Y, C, low, A, shifts_px).max(1)
             changed = float((new != labels).float().mean())
             labels = new
             if changed < 1e-3:
@@ -388,15 +373,13 @@ def refine_warm_map(warm: WarmMap, images: torch.Tensor, ctf_params: torch.Tenso
     images `(n, B, B)` normalised at the training box; pixel_size_A of these images; max_shift_px
     the search range in pixels of B. Each round back-projects the images at their current poses
     and searches again (global grid + local refinement of rotation and shift). With
-    `n_classes` > 1, a hard-EM classification at fixed poses from a random split follows, and a
+    `n_classes` > 1, a hard-EM classification at fixed poses from random splits follows, then
     `CLASS_ROUNDS` rounds search over (class, rotation, shift). Deterministic given `seed`.
     Returns the maps (one per class) at the training box, for `search`.
     """
     box = images.shape[-1]
-    coarse = images if box == warm.box else fourier.fourier_crop(images, warm.box)
-    A, t, _ = search(warm, coarse, ctf_params)
-    t = t * (box / warm.box)
-    shifts = fine_shift_grid(max_shift_px).to(images.device)
+    A, t, _ = search(warm, images, ctf_params)
+    shifts = shift_grid(max_shift_px).to(images.device)
     labels = torch.zeros(images.shape[0], dtype=torch.long, device=images.device)
     for r in range(rounds):
         V = reconstruct_classes(images, ctf_params, A, t, labels, 1, pixel_size_A)
@@ -412,6 +395,13 @@ def refine_warm_map(warm: WarmMap, images: torch.Tensor, ctf_params: torch.Tenso
         log.info("classification into %d classes: %s images", K, torch.bincount(labels, minlength=K).tolist())
     V = reconstruct_classes(images, ctf_params, A, t, labels, K, pixel_size_A)
     return WarmMap(V, warm.rotations, shifts, box, float(pixel_size_A), 1.0)
+
+
+def class_targets(warm: "WarmMap | None", zdim: int, device) -> torch.Tensor | None:
+    """The z target of each warm class `(K, zdim)` on `device`, or None without classes (or zdim 0)."""
+    if warm is None or warm.n_classes < 2 or zdim < 1:
+        return None
+    return class_codes(warm.n_classes, zdim).to(device)
 
 
 def class_codes(n_classes: int, zdim: int) -> torch.Tensor:
