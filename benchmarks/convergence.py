@@ -6,7 +6,9 @@
 Simulates the bundled two-state phantom (cryofire_ext.phantom, shifts +-shift_px, CTF 1-2.5 um),
 trains with a preset ("search": the default config with the EM warm start and searched-pose
 candidates; "plain": the seed's recipe, warm_start="none"), then scores every epoch checkpoint
-on `--eval` particles with the final inference pass (not the values seen in training). Wall
+on `--eval` particles with the final inference pass (not the values seen in training) without
+pose refinement (`polish_rounds` 0: the model's own), and the last checkpoint once more with the
+run's `polish_rounds`. Wall
 time and images seen come from the run's history (evaluation is not timed). Records
 os.getloadavg(): this machine's 2 cores are shared with other work.
 """
@@ -71,13 +73,15 @@ def main() -> None:
     sub = type(ds.particles)(ids=ds.particles.ids[sel], pixel_size_A=apix, box=args.box,
                              ctf=ds.particles.ctf.subset(sel), images=_Subset(ds.particles.images, sel))
     curve = []
-    for f in sorted(glob.glob(str(run / "checkpoints" / "epoch_*.pt"))) + [str(run / "checkpoints" / "last.pt")]:
+    ckpts = sorted(glob.glob(str(run / "checkpoints" / "epoch_*.pt"))) + [str(run / "checkpoints" / "last.pt")]
+    for f, rounds in [(f, 0) for f in ckpts] + [(ckpts[-1], None)]:  # the model's own; then last.pt polished
         st = load_checkpoint(f)
         tm = load_trained(run, checkpoint=f)
-        p = predict(tm, sub, device="cpu")
+        p = predict(tm, sub, device="cpu", polish_rounds=rounds)
         rot = rotation_error_deg(p.A, ds.A[sel])
         sh, _ = shift_error_px(p.shifts_A / apix, ds.shifts_A[sel] / apix, p.A)
         point = {"checkpoint": Path(f).name, "images_seen": int(st["images"]), "wall_s": float(st["elapsed_s"]),
+                 "polish_rounds": p.meta["polish_rounds"],
                  "median_rotation_error_deg": float(np.median(rot.errors_deg)),
                  "median_shift_error_px": float(np.median(sh))}
         if p.zdim:

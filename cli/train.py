@@ -64,6 +64,9 @@ def register(app: typer.Typer) -> None:
         warm_classes: Optional[int] = typer.Option(None, "--warm-classes",
                                                    help="Classes the warm start splits the particles into "
                                                         "(default 2; 1 = none; ignored for --zdim 0)."),
+        polish_rounds: Optional[int] = typer.Option(None, "--polish-rounds",
+                                                    help="Rounds of per-particle refinement of pose, shift and class "
+                                                         "after training (default 3; 0 = the model's own)."),
         force: bool = typer.Option(False, "--force", help="Overwrite existing exports in --out."),
     ) -> None:
         """Train cryoFIRE on particles with no poses; write poses, z, maps and STAR/.cs files into --out."""
@@ -75,7 +78,7 @@ def register(app: typer.Typer) -> None:
             cfg = TrainConfig.load(out / "config.json")
         overrides = {"zdim": zdim, "epochs": epochs, "max_minutes": max_minutes, "batch_size": batch_size,
                      "seed": seed, "device": device, "train_box": train_box, "warm_start": warm_start,
-                     "warm_classes": warm_classes}
+                     "warm_classes": warm_classes, "polish_rounds": polish_rounds}
         cfg = TrainConfig.from_dict({**cfg.to_dict(), **{k: v for k, v in overrides.items() if v is not None}})
         handler = _log_file(out / "train.log")
         prog, on_progress = _progress()
@@ -97,6 +100,8 @@ def register(app: typer.Typer) -> None:
         datadir: Optional[Path] = typer.Option(None, "--datadir", help="Folder holding the image stacks."),
         force: bool = typer.Option(False, "--force", help="Overwrite existing outputs."),
         clusters: Optional[int] = typer.Option(None, "--clusters", help="Clusters of z for maps (default: BIC)."),
+        polish_rounds: Optional[int] = typer.Option(None, "--polish-rounds",
+                                                    help="Pose refinement rounds (default: the run's; 0 = none)."),
     ) -> None:
         """Run a trained model over any particles (new images included): predictions, STAR, .cs and maps."""
         from integrations.job import OUTPUT_FILES, export_run, load_particles
@@ -106,7 +111,7 @@ def register(app: typer.Typer) -> None:
             check_writable(out / name, force)
         stack = load_particles(particles, datadir)
         out.mkdir(parents=True, exist_ok=True)
-        job = export_run(run, stack, force=force, n_clusters=clusters, out_dir=out)
+        job = export_run(run, stack, force=force, n_clusters=clusters, out_dir=out, polish_rounds=polish_rounds)
         typer.echo(f"wrote {job.predictions}, {job.particles_star}, {job.particles_cs}")
 
     @app.command("demo")

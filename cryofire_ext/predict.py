@@ -97,11 +97,17 @@ def load_trained(run_dir, device: str = "cpu", checkpoint: str | Path | None = N
 
 
 @torch.no_grad()
-def predict(run_dir, stack: ParticleStack, *, batch_size: int = 256, device: str = "auto") -> Predictions:
+def predict(run_dir, stack: ParticleStack, *, batch_size: int = 256, device: str = "auto",
+            polish_rounds: int | None = None) -> Predictions:
     """Poses, shifts, z and loss for every particle of `stack` from the trained run in `run_dir`.
 
-    The stack must have the training particles' box and pixel size (within 0.5%).
+    The stack must have the training particles' box and pixel size (within 0.5%). Then
+    `polish_rounds` (None: the run's `config.polish_rounds`) rounds of per-particle refinement
+    of pose, shift and class against the particles' back-projected class maps (`train.polish`);
+    a particle whose class changes gets that class's z. `loss` stays the model's loss.
     """
+    if polish_rounds is not None and (not isinstance(polish_rounds, int) or polish_rounds < 0):
+        raise InputError(f"polish rounds {polish_rounds!r}: expected an integer >= 0 (0 = no pose refinement)")
     tm = run_dir if isinstance(run_dir, TrainedModel) else load_trained(run_dir, device=device)
     if stack.box != tm.input_box or abs(stack.pixel_size_A / tm.input_pixel_size_A - 1) > 5e-3:
         raise InputError(f"particles are {stack.box} px at {stack.pixel_size_A:.4g} A/px but the run in "
@@ -134,7 +140,32 @@ def predict(run_dir, stack: ParticleStack, *, batch_size: int = 256, device: str
         shifts_A[idx] = out.shift_px.double().cpu().numpy() * tm.pixel_size_A
         z[idx] = out.z_win.float().cpu().numpy()
         loss[idx] = out.loss.double().cpu().numpy()
-    meta = {"pixel_size_A": stack.pixel_size_A, "box": stack.box, "model_box": tm.box,
+    rounds = tm.config.polish_rounds if polish_rounds is None else polish_rounds
+    if rounds > 0:
+        A, shifts_A, z = _polish(tm, data, A, shifts_A, z, rounds)
+    meta = {"polish_rounds": rounds, "pixel_size_A": stack.pixel_size_A, "box": stack.box, "model_box": tm.box,
             "model_pixel_size_A": tm.pixel_size_A, "zdim": tm.zdim, "run_dir": str(tm.run_dir),
             "epoch": tm.epoch, "images_seen": tm.images_seen}
     return Predictions(ids=stack.ids, A=A, shifts_A=shifts_A, z=z, loss=loss, meta=meta)
+
+
+def _polish(tm: TrainedModel, data: TrainingImages, A: np.ndarray, shifts_A: np.ndarray, z: np.ndarray, rounds: int):
+    """`train.polish` on the model's predictions; classes from z's nearest class code."""
+    from cryofire_ext.train.polish import polish
+    from cryofire_ext.train.warmstart import class_targets
+
+    dev = tm.model.k_half.device
+    codes = class_targets(tm.warm, tm.zdim, "cpu")
+    if codes is None:
+        labels, K = np.zeros(len(A), dtype=np.int64), 1
+    else:
+        codes = codes.numpy()
+        labels, K = ((z[:, None, :] - codes[None]) ** 2).sum(-1).argmin(1), len(codes)
+    A_t, t_t, lab_t = polish(data.read, len(A), torch.as_tensor(A, device=dev), torch.as_tensor(shifts_A / tm.pixel_size_A,
+                             device=dev), torch.as_tensor(labels, device=dev), K, tm.box, tm.pixel_size_A, rounds)
+    new = lab_t.cpu().numpy()
+    z = z.copy()
+    if codes is not None:
+        moved = new != labels
+        z[moved] = codes[new[moved]]
+    return A_t.double().cpu().numpy(), t_t.double().cpu().numpy() * tm.pixel_size_A, z

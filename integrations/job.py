@@ -79,8 +79,10 @@ def run_training_job(particles, out_dir, config: TrainConfig, *, datadir=None,
 
 
 def export_run(run_dir, stack: ParticleStack, *, force: bool = False, n_clusters: int | None = None,
-               seed: int = 0, out_dir=None) -> JobOutputs:
-    """Final inference pass over `stack` with the run in `run_dir`, written to `out_dir` (default run_dir)."""
+               seed: int = 0, out_dir=None, polish_rounds: int | None = None) -> JobOutputs:
+    """Final inference pass over `stack` with the run in `run_dir`, written to `out_dir` (default run_dir).
+
+    `polish_rounds`: pose refinement rounds after the model's pass (None: the run's config)."""
     from cryofire_ext.analysis import cluster, write_maps
     from cryofire_ext.predict import load_trained, predict
     from integrations.cryosparc import write_cs
@@ -89,7 +91,7 @@ def export_run(run_dir, stack: ParticleStack, *, force: bool = False, n_clusters
     run_dir = Path(run_dir)
     out = Path(out_dir) if out_dir is not None else run_dir
     tm = load_trained(run_dir)
-    preds = predict(tm, stack)
+    preds = predict(tm, stack, polish_rounds=polish_rounds)
     pred_path = preds.save(out / "predictions.npz", force=force)
     posed = stack.with_poses(preds.A, preds.shifts_A)
     z = preds.z if preds.zdim else None

@@ -39,6 +39,8 @@ def test_predict_refuses_mismatched_particles_and_bad_checkpoints(trained_run, t
     other, _ = simulated_stack(n=4, box=64, seed=0)
     with pytest.raises(InputError, match="trained on 32 px"):
         predict(trained_run, other)
+    with pytest.raises(InputError, match="polish rounds -1"):
+        predict(trained_run, other, polish_rounds=-1)
     (tmp_path / "checkpoints").mkdir()
     (tmp_path / "checkpoints" / "last.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(InputError, match="unreadable checkpoint"):

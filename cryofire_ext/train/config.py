@@ -21,7 +21,7 @@ FORMAT = "cryofire-train-config"
 FORMAT_VERSION = 1
 
 # fields a resumed run may change (they do not alter what has been trained so far)
-RESUMABLE_FIELDS = ("epochs", "max_minutes", "device", "num_workers", "log_every")
+RESUMABLE_FIELDS = ("epochs", "max_minutes", "device", "num_workers", "log_every", "polish_rounds")
 
 
 @dataclass
@@ -64,6 +64,10 @@ class TrainConfig:
     encoder's own pose heads learn slowly; the loss picks whichever explains the image best).
     `warm_start="none"` is the seed's plain recipe.
 
+    `polish_rounds`: rounds of per-particle refinement of pose, shift and class in `predict`
+    against class maps back-projected from the particles themselves (`train.polish`; 0 = the
+    model's own predictions).
+
     `train_box`: Fourier-crop the images to this box for training (None = keep).
     """
 
@@ -102,6 +106,8 @@ class TrainConfig:
     warm_classes: int = 2
     distill_images: int = 10000
     search_candidates: bool = True
+    # after training
+    polish_rounds: int = 3
     # runtime
     num_workers: int = 2
     log_every: int = 50
@@ -146,6 +152,8 @@ class TrainConfig:
             bad("warm_rounds", "an integer >= 0 (refinement rounds at the training box)")
         if not isinstance(self.warm_classes, int) or self.warm_classes < 1:
             bad("warm_classes", "an integer >= 1 (classes of the warm start; 1 = none)")
+        if not isinstance(self.polish_rounds, int) or self.polish_rounds < 0:
+            bad("polish_rounds", "an integer >= 0 (pose refinement rounds after training; 0 = none)")
 
     # ---- persistence
     def to_dict(self) -> dict:
