@@ -97,12 +97,12 @@ def main() -> None:
                                          "clustering_error", "wall_s", "n", "box", "snr")}
     zdim = int(m["config"]["zdim"])
     data = ours / "data"
+    res["cryodrgn_command"] = [args.peer, "abinit", str(data / "particles.mrcs"), "--ctf", str(peer / "ctf.pkl"),
+                               "--zdim", str(zdim), "-o", str(peer / "out"), "-n", str(args.epochs),
+                               "--checkpoint", "1", "--no-analysis", "--max-threads", "2", "--num-workers", "0",
+                               "--seed", "0"]
     if not (args.reuse and (peer / "out" / "run.log").exists()):
         _run([args.peer, "parse_ctf_star", str(data / "particles.star"), "-o", str(peer / "ctf.pkl")], peer / "ctf.log")
-        res["cryodrgn_command"] = [args.peer, "abinit", str(data / "particles.mrcs"), "--ctf", str(peer / "ctf.pkl"),
-                                   "--zdim", str(zdim), "-o", str(peer / "out"), "-n", str(args.epochs),
-                                   "--checkpoint", "1", "--no-analysis", "--max-threads", "2", "--num-workers", "0",
-                                   "--seed", "0"]
         wall, finished = _run(res["cryodrgn_command"], peer / "abinit.log", args.peer_minutes)
         (peer / "stopped.json").unlink(missing_ok=True)
         if not finished:
