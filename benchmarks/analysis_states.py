@@ -6,7 +6,8 @@
 Simulates the phantom in `--states` conformations (its arm swings through 40 degrees), trains a run, predicts, runs `cryofire analyze`'s library
 (`report.analyze_run`) with K chosen by BIC and again with K = states, and reports:
 clustering error (best one-to-one matching), |corr(PC1, state)|, and for each cluster map the
-truth map it correlates best with (and whether that is the cluster's majority state).
+truth map it correlates best with (and whether that is the cluster's majority state), for the
+decoder's map at the cluster centre and for the map back-projected from the cluster's particles.
 Writes `<out>/bench.json`.
 """
 
@@ -66,22 +67,38 @@ def main() -> None:
               "zdim": cfg.zdim, "warm_classes": cfg.warm_classes, "train_s": round(t2 - t1, 1), "simulate_s": round(t1 - t0, 1),
               "median_rotation_error_deg": float(np.median(rot.errors_deg)), "hand_flipped": bool(rot.flipped),
               "pc1_abs_corr_state": metrics.pc1_correlation(pred.z, ds.state)}
-    for name, k in (("bic", None), ("k_states", args.states)):
-        res = report.analyze_run(run, args.out / f"analysis_{name}", report.AnalyzeConfig(n_clusters=k),
-                                 force=True)
-        c = res.clustering
-        majority, best_truth = [], []
-        for j, path in enumerate(res.cluster_maps):
+    from cryofire_ext.reconstruct import reconstruct
+
+    posed = ds.particles.with_poses(pred.A, pred.shifts_A)  # predictions are in the stack's order
+
+    def member_map(rows):  # what `cryofire analyze` does from the run's particles.star
+        sub = posed.take(rows)
+        return reconstruct(sub.images, sub.A, sub.shifts_A, sub.ctf, apix).numpy(), apix
+
+    def best_truth(paths):
+        best, corrs = [], []
+        for path in paths:
             with mrcfile.open(path) as m:
                 vol = _align_map(m.data.astype(np.float64), rot.global_rotation)
             corr = [float(np.corrcoef(vol.ravel(), t.ravel())[0, 1]) for t in truth_maps]
-            best_truth.append(int(np.argmax(corr)))
-            majority.append(int(np.bincount(ds.state[c.labels == j], minlength=args.states).argmax()))
+            best.append(int(np.argmax(corr)))
+            corrs.append([round(c, 4) for c in corr])
+        return best, corrs
+
+    for name, k in (("bic", None), ("k_states", args.states)):
+        res = report.analyze_run(run, args.out / f"analysis_{name}", report.AnalyzeConfig(n_clusters=k),
+                                 member_map=member_map, force=True)
+        c = res.clustering
+        majority = [int(np.bincount(ds.state[c.labels == j], minlength=args.states).argmax()) for j in range(c.k)]
+        best, corrs = best_truth(res.cluster_maps)
+        best_bp, corrs_bp = best_truth(res.backprojected_maps)
         result[name] = {"k": c.k, "clustering_error": metrics.clustering_error(c.labels, ds.state),
                         "kmeans_clustering_error": metrics.clustering_error(c.kmeans_labels, ds.state),
                         "populations": c.populations().tolist(),
-                        "cluster_map_best_truth": best_truth, "cluster_majority_state": majority,
-                        "maps_match_own_state": bool(best_truth == majority)}
+                        "cluster_map_best_truth": best, "cluster_map_corr_with_truths": corrs,
+                        "cluster_majority_state": majority, "maps_match_own_state": bool(best == majority),
+                        "backprojected_best_truth": best_bp, "backprojected_corr_with_truths": corrs_bp,
+                        "backprojected_match_own_state": bool(best_bp == majority)}
     result["total_s"] = round(time.time() - t0, 1)
     (args.out / "bench.json").write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))

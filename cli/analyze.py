@@ -65,6 +65,25 @@ def _subset_writer(run_dir: Path, pred, suffixes: tuple[str, ...] | None = None)
     return write
 
 
+def _member_map(run_dir: Path, pred):
+    """A `report.MemberMap`: Wiener back-projection (`reconstruct`) of a cluster's particles at the poses and
+    CTF of the run's particles.star; None (with a log line) when the run's particle images cannot be read."""
+    from cryofire_ext.reconstruct import reconstruct
+
+    src, stack = _particle_source(run_dir, ".star")
+    if stack is None or stack.images is None or stack.A is None:
+        log.info("no back-projected cluster maps: %s has no readable images with poses", src or run_dir)
+        return None
+    map_rows = _rows_for(stack, src, pred.ids)
+
+    def member_map(rows: np.ndarray):
+        sub = stack.take(map_rows[rows])
+        vol = reconstruct(sub.images, sub.A, sub.shifts_A, sub.ctf, sub.pixel_size_A)
+        return vol.numpy(), float(sub.pixel_size_A)
+
+    return member_map
+
+
 def register(app: typer.Typer) -> None:
     """Add `analyze`, `eval-vol` and `select` to `app`."""
 
@@ -91,8 +110,10 @@ def register(app: typer.Typer) -> None:
 
         cfg = report.AnalyzeConfig(n_clusters=clusters, method=method, k_max=k_max, n_pcs=pcs, traversal_steps=steps,
                                    maps=maps, subsets=subsets, seed=seed, device=device)
-        writer = _subset_writer(run, analysis.load_run(run).predictions) if subsets else None
-        res = report.analyze_run(run, out, cfg, subset_writer=writer, force=force)
+        pred = analysis.load_run(run).predictions
+        writer = _subset_writer(run, pred) if subsets else None
+        member_map = _member_map(run, pred) if maps else None
+        res = report.analyze_run(run, out, cfg, subset_writer=writer, member_map=member_map, force=force)
         pops = res.clustering.populations()
         typer.echo(f"K = {res.clustering.k} ({'chosen by BIC' if res.clustering.k_source == 'bic' else 'given'}); "
                    "clusters (1-based): " + ", ".join(f"{j + 1}: {p}" for j, p in enumerate(pops)))

@@ -49,16 +49,23 @@ def reconstruct(images, A, shifts_A=None, ctf_params=None, pixel_size_A: float =
                 wiener: float = 0.1, pad: int = 2, batch_size: int = 256, device=None) -> torch.Tensor:
     """A map `(D, D, D)` float32 (z, y, x) from `n` images at known poses.
 
-    images: `(n, D, D)` real. A: `(n, 3, 3)` RELION matrices (left-multiply xyz column vectors).
+    images: `(n, D, D)` real, or an image source (`len`, `.box`, `.read(indices)`) read in batches.
+    A: `(n, 3, 3)` RELION matrices (left-multiply xyz column vectors).
     shifts_A: `(n, 2)` RELION origins in Angstrom (x, y), or None. ctf_params: `(n, 9)`
     (`CTFParams.as_array()` order, or a `CTFParams`), or None for no CTF.
     wiener: constant added to the summed CTF^2 weight of each Fourier voxel (about the
     noise-to-signal power ratio of one image; larger = smoother; 0 = plain ratio).
     """
-    imgs = _as_tensor(images, device=device)
-    if imgs.ndim != 3 or imgs.shape[1] != imgs.shape[2] or imgs.shape[0] == 0:
-        raise InputError(f"reconstruct needs images (n, D, D) with n > 0, got shape {tuple(imgs.shape)}")
-    n, D = imgs.shape[0], imgs.shape[1]
+    lazy = hasattr(images, "read") and not torch.is_tensor(images)
+    if lazy:  # an image source: read batch by batch (memory holds one batch and the grids)
+        n, D = len(images), int(images.box)
+        imgs = torch.empty(0, D, D, dtype=torch.float64, device=device)
+    else:
+        imgs = _as_tensor(images, device=device)
+        n = imgs.shape[0] if imgs.ndim == 3 else 0
+    if imgs.ndim != 3 or imgs.shape[1] != imgs.shape[2] or n == 0:
+        raise InputError(f"reconstruct needs images (n, D, D) with n > 0, got shape {(n, *imgs.shape[1:])}")
+    D = imgs.shape[1]
     A = _as_tensor(A, device=imgs.device).reshape(-1, 3, 3)
     if A.shape[0] != n:
         raise InputError(f"{A.shape[0]} poses for {n} images")
@@ -76,7 +83,8 @@ def reconstruct(images, A, shifts_A=None, ctf_params=None, pixel_size_A: float =
     k = k[inside]
     for start in range(0, n, batch_size):
         sl = slice(start, min(start + batch_size, n))
-        F = fourier.fft2_centered(imgs[sl])
+        batch = _as_tensor(images.read(np.arange(sl.start, sl.stop)), device=imgs.device) if lazy else imgs[sl]
+        F = fourier.fft2_centered(batch)
         if shifts_A is not None:
             t = _as_tensor(shifts_A, device=imgs.device).reshape(n, 2)[sl] / float(pixel_size_A)
             F = fourier.phase_shift_centered(F, t)

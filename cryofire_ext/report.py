@@ -115,6 +115,9 @@ def write_report(content: ReportContent, path: str | os.PathLike, force: bool = 
 SubsetWriter = Callable[[np.ndarray, Path, bool], list[Path]]
 """`(rows (m,) 0-based rows of the predictions, path stem without suffix, force) -> files written`;
 the CLI builds one from the run's particle files with the RELION/cryoSPARC exporters."""
+MemberMap = Callable[[np.ndarray], tuple[np.ndarray, float]]
+"""`(rows (m,) 0-based rows of the predictions) -> (map (D, D, D) float32, voxel size A)` back-projected
+from those particles at their poses; the CLI builds one from the run's particles.star and stacks."""
 
 
 @dataclass(frozen=True)
@@ -150,6 +153,7 @@ class AnalysisResult:
     report: Path
     plots: dict = field(default_factory=dict)
     cluster_maps: list[Path] = field(default_factory=list)
+    backprojected_maps: list[Path] = field(default_factory=list)
     traversal_maps: dict = field(default_factory=dict)
     subsets: dict = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
@@ -165,9 +169,12 @@ def _umap(z: np.ndarray, seed: int) -> np.ndarray | None:
 
 def analyze_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None,
                 config: AnalyzeConfig = AnalyzeConfig(), *, source: analysis.VolumeSource | None = None,
-                subset_writer: SubsetWriter | None = None, force: bool = False) -> AnalysisResult:
+                subset_writer: SubsetWriter | None = None, member_map: MemberMap | None = None,
+                force: bool = False) -> AnalysisResult:
     """Analyse a run folder into `out_dir` (default `RUN/analysis`): PCA, clusters (`clusters.npz/.json`),
     maps at cluster centres (`maps/cluster_NN.mrc`) and along PC traversals (`maps/pcN_traversal/`),
+    with `member_map` a map back-projected from each cluster's particles at their poses
+    (`maps/cluster_NN_backprojected.mrc`: independent of the neural decoder),
     per-cluster subsets (`subsets/cluster_NN.star|.cs` via `subset_writer`), PNG plots (`plots/`),
     `summary.json` and `report.html`. `source` makes the maps (default: the run's trained model)."""
     run = analysis.load_run(run_dir)
@@ -237,6 +244,11 @@ def analyze_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = 
         if curves:
             res.plots["FSC between cluster maps"] = plots.fsc_between_maps(freq, curves, P / "fsc_clusters.png",
                                                                            force=force)
+        if member_map is not None:
+            for j in np.nonzero(clus.populations() > 0)[0]:
+                vol, apix = member_map(analysis.cluster_members(clus.labels, [j]))
+                res.backprojected_maps.append(write_mrc(out / "maps" / f"cluster_{j + 1:02d}_backprojected.mrc",
+                                                        vol, apix, force))
         for pc in range(min(config.n_pcs, len(pcs.components))):
             pts = analysis.pc_traversal(pcs, pc, config.traversal_steps)
             names = [f"step_{s + 1:02d}" for s in range(len(pts))]
@@ -272,6 +284,7 @@ def _write_summary(res: AnalysisResult, run: analysis.Run, force: bool) -> Path:
                        "components": p.components.tolist(), "mean": p.mean.tolist()},
                "kmeans_gmm_agreement": float(np.mean(c.kmeans_labels == c.gmm_labels)),
                "cluster_maps": [_rel(m, res.out_dir) for m in res.cluster_maps],
+               "backprojected_maps": [_rel(m, res.out_dir) for m in res.backprojected_maps],
                "traversal_maps": {f"pc{k}": [_rel(m, res.out_dir) for m in v] for k, v in res.traversal_maps.items()},
                "subsets": {str(k): [_rel(m, res.out_dir) for m in v] for k, v in res.subsets.items()},
                "plots": {k: _rel(v, res.out_dir) for k, v in res.plots.items()}, "notes": res.notes}
@@ -296,6 +309,8 @@ def _content(res: AnalysisResult, run: analysis.Run) -> ReportContent:
                        subset_paths=[_rel(s, root) for s in res.subsets.get(j + 1, [])]) for j in range(c.k)]
     series = [(f"PC{k} traversal (5th to 95th percentile)", [_rel(m, root) for m in v])
               for k, v in res.traversal_maps.items()]
+    if res.backprojected_maps:
+        series.insert(0, ("Cluster maps back-projected from their particles", [_rel(m, root) for m in res.backprojected_maps]))
     files = [("cluster labels (versioned arrays)", "clusters.npz"), ("cluster summary", "clusters.json"),
              ("analysis summary", "summary.json")]
     return ReportContent(title=f"cryofire analysis: {run.path.name}", facts=facts,

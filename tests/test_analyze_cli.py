@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import subprocess
 from pathlib import Path
 
@@ -247,6 +249,37 @@ def test_simulated_two_state_subsets_in_both_formats_and_relion_reconstruct(tmp_
     assert c_sub > c_full + 0.01 and c_sub > c_other + 0.01
 
 
+def test_backprojected_cluster_maps_match_their_own_state(tmp_path):
+    """Each cluster's map back-projected from its particles (at the run's poses, here the true ones)
+    correlates best with its own state's truth and better than the full set's map does."""
+    from cli.analyze import _member_map
+    from cryofire_ext import report
+    from cryofire_ext.reconstruct import reconstruct
+    from integrations.relion import read_star
+
+    run, state, maps = simulated_run(tmp_path, n=300, snr=3.0)
+    pred = Predictions.load(run / "predictions.npz")
+    src = BlendSource(maps, np.array([[0.0, 0.0, 0.0], [2.0, 1.0, -1.0]]), pixel_size_A=6.0)
+    res = report.analyze_run(run, None, report.AnalyzeConfig(n_clusters=2, n_pcs=1, traversal_steps=2, umap=False),
+                             source=src, member_map=_member_map(run, pred))
+    assert [p.name for p in res.backprojected_maps] == ["cluster_01_backprojected.mrc", "cluster_02_backprojected.mrc"]
+    stack = read_star(run / "particles.star", require_images=True)
+    full = tmp_path / "full.mrc"
+    from cryofire_ext.images import write_mrc
+
+    write_mrc(full, reconstruct(stack.images, pred.A, pred.shifts_A, stack.ctf, stack.pixel_size_A).numpy(), 6.0)
+    for j, path in enumerate(res.backprojected_maps):
+        with mrcfile.open(path) as m:
+            assert m.voxel_size.x == pytest.approx(stack.pixel_size_A) and m.data.shape == maps[0].shape
+        own = int(np.bincount(state[res.clustering.labels == j]).argmax())
+        c_own, c_other = (_corr(path, maps[s], lowpass=0.5) for s in (own, 1 - own))
+        c_full = _corr(full, maps[own], lowpass=0.5)
+        print(f"cluster {j + 1}: own state {c_own:.3f}, other state {c_other:.3f}, full set {c_full:.3f}")
+        assert c_own > c_other + 0.01 and c_own > c_full + 0.005
+    summary = json.loads((run / "analysis" / "summary.json").read_text())
+    assert summary["backprojected_maps"] == ["maps/cluster_01_backprojected.mrc", "maps/cluster_02_backprojected.mrc"]
+
+
 @pytest.fixture
 def trained_run_dir(trained_run) -> Path:
     """The session's tiny trained run (tests/run_fixture.py, registered in conftest)."""
@@ -264,7 +297,9 @@ def test_analyze_and_eval_vol_on_a_trained_run(trained_run_dir, tmp_path, capsys
             assert m.data.shape == (source.volumes(pred.z[:1]).shape[-1],) * 3
             assert m.voxel_size.x == pytest.approx(source.pixel_size_A, rel=1e-5)
             assert np.isfinite(m.data).all() and m.data.std() > 0
-    assert len(list((out / "maps").glob("cluster_*.mrc"))) == 2
+    assert len(list((out / "maps").glob("cluster_??.mrc"))) == 2  # the decoder's, at the cluster centres
+    # this run folder has no particles.star (so no images at poses): no back-projected maps, no failure
+    assert not (run / "particles.star").exists() and not list((out / "maps").glob("*_backprojected.mrc"))
     assert len(list((out / "maps" / "pc2_traversal").glob("*.mrc"))) == 3
     import html.parser
 

@@ -163,6 +163,16 @@ def test_reconstruction_agrees_with_relion_reconstruct(tmp_path, maps):
     assert correlation(torch.from_numpy(rln[None]), ours[None]).item() > 0.99
 
 
+def test_reconstruction_from_a_lazy_image_source_equals_the_in_memory_one(maps):
+    """`reconstruct` reads an image source (a stack's `images`, e.g. a cluster's subset) batch by batch."""
+    vols, apix = maps
+    ds = simulate(vols[:1], 90, snr=10.0, pixel_size_A=apix, seed=4)
+    sub = ds.particles.take(np.arange(5, 90, 2))
+    whole = reconstruct(sub.images.read(np.arange(len(sub))), sub.A, sub.shifts_A, sub.ctf, apix)
+    lazy = reconstruct(sub.images, sub.A, sub.shifts_A, sub.ctf, apix, batch_size=16)
+    assert torch.allclose(lazy, whole, atol=1e-5 * float(whole.abs().max()))
+
+
 def test_noise_free_simulation_matches_relion_project_on_our_star(tmp_path, maps):
     """`simulate` at infinite SNR, written with our STAR writer, re-rendered by relion_project --ctf from that STAR."""
     require_relion("relion_project")
