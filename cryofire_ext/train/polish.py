@@ -8,7 +8,7 @@ done as projection matching against the particles' own reconstruction. Images ar
 in chunks, so memory holds the class maps and one chunk, not the stack.
 
 On the demo (2,000 images, 32 px, SNR 1) three rounds took the median rotation error from
-5.1 to 4.3 deg and the clustering error from 0.025 to 0.0165 in about 30 s on 2 cores.
+5.1 to 4.3 deg and the clustering error from 0.025 to 0.0165 in about 25 s on 2 cores.
 """
 
 from __future__ import annotations
