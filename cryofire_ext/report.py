@@ -195,6 +195,10 @@ def analyze_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = 
     log.info("%d particles, zdim %d: K = %d (%s), populations %s", len(pred), pred.zdim, clus.k, clus.k_source,
              clus.populations().tolist())
     analysis.save_clustering(clus, pred.ids, out, force=force)
+    empty = [j + 1 for j in np.nonzero(clus.populations() == 0)[0]]
+    if empty:
+        res.notes.append(f"Cluster(s) {', '.join(map(str, empty))} have no particles: z takes fewer distinct values "
+                         f"than K = {clus.k} (choose fewer clusters); their subsets are empty.")
 
     # plots
     P = out / "plots"
