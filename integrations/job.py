@@ -153,7 +153,7 @@ def run_demo(out_dir, settings: DemoSettings | None = None, *, force: bool = Fal
 
     from cryofire_ext.phantom import phantom_maps
     from cryofire_ext.simulate import simulate
-    from integrations.simulated import STACK_NAME, write_dataset
+    from integrations.simulated import with_absolute_names, write_dataset
 
     s = settings or DemoSettings()
     out = Path(out_dir)
@@ -165,10 +165,8 @@ def run_demo(out_dir, settings: DemoSettings | None = None, *, force: bool = Fal
     t0 = time.monotonic()
     # the images stay in memory; the run's particles.star / .cs name the written stack by absolute path so they
     # resolve from the run folder (relion_reconstruct, `cryofire analyze`'s back-projected maps)
-    stack_abs = (out / "data" / STACK_NAME).resolve()
-    particles = replace(ds.particles, image_names=np.asarray([f"{i + 1:06d}@{stack_abs}" for i in range(s.n)]))
-    job = run_training_job(particles, out / "run", cfg, force=force, on_progress=on_progress, argv=argv,
-                           n_clusters=len(s.mix))
+    job = run_training_job(with_absolute_names(ds, out / "data"), out / "run", cfg, force=force,
+                           on_progress=on_progress, argv=argv, n_clusters=len(s.mix))
     wall = time.monotonic() - t0
     metrics = score_run(job, ds)
     metrics.update({"wall_s": wall, "n": s.n, "box": s.box, "snr": s.snr, "pixel_size_A": apix,

@@ -23,6 +23,7 @@ import numpy as np
 from cryofire_ext import __version__
 from cryofire_ext.errors import InputError
 from cryofire_ext.images import write_mrc
+from cryofire_ext.particles import ParticleStack
 from cryofire_ext.phantom import phantom_maps
 from cryofire_ext.safe_io import atomic_path, check_writable
 from cryofire_ext.simulate import STACK_NAME, SimulatedDataset, check_maps, simulate, simulate_states
@@ -68,6 +69,12 @@ def check_outputs(out_dir, n_maps: int, force: bool = False) -> list[str]:
     return map_files
 
 
+def with_absolute_names(ds: SimulatedDataset, out_dir) -> ParticleStack:
+    """`ds.particles` naming each image in the stack `write_dataset` writes into `out_dir`, by absolute path."""
+    stack_abs = os.path.abspath(Path(out_dir) / STACK_NAME)
+    return replace(ds.particles, image_names=np.asarray([f"{i + 1:06d}@{stack_abs}" for i in range(len(ds.images))]))
+
+
 def write_dataset(ds: SimulatedDataset, out_dir, *, map_names: list[str] | None = None,
                   force: bool = False) -> dict[str, Path]:
     """Write `ds` into `out_dir` (created); refuses to overwrite any existing output unless `force`.
@@ -83,9 +90,7 @@ def write_dataset(ds: SimulatedDataset, out_dir, *, map_names: list[str] | None 
     paths["maps"] = [write_mrc(out / f, m, ds.pixel_size_A, force=force) for f, m in zip(map_files, ds.maps)]
     paths["star"] = write_star(ds.particles, out / "particles.star", force=force)
     # the .cs names the stack by absolute path (cryoSPARC resolves blob/path from its project, not from the file)
-    stack_abs = os.path.abspath(out / STACK_NAME)
-    absolute = replace(ds.particles, image_names=np.asarray([f"{i + 1:06d}@{stack_abs}" for i in range(len(ds.images))]))
-    paths["cs"] = write_cs(absolute, out / "particles.cs", force=force)
+    paths["cs"] = write_cs(with_absolute_names(ds, out), out / "particles.cs", force=force)
     with atomic_path(out / "truth.npz", force=force) as tmp:
         with open(tmp, "wb") as fh:
             np.savez(fh, format=np.array(TRUTH_FORMAT), version=np.array(TRUTH_VERSION),

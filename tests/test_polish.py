@@ -16,8 +16,8 @@ from cryofire_ext.metrics import clustering_error, geodesic_deg
 from cryofire_ext.phantom import phantom_maps
 from cryofire_ext.simulate import simulate
 from cryofire_ext.train.data import StackStats, TrainingImages
-from cryofire_ext.train.polish import MIN_PARTICLES_PER_CLASS, class_maps, polish
-from cryofire_ext.train.warmstart import _axis_angle, reconstruct_classes
+from cryofire_ext.train.polish import MIN_PARTICLES_PER_CLASS, polish
+from cryofire_ext.train.warmstart import _axis_angle, class_maps, reconstruct_classes
 
 torch.set_num_threads(2)
 N = 400

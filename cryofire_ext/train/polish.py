@@ -21,8 +21,7 @@ import numpy as np
 import torch
 
 from cryofire_ext.ctf import evaluate_ctf
-from cryofire_ext.model.losses import undo_shift
-from cryofire_ext.train.warmstart import _Lattice, _solve, _splat, refine_local
+from cryofire_ext.train.warmstart import _Lattice, best_class, class_maps, refine_local
 
 log = logging.getLogger(__name__)
 
@@ -32,30 +31,6 @@ SHIFT_PITCH_PX = 1.0
 MIN_PARTICLES_PER_CLASS = 50
 
 Reader = Callable[[np.ndarray], tuple[torch.Tensor, torch.Tensor]]
-
-
-@torch.no_grad()
-def class_maps(read: Reader, n: int, A: torch.Tensor, shifts_px: torch.Tensor, labels: torch.Tensor,
-               n_classes: int, box: int, pixel_size_A: float, chunk: int = 256, reg: float = 0.05) -> torch.Tensor:
-    """Back-projected Fourier maps `(K, box+1, box+1, box+1)` complex (the warm start's lattice) of
-    the `n` particles `read(idx)` -> (images `(m, box, box)`, ctf `(m, 9)`) at poses `A` `(n, 3, 3)`,
-    shifts `(n, 2)` px and class `labels` `(n,)`."""
-    device = A.device
-    lat = _Lattice(box, pixel_size_A, device)
-    acc = torch.zeros(n_classes, box + 1, box + 1, box + 1, 3, dtype=torch.float32, device=device)
-    for s in range(0, n, chunk):
-        idx = np.arange(s, min(n, s + chunk))
-        img, ctf = read(idx)
-        Y = lat.observe(img.to(device))
-        C = evaluate_ctf(ctf.double().to(device), lat.freqs).float()
-        YC = undo_shift(Y, lat.k[:, :2], shifts_px[idx][:, None].float())[:, 0] * C
-        coords = torch.einsum("mi,nij->nmj", lat.k, A[idx].float())
-        vals = torch.stack((YC.real, YC.imag, C * C), -1)
-        for k in range(n_classes):
-            sel = torch.nonzero(labels[idx] == k).squeeze(-1)
-            if len(sel):
-                _splat(acc[k], coords[sel].reshape(-1, 3), vals[sel].reshape(-1, 3))
-    return torch.stack([_solve(acc[k], reg) for k in range(n_classes)])
 
 
 @torch.no_grad()
@@ -86,11 +61,8 @@ def polish(read: Reader, n: int, A: torch.Tensor, shifts_px: torch.Tensor, label
             img, ctf = read(idx)
             Y = lat.observe(img.to(device))
             C = evaluate_ctf(ctf.double().to(device), lat.freqs).float()
-            best = [refine_local(V[k], Y, C, lat, A[idx], shifts_px[idx], SHIFT_PITCH_PX) for k in range(n_classes)]
-            cls = torch.stack([b[2] for b in best], 1).argmax(1)
-            ar = torch.arange(len(idx), device=device)
-            A[idx] = torch.stack([b[0] for b in best], 1)[ar, cls]
-            shifts_px[idx] = torch.stack([b[1] for b in best], 1)[ar, cls]
+            A[idx], shifts_px[idx], cls = best_class(
+                [refine_local(V[k], Y, C, lat, A[idx], shifts_px[idx], SHIFT_PITCH_PX) for k in range(n_classes)])
             moved += int((labels[idx] != cls).sum())
             labels[idx] = cls
         log.info("pose refinement round %d/%d: %d particle(s) changed class, %.1f s", r + 1, rounds, moved,

@@ -170,14 +170,21 @@ def search(warm: WarmMap, images: torch.Tensor, ctf_params: torch.Tensor, refine
             A, t = rots[flat % S.shape[0]], shifts[flat // S.shape[0]]
             if refine:
                 A, t, val = refine_local(V, Y, C, lat, A, t, pitch)
-            per_class.append((val, A, t))
-        vals = torch.stack([v for v, _, _ in per_class], 1)
-        cls = vals.argmax(1)
-        ar = torch.arange(len(cls), device=device)
-        out_A.append(torch.stack([a for _, a, _ in per_class], 1)[ar, cls])
-        out_t.append(torch.stack([t for _, _, t in per_class], 1)[ar, cls])
+            per_class.append((A, t, val))
+        A, t, cls = best_class(per_class)
+        out_A.append(A)
+        out_t.append(t)
         out_c.append(cls)
     return torch.cat(out_A), torch.cat(out_t) * (box / warm.box), torch.cat(out_c)
+
+
+def best_class(per_class: list) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """[(A `(n, 3, 3)`, t `(n, 2)`, score `(n,)`) for each class, as `refine_local` returns them] ->
+    each image's (A, t, class) of its best-scoring class."""
+    cls = torch.stack([v for _, _, v in per_class], 1).argmax(1)
+    ar = torch.arange(len(cls), device=cls.device)
+    return (torch.stack([a for a, _, _ in per_class], 1)[ar, cls],
+            torch.stack([t for _, t, _ in per_class], 1)[ar, cls], cls)
 
 
 #: local refinement: rotation steps (radians, each tried along `n_dir` random axes), then shift steps
@@ -304,25 +311,34 @@ def shift_grid(max_shift_px: float, max_pitch_px: float = 1.5) -> torch.Tensor:
 
 
 @torch.no_grad()
+def class_maps(read, n: int, A: torch.Tensor, shifts_px: torch.Tensor, labels: torch.Tensor, n_classes: int,
+               box: int, pixel_size_A: float, chunk: int = 256, reg: float = 0.05) -> torch.Tensor:
+    """Wiener-like back-projection of each class -> `(K, box+1, box+1, box+1)` complex Fourier maps, from
+    the `n` particles `read(idx)` -> (images `(m, box, box)` normalised, ctf `(m, 9)`), read in chunks, at
+    poses `A` `(n, 3, 3)`, shifts `(n, 2)` px and class `labels` `(n,)`."""
+    device = A.device
+    lat = _Lattice(box, pixel_size_A, device)
+    acc = torch.zeros(n_classes, box + 1, box + 1, box + 1, 3, dtype=torch.float32, device=device)
+    for s in range(0, n, chunk):
+        idx = np.arange(s, min(n, s + chunk))
+        img, ctf = read(idx)
+        Y = lat.observe(img.to(device))
+        C = evaluate_ctf(ctf.double().to(device), lat.freqs).float()
+        YC = undo_shift(Y, lat.k[:, :2], shifts_px[idx][:, None].float())[:, 0] * C
+        coords = torch.einsum("mi,nij->nmj", lat.k, A[idx].float())
+        vals = torch.stack((YC.real, YC.imag, C * C), -1)
+        for k in range(n_classes):
+            sel = torch.nonzero(labels[idx] == k).squeeze(-1)
+            if len(sel):
+                _splat(acc[k], coords[sel].reshape(-1, 3), vals[sel].reshape(-1, 3))
+    return torch.stack([_solve(acc[k], reg) for k in range(n_classes)])
+
+
 def reconstruct_classes(images: torch.Tensor, ctf_params: torch.Tensor, A: torch.Tensor, shifts_px: torch.Tensor,
                         labels: torch.Tensor, n_classes: int, pixel_size_A: float, reg: float = 0.05) -> torch.Tensor:
-    """Wiener-like back-projection of each class: images `(n, B, B)` at poses `A` `(n, 3, 3)`, shifts
-    `(n, 2)` px, class `labels` `(n,)` -> `(K, B+1, B+1, B+1)` complex Fourier maps."""
-    box = images.shape[-1]
-    lat = _Lattice(box, pixel_size_A, images.device)
-    maps = []
-    for k in range(n_classes):
-        sel = torch.nonzero(labels == k).squeeze(-1)
-        acc = torch.zeros(box + 1, box + 1, box + 1, 3, dtype=torch.float32, device=images.device)
-        for s in range(0, len(sel), 256):
-            i = sel[s:s + 256]
-            Y = lat.observe(images[i])
-            C = evaluate_ctf(ctf_params[i].double(), lat.freqs).float()
-            YC = undo_shift(Y, lat.k[:, :2], shifts_px[i][:, None].float())[:, 0] * C
-            coords = torch.einsum("mi,nij->nmj", lat.k, A[i].float())
-            _splat(acc, coords.reshape(-1, 3), torch.stack((YC.real, YC.imag, C * C), -1).reshape(-1, 3))
-        maps.append(_solve(acc, reg))
-    return torch.stack(maps)
+    """`class_maps` of images `(n, B, B)` held in memory -> `(K, B+1, B+1, B+1)` complex Fourier maps."""
+    return class_maps(lambda idx: (images[idx], ctf_params[idx]), images.shape[0], A, shifts_px, labels, n_classes,
+                      images.shape[-1], pixel_size_A, reg=reg)
 
 
 #: classification compares the class maps up to this resolution (the differences between states are
