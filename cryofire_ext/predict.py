@@ -22,7 +22,7 @@ from cryofire_ext.particles import ParticleStack
 from cryofire_ext.results import Predictions
 from cryofire_ext.train.checkpoint import load_checkpoint
 from cryofire_ext.train.config import TrainConfig
-from cryofire_ext.train.data import StackStats, TrainingImages
+from cryofire_ext.train.data import StackStats, TrainingImages, stack_fingerprint
 from cryofire_ext.train.distributed import resolve_device
 
 log = logging.getLogger(__name__)
@@ -47,6 +47,9 @@ class TrainedModel:
     epoch: int
     images_seen: int
     warm: object = None
+    #: the training particles' searched poses (trainer's SearchCache state) and their fingerprint
+    searched: dict | None = None
+    particles_fingerprint: str | None = None
 
     @property
     def zdim(self) -> int:
@@ -93,7 +96,8 @@ def load_trained(run_dir, device: str = "cpu", checkpoint: str | Path | None = N
         warm = WarmMap.from_state(state["warm"])
     return TrainedModel(model, config, box, psize, int(state["input_box"]), float(state["input_pixel_size_A"]),
                         StackStats(*[float(v) for v in state["stats"]]), run_dir, int(state["epoch"]),
-                        int(state["images"]), warm)
+                        int(state["images"]), warm, state.get("searched") if warm is not None else None,
+                        state.get("particles_fingerprint"))
 
 
 @torch.no_grad()
@@ -121,17 +125,18 @@ def predict(run_dir, stack: ParticleStack, *, batch_size: int = 256, device: str
     z = np.empty((n, tm.zdim), np.float32)
     loss = np.empty(n)
     if tm.warm is not None:
-        from cryofire_ext.train.trainer import candidates_at_codes
-        from cryofire_ext.train.warmstart import class_targets, search
+        from cryofire_ext.train.trainer import SearchCache, candidates_at_codes
+        from cryofire_ext.train.warmstart import class_targets
 
         codes = class_targets(tm.warm, tm.zdim, dev)
+        searched = SearchCache(tm.warm, n, _training_search(tm, stack))
     for s in range(0, n, batch_size):
         idx = np.arange(s, min(n, s + batch_size))
         img, ctf = data.read(idx)
         img, ctf = img.to(dev), ctf.to(dev)
         extra, ez = (None, None), None
         if tm.warm is not None:
-            A_s, t_s, _ = search(tm.warm, img, ctf)
+            A_s, t_s, _ = searched.get(idx, img, ctf)
             extra = (A_s[:, None], t_s[:, None])
             if codes is not None:  # the searched pose at each class's z (the decoder picks)
                 extra, ez = candidates_at_codes(A_s, t_s, codes)
@@ -147,6 +152,17 @@ def predict(run_dir, stack: ParticleStack, *, batch_size: int = 256, device: str
             "model_pixel_size_A": tm.pixel_size_A, "zdim": tm.zdim, "run_dir": str(tm.run_dir),
             "epoch": tm.epoch, "images_seen": tm.images_seen}
     return Predictions(ids=stack.ids, A=A, shifts_A=shifts_A, z=z, loss=loss, meta=meta)
+
+
+def _training_search(tm: TrainedModel, stack: ParticleStack) -> dict | None:
+    """The trainer's searched (pose, shift, class) per particle when `stack` is the training stack
+    (same fingerprint): the warm maps are fixed, so searching again would give the same values."""
+    if tm.searched is None or tm.particles_fingerprint is None or len(tm.searched["known"]) != len(stack):
+        return None
+    if stack_fingerprint(stack) != tm.particles_fingerprint:
+        return None
+    log.info("reusing the training search for %d of %d particles", int(tm.searched["known"].sum()), len(stack))
+    return tm.searched
 
 
 def _polish(tm: TrainedModel, data: TrainingImages, A: np.ndarray, shifts_A: np.ndarray, z: np.ndarray, rounds: int):

@@ -50,3 +50,52 @@ def test_predict_refuses_mismatched_particles_and_bad_checkpoints(trained_run, t
     torch.save({"format": "something else"}, tmp_path / "other.pt")
     with pytest.raises(InputError, match="not a cryofire checkpoint"):
         load_trained(tmp_path, checkpoint=tmp_path / "other.pt")
+
+
+WARM_TINY = dict(zdim=2, epochs=1, batch_size=16, hidden=32, dec_hidden=32, dec_layers=2,
+                 enc_channels=(4, 8, 8, 16, 16), warm_start="search", warm_images=64, warm_steps=20,
+                 warm_rotations=300, distill_images=32, pose_only_images=32, polish_rounds=0, num_workers=1,
+                 device="cpu")
+
+
+@pytest.fixture(scope="module")
+def warm_run(tmp_path_factory):
+    from cryofire_ext.train.config import TrainConfig
+    from cryofire_ext.train.trainer import train
+
+    stack, _ = simulated_stack(n=64, box=32, snr=1.0, seed=4)
+    run = tmp_path_factory.mktemp("warm_run")
+    train(stack, run, TrainConfig(**WARM_TINY))
+    return run, stack
+
+
+def test_predict_reuses_the_training_search_for_the_training_particles_only(warm_run, monkeypatch):
+    from cryofire_ext.train import trainer, warmstart
+
+    run, stack = warm_run
+    calls = []
+    real = warmstart.search
+    monkeypatch.setattr(trainer, "search", lambda warm, img, ctf: calls.append(len(img)) or real(warm, img, ctf))
+    p = predict(run, stack, batch_size=16, device="cpu")
+    assert calls == []  # every training particle's search result came from the checkpoint
+    tm = load_trained(run)
+    tm.searched = None  # the same particles searched afresh give the same answer
+    q = predict(tm, stack, batch_size=16, device="cpu")
+    assert sum(calls) == 64
+    assert np.allclose(p.A, q.A, atol=1e-4) and np.allclose(p.shifts_A, q.shifts_A, atol=1e-4)
+    calls.clear()
+    other, _ = simulated_stack(n=64, box=32, snr=1.0, seed=5)  # same ids, count and box; other images
+    predict(run, other, batch_size=16, device="cpu")
+    assert sum(calls) == 64
+
+
+def test_resume_with_other_particles_of_the_same_size_is_refused(warm_run, tmp_path):
+    from cryofire_ext.train.config import TrainConfig
+    from cryofire_ext.train.trainer import train
+
+    run, _ = warm_run
+    other, _ = simulated_stack(n=64, box=32, snr=1.0, seed=5)
+    before = (run / "checkpoints" / "last.pt").read_bytes()
+    with pytest.raises(InputError, match="other particles"):
+        train(other, run, TrainConfig(**{**WARM_TINY, "epochs": 2}), resume=True)
+    assert (run / "checkpoints" / "last.pt").read_bytes() == before

@@ -7,6 +7,7 @@ works on the previous batch.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import queue
 import threading
@@ -61,6 +62,20 @@ def scan_stack(stack: ParticleStack, train_box: int, chunk: int = 512) -> StackS
     if not std > 0:
         raise InputError("the particle images are constant (zero variance); nothing to learn from")
     return StackStats(mean, std)
+
+
+def stack_fingerprint(stack: ParticleStack) -> str:
+    """A short digest of the particles' identity: ids, CTF parameters and the first, middle and last
+    image's pixels. Equal fingerprints mean "the same particles in the same order" for reusing
+    per-particle results (simulated sets share ids "1".."n", so ids alone are not enough)."""
+    h = hashlib.sha256()
+    h.update("\n".join(stack.ids.tolist()).encode())
+    h.update(np.ascontiguousarray(stack.ctf.as_array(), dtype=np.float64).tobytes())
+    n = len(stack)
+    if n:
+        h.update(np.ascontiguousarray(stack.require_images().read(np.array([0, n // 2, n - 1])),
+                                      dtype=np.float32).tobytes())
+    return h.hexdigest()[:32]
 
 
 def crop(img: torch.Tensor, box: int) -> torch.Tensor:

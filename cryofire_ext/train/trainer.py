@@ -26,7 +26,8 @@ from cryofire_ext.safe_io import atomic_path
 from cryofire_ext.train import distributed, schedules
 from cryofire_ext.train.checkpoint import load_checkpoint, save_checkpoint
 from cryofire_ext.train.config import TrainConfig
-from cryofire_ext.train.data import PrefetchLoader, StackStats, TrainingImages, crop, epoch_batches, scan_stack
+from cryofire_ext.train.data import (PrefetchLoader, StackStats, TrainingImages, crop, epoch_batches, scan_stack,
+                                     stack_fingerprint)
 from cryofire_ext.train.warmstart import WarmMap, build_warm_map_online, class_targets, refine_warm_map, search
 
 log = logging.getLogger(__name__)
@@ -104,6 +105,10 @@ def train(stack: ParticleStack, run_dir, config: TrainConfig, *, resume: bool = 
     else:
         stats = scan_stack(stack, box)
     data = TrainingImages(stack, box, stats)
+    fingerprint = stack_fingerprint(stack)
+    if state is not None and state.get("particles_fingerprint", fingerprint) != fingerprint:
+        raise InputError(f"{run_dir}: the checkpoint was trained on other particles (same count and box, "
+                         "different ids, CTF or images); resume with the same particles. Nothing was modified.")
     model = seeded_model(config, box, pixel_size)
     model.img_scale.fill_(stats.std)
     model.to(env.device)
@@ -140,7 +145,7 @@ def train(stack: ParticleStack, run_dir, config: TrainConfig, *, resume: bool = 
              "images": images_seen, "elapsed_s": elapsed0 + time.monotonic() - t0, "history": history,
              "config": config.to_dict(), "stats": [stats.mean, stats.std], "n_particles": n,
              "input_box": stack.box, "input_pixel_size_A": stack.pixel_size_A, "box": box,
-             "pixel_size_A": pixel_size}
+             "pixel_size_A": pixel_size, "particles_fingerprint": fingerprint}
         if warm is not None:
             s["warm"] = warm.state()
             s["searched"] = searched.state()
