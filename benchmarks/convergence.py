@@ -69,12 +69,28 @@ def main() -> None:
     wall = time.time() - t0
     load1 = os.getloadavg()
     hist = json.loads((run / "history.json").read_text())
-    sel = np.arange(min(args.eval, args.n))
-    sub = type(ds.particles)(ids=ds.particles.ids[sel], pixel_size_A=apix, box=args.box,
+    curve = score_checkpoints(run, ds, args.eval, len(args.mix), polish_last=True)
+    res = {"command": " ".join(["python"] + sys.argv), "preset": args.preset, "config": cfg.to_dict(),
+           "n": args.n, "box": args.box, "snr": args.snr, "shift_px": args.shift_px, "mix": args.mix,
+           "pixel_size_A": apix, "train_wall_s": wall, "curve": curve, "loss_history": hist,
+           "loadavg_before": load0, "loadavg_after": load1, "threads": args.threads,
+           "note": "phantom two-state set (cryofire_ext.phantom); 2 CPU cores shared with other engineers' jobs"}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(res, indent=1) + "\n")
+
+
+def score_checkpoints(run: Path, ds, n_eval: int, n_states: int, polish_last: bool) -> list[dict]:
+    """Score every epoch checkpoint (and last.pt) of `run` on the first `n_eval` particles of the
+    SimulatedDataset `ds` with the model's own poses (polish_rounds 0); with `polish_last`, last.pt once
+    more with the run's polish_rounds (on those particles only). One dict per point, printed as it comes."""
+    apix, box = ds.pixel_size_A, ds.particles.box
+    sel = np.arange(min(n_eval, len(ds.A)))
+    sub = type(ds.particles)(ids=ds.particles.ids[sel], pixel_size_A=apix, box=box,
                              ctf=ds.particles.ctf.subset(sel), images=_Subset(ds.particles.images, sel))
     curve = []
     ckpts = sorted(glob.glob(str(run / "checkpoints" / "epoch_*.pt"))) + [str(run / "checkpoints" / "last.pt")]
-    for f, rounds in [(f, 0) for f in ckpts] + [(ckpts[-1], None)]:  # the model's own; then last.pt polished
+    todo = [(f, 0) for f in ckpts] + ([(ckpts[-1], None)] if polish_last else [])
+    for f, rounds in todo:
         st = load_checkpoint(f)
         tm = load_trained(run, checkpoint=f)
         p = predict(tm, sub, device="cpu", polish_rounds=rounds)
@@ -87,17 +103,11 @@ def main() -> None:
         if p.zdim:
             from sklearn.cluster import KMeans
 
-            labels = KMeans(len(args.mix), n_init=10, random_state=0).fit_predict(p.z)
+            labels = KMeans(n_states, n_init=10, random_state=0).fit_predict(p.z)
             point["clustering_error"] = clustering_error(labels, ds.state[sel])
         curve.append(point)
         print(json.dumps(point), flush=True)
-    res = {"command": " ".join(["python"] + sys.argv), "preset": args.preset, "config": cfg.to_dict(),
-           "n": args.n, "box": args.box, "snr": args.snr, "shift_px": args.shift_px, "mix": args.mix,
-           "pixel_size_A": apix, "train_wall_s": wall, "curve": curve, "loss_history": hist,
-           "loadavg_before": load0, "loadavg_after": load1, "threads": args.threads,
-           "note": "phantom two-state set (cryofire_ext.phantom); 2 CPU cores shared with other engineers' jobs"}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(res, indent=1) + "\n")
+    return curve
 
 
 class _Subset:
