@@ -126,7 +126,7 @@ def predict(run_dir, stack: ParticleStack, *, batch_size: int = 256, device: str
     loss = np.empty(n)
     if tm.warm is not None:
         from cryofire_ext.train.trainer import SearchCache, candidates_at_codes
-        from cryofire_ext.train.warmstart import class_targets
+        from cryofire_ext.train.classes import class_targets
 
         codes = class_targets(tm.warm, tm.zdim, dev)
         searched = SearchCache(tm.warm, n, _training_search(tm, stack))
@@ -168,7 +168,7 @@ def _training_search(tm: TrainedModel, stack: ParticleStack) -> dict | None:
 def _polish(tm: TrainedModel, data: TrainingImages, A: np.ndarray, shifts_A: np.ndarray, z: np.ndarray, rounds: int):
     """`train.polish` on the model's predictions; classes from z's nearest class code."""
     from cryofire_ext.train.polish import polish
-    from cryofire_ext.train.warmstart import class_targets
+    from cryofire_ext.train.classes import class_targets
 
     dev = tm.model.k_half.device
     codes = class_targets(tm.warm, tm.zdim, "cpu")

@@ -17,7 +17,8 @@ from cryofire_ext.phantom import phantom_maps
 from cryofire_ext.simulate import simulate
 from cryofire_ext.train.data import StackStats, TrainingImages
 from cryofire_ext.train.polish import MIN_PARTICLES_PER_CLASS, polish
-from cryofire_ext.train.warmstart import _axis_angle, class_maps, reconstruct_classes
+from cryofire_ext.train.classes import class_maps, reconstruct_classes
+from cryofire_ext.train.warmstart import _axis_angle
 
 torch.set_num_threads(2)
 N = 400

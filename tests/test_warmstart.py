@@ -16,8 +16,8 @@ from cryofire_ext.phantom import phantom_maps
 from cryofire_ext.poses import random_rotations
 from cryofire_ext.simulate import simulate
 from cryofire_ext.train.data import StackStats, TrainingImages
-from cryofire_ext.train.warmstart import (WarmMap, build_warm_map_online, class_codes, classify, shift_grid,
-                                          reconstruct_classes, refine_warm_map, search)
+from cryofire_ext.train.classes import class_codes, classify, reconstruct_classes, refine_warm_map
+from cryofire_ext.train.warmstart import WarmMap, build_warm_map_online, search, shift_grid
 
 torch.set_num_threads(2)
 

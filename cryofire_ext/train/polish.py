@@ -21,7 +21,8 @@ import numpy as np
 import torch
 
 from cryofire_ext.ctf import evaluate_ctf
-from cryofire_ext.train.warmstart import _Lattice, best_class, class_maps, refine_local
+from cryofire_ext.train.classes import class_maps
+from cryofire_ext.train.warmstart import _Lattice, best_class, refine_local
 
 log = logging.getLogger(__name__)
 

@@ -28,7 +28,8 @@ from cryofire_ext.train.checkpoint import load_checkpoint, save_checkpoint
 from cryofire_ext.train.config import TrainConfig
 from cryofire_ext.train.data import (PrefetchLoader, StackStats, TrainingImages, crop, epoch_batches, scan_stack,
                                      stack_fingerprint)
-from cryofire_ext.train.warmstart import WarmMap, build_warm_map_online, class_targets, refine_warm_map, search
+from cryofire_ext.train.classes import class_targets, refine_warm_map
+from cryofire_ext.train.warmstart import WarmMap, build_warm_map_online, search
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,152 @@
+"""Classes at the training box: back-projection per class, hard-EM classification at fixed poses,
+the lift of the coarse warm map to the training box (`refine_warm_map`) and the z targets of classes.
+
+Units and grids as in `warmstart`: maps are complex Fourier grids `(K, G, G, G)`, `G = box + 1`,
+shifts in pixels of the box (RELION origin sign).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+
+from cryofire_ext.ctf import evaluate_ctf
+from cryofire_ext.model.losses import undo_shift
+from cryofire_ext.train.warmstart import WarmMap, _Lattice, _score_at, _slices, _solve, _splat, _Sub, search, shift_grid
+
+log = logging.getLogger(__name__)
+
+
+def class_scores(V: torch.Tensor, Y: torch.Tensor, C: torch.Tensor, lat: "_Lattice", A: torch.Tensor,
+                 t: torch.Tensor) -> torch.Tensor:
+    """Log-likelihood `(n, K)` of each image under each class map `V` `(K, G, G, G)` at its pose `A`
+    and shift `t`."""
+    coords = torch.einsum("mi,nij->nmj", lat.k, A.float())[:, None]
+    return torch.cat([_score_at(Y, C, lat.k[:, :2], _slices(Vk.to(A.device), coords), t[:, None].float())
+                      for Vk in V], dim=1)
+
+
+@torch.no_grad()
+def class_maps(read, n: int, A: torch.Tensor, shifts_px: torch.Tensor, labels: torch.Tensor, n_classes: int,
+               box: int, pixel_size_A: float, chunk: int = 256, reg: float = 0.05) -> torch.Tensor:
+    """Wiener-like back-projection of each class -> `(K, box+1, box+1, box+1)` complex Fourier maps, from
+    the `n` particles `read(idx)` -> (images `(m, box, box)` normalised, ctf `(m, 9)`), read in chunks, at
+    poses `A` `(n, 3, 3)`, shifts `(n, 2)` px and class `labels` `(n,)`."""
+    device = A.device
+    lat = _Lattice(box, pixel_size_A, device)
+    acc = torch.zeros(n_classes, box + 1, box + 1, box + 1, 3, dtype=torch.float32, device=device)
+    for s in range(0, n, chunk):
+        idx = np.arange(s, min(n, s + chunk))
+        img, ctf = read(idx)
+        Y = lat.observe(img.to(device))
+        C = evaluate_ctf(ctf.double().to(device), lat.freqs).float()
+        YC = undo_shift(Y, lat.k[:, :2], shifts_px[idx][:, None].float())[:, 0] * C
+        coords = torch.einsum("mi,nij->nmj", lat.k, A[idx].float())
+        vals = torch.stack((YC.real, YC.imag, C * C), -1)
+        for k in range(n_classes):
+            sel = torch.nonzero(labels[idx] == k).squeeze(-1)
+            if len(sel):
+                _splat(acc[k], coords[sel].reshape(-1, 3), vals[sel].reshape(-1, 3))
+    return torch.stack([_solve(acc[k], reg) for k in range(n_classes)])
+
+
+def reconstruct_classes(images: torch.Tensor, ctf_params: torch.Tensor, A: torch.Tensor, shifts_px: torch.Tensor,
+                        labels: torch.Tensor, n_classes: int, pixel_size_A: float, reg: float = 0.05) -> torch.Tensor:
+    """`class_maps` of images `(n, B, B)` held in memory -> `(K, B+1, B+1, B+1)` complex Fourier maps."""
+    return class_maps(lambda idx: (images[idx], ctf_params[idx]), images.shape[0], A, shifts_px, labels, n_classes,
+                      images.shape[-1], pixel_size_A, reg=reg)
+
+
+#: classification compares the class maps up to this resolution (the differences between states are
+#: large-scale; finer shells mostly add noise to the decision: on the demo's 800 warm images a random
+#: split stayed random when scored to Nyquist at 12 A and converged to the states when scored to 20 A)
+CLASSIFY_RESOLUTION_A = 20.0
+
+
+@torch.no_grad()
+def classify(images: torch.Tensor, ctf_params: torch.Tensor, A: torch.Tensor, shifts_px: torch.Tensor,
+             n_classes: int, pixel_size_A: float, seed: int, iters: int = 30, starts: int = 4) -> torch.Tensor:
+    """Hard-EM 3D classification at fixed poses -> labels `(n,)` int64 (deterministic given `seed`).
+
+    From `starts` random splits, each iterated to convergence; the split whose class maps explain
+    the images best (summed log-likelihood) wins. Scores use lattice points up to
+    `CLASSIFY_RESOLUTION_A`."""
+    n, box = images.shape[0], images.shape[-1]
+    lat = _Lattice(box, pixel_size_A, images.device)
+    keep = lat.r <= min(1.0, 2.0 * pixel_size_A / CLASSIFY_RESOLUTION_A) + 1e-6
+    low = _Sub(lat, keep)
+    Y = lat.observe(images)[:, keep]
+    C = evaluate_ctf(ctf_params.double(), lat.freqs).float()[:, keep]
+    gen = torch.Generator().manual_seed(int(seed) * 7919 + 17)
+    best, best_ll = None, -float("inf")
+    for _ in range(starts):
+        labels = torch.randint(0, n_classes, (n,), generator=gen).to(images.device)
+        for _ in range(iters):
+            V = reconstruct_classes(images, ctf_params, A, shifts_px, labels, n_classes, pixel_size_A)
+            ll, new = class_scores(V, Y, C, low, A, shifts_px).max(1)
+            changed = float((new != labels).float().mean())
+            labels = new
+            if changed < 1e-3:
+                break
+        if float(ll.sum()) > best_ll:
+            best, best_ll = labels, float(ll.sum())
+    return best
+
+
+#: search rounds over (class, rotation, shift) after the classification
+CLASS_ROUNDS = 2
+
+
+@torch.no_grad()
+def refine_warm_map(warm: WarmMap, images: torch.Tensor, ctf_params: torch.Tensor, pixel_size_A: float, *,
+                    rounds: int, n_classes: int, max_shift_px: float, seed: int) -> WarmMap:
+    """Projection-matching rounds that lift the coarse warm map to the training box, then classes.
+
+    images `(n, B, B)` normalised at the training box; pixel_size_A of these images; max_shift_px
+    the search range in pixels of B. Each round back-projects the images at their current poses
+    and searches again (global grid + local refinement of rotation and shift). With
+    `n_classes` > 1, a hard-EM classification at fixed poses from random splits follows, then
+    `CLASS_ROUNDS` rounds search over (class, rotation, shift). Deterministic given `seed`.
+    Returns the maps (one per class) at the training box, for `search`.
+    """
+    box = images.shape[-1]
+    A, t, _ = search(warm, images, ctf_params)
+    shifts = shift_grid(max_shift_px).to(images.device)
+    labels = torch.zeros(images.shape[0], dtype=torch.long, device=images.device)
+    for r in range(rounds):
+        V = reconstruct_classes(images, ctf_params, A, t, labels, 1, pixel_size_A)
+        A, t, _ = search(WarmMap(V, warm.rotations, shifts, box, pixel_size_A, 1.0), images, ctf_params)
+        log.info("refinement round %d/%d at %d px", r + 1, rounds, box)
+    K = 1
+    if n_classes > 1:
+        labels = classify(images, ctf_params, A, t, n_classes, pixel_size_A, seed)
+        for _ in range(CLASS_ROUNDS):
+            V = reconstruct_classes(images, ctf_params, A, t, labels, n_classes, pixel_size_A)
+            A, t, labels = search(WarmMap(V, warm.rotations, shifts, box, pixel_size_A, 1.0), images, ctf_params)
+        K = n_classes
+        log.info("classification into %d classes: %s images", K, torch.bincount(labels, minlength=K).tolist())
+    V = reconstruct_classes(images, ctf_params, A, t, labels, K, pixel_size_A)
+    return WarmMap(V, warm.rotations, shifts, box, float(pixel_size_A), 1.0)
+
+
+def class_targets(warm: "WarmMap | None", zdim: int, device) -> torch.Tensor | None:
+    """The z target of each warm class `(K, zdim)` on `device`, or None without classes (or zdim 0)."""
+    if warm is None or warm.n_classes < 2 or zdim < 1:
+        return None
+    return class_codes(warm.n_classes, zdim).to(device)
+
+
+def class_codes(n_classes: int, zdim: int) -> torch.Tensor:
+    """Latent targets `(K, zdim)` for K classes: the vertices of a regular simplex of unit radius
+    (class k -> a point as far from the others as the dimensions allow; truncated when zdim < K-1)."""
+    K = int(n_classes)
+    centred = torch.eye(K, dtype=torch.float64) - 1.0 / K
+    basis = torch.linalg.svd(centred, full_matrices=False).Vh[: max(K - 1, 0)]  # (K-1, K)
+    pts = centred @ basis.T  # (K, K-1)
+    pts = pts / pts.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    out = torch.zeros(K, zdim, dtype=torch.float64)
+    m = min(zdim, K - 1)
+    out[:, :m] = pts[:, :m]
+    return out.float()
