@@ -82,6 +82,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--work", type=Path, required=True)
     ap.add_argument("--peer", required=True, help="the cryodrgn executable of its own venv")
+    ap.add_argument("--n", type=int, default=2000, help="particles of the demo (cryofire demo --n)")
     ap.add_argument("--epochs", type=int, default=6, help="cryoDRGN epochs (its default is 30)")
     ap.add_argument("--peer-minutes", type=float, default=60.0, help="stop cryoDRGN after this long")
     ap.add_argument("--reuse", action="store_true", help="score existing outputs in --work")
@@ -91,7 +92,7 @@ def main() -> None:
     peer.mkdir(parents=True, exist_ok=True)
     res: dict = {"command": " ".join([os.path.basename(sys.executable), *sys.argv]), "loadavg_before": os.getloadavg()}
     if not (args.reuse and (ours / "metrics.json").exists()):
-        _run(["cryofire", "demo", "-o", str(ours), "--force"], args.work / "ours.log")
+        _run(["cryofire", "demo", "-o", str(ours), "--n", str(args.n), "--force"], args.work / "ours.log")
     m = json.loads((ours / "metrics.json").read_text())
     res["cryofire"] = {k: m[k] for k in ("median_rotation_error_deg", "hand_flipped", "median_shift_error_px",
                                          "clustering_error", "wall_s", "n", "box", "snr")}

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 from pathlib import Path
@@ -10,7 +9,6 @@ from typing import Optional
 
 import typer
 
-from cryofire_ext.errors import InputError
 
 log = logging.getLogger("cryofire")
 

@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
-from cryofire_ext.errors import InputError
 from cryofire_ext.particles import ParticleStack
 from cryofire_ext.results import Predictions
 from cryofire_ext.safe_io import atomic_path, check_writable

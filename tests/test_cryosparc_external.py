@@ -7,7 +7,6 @@ recording fake server. The input particles are rows of a real cryoSPARC refineme
 
 from __future__ import annotations
 
-import sys
 import types
 from datetime import datetime, timezone
 from pathlib import Path
