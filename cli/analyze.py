@@ -84,6 +84,24 @@ def _member_map(run_dir: Path, pred):
     return member_map
 
 
+def _particle_variability(run_dir: Path, pred):
+    """A `report.ParticleVariability`: `variability.variability` of the run's particles.star (poses, CTF,
+    stacks) in the predictions' order; None (with a log line) when the images cannot be read."""
+    from cryofire_ext.variability import variability
+
+    src, stack = _particle_source(run_dir, ".star")
+    if stack is None or stack.images is None or stack.A is None:
+        log.info("no 3D variability: %s has no readable images with poses", src or run_dir)
+        return None
+    sub = stack.take(_rows_for(stack, src, pred.ids))
+
+    def compute(components: int, resolution_A: float, seed: int):
+        return variability(sub.images, sub.A, sub.shifts_A, sub.ctf, sub.pixel_size_A, n_components=components,
+                           resolution_A=resolution_A, seed=seed)
+
+    return compute
+
+
 def register(app: typer.Typer) -> None:
     """Add `analyze`, `eval-vol` and `select` to `app`."""
 
@@ -101,7 +119,11 @@ def register(app: typer.Typer) -> None:
         maps: bool = typer.Option(True, "--maps/--no-maps", help="Make maps with the trained model."),
         subsets: bool = typer.Option(True, "--subsets/--no-subsets",
                                      help="Write one particle subset per cluster (STAR and/or .cs, as the run has)."),
-        seed: int = typer.Option(0, "--seed", help="Seed for k-means, GMM and UMAP."),
+        variability_components: int = typer.Option(
+            2, "--variability", help="3D variability components from the particles at their poses (0 = none)."),
+        variability_resolution: float = typer.Option(
+            20.0, "--variability-resolution", help="Resolution (A) of the 3D variability analysis."),
+        seed: int = typer.Option(0, "--seed", help="Seed for k-means, GMM, UMAP and the variability analysis."),
         device: str = typer.Option("cpu", "--device", help="Device for making maps (cpu, cuda, cuda:1)."),
         force: bool = typer.Option(False, "--force", help="Overwrite existing outputs."),
     ) -> None:
@@ -109,14 +131,21 @@ def register(app: typer.Typer) -> None:
         from cryofire_ext import analysis, report
 
         cfg = report.AnalyzeConfig(n_clusters=clusters, method=method, k_max=k_max, n_pcs=pcs, traversal_steps=steps,
-                                   maps=maps, subsets=subsets, seed=seed, device=device)
+                                   maps=maps, subsets=subsets, seed=seed, device=device,
+                                   variability_components=variability_components,
+                                   variability_resolution_A=variability_resolution)
         pred = analysis.load_run(run).predictions
         writer = _subset_writer(run, pred) if subsets else None
         member_map = _member_map(run, pred) if maps else None
-        res = report.analyze_run(run, out, cfg, subset_writer=writer, member_map=member_map, force=force)
+        variab = _particle_variability(run, pred) if variability_components else None
+        res = report.analyze_run(run, out, cfg, subset_writer=writer, member_map=member_map,
+                                 particle_variability=variab, force=force)
         pops = res.clustering.populations()
         typer.echo(f"K = {res.clustering.k} ({'chosen by BIC' if res.clustering.k_source == 'bic' else 'given'}); "
                    "clusters (1-based): " + ", ".join(f"{j + 1}: {p}" for j, p in enumerate(pops)))
+        if res.variability is not None:
+            typer.echo(f"3D variability: {res.variability.coords.shape[1]} component(s) at "
+                       f"{res.variability.resolution_A:.0f} A; coordinates in {res.out_dir / 'variability.npz'}")
         for note in res.notes:
             typer.echo(note)
         typer.echo(f"report: {res.report}")

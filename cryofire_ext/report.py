@@ -23,6 +23,7 @@ from cryofire_ext.errors import InputError
 from cryofire_ext.images import write_mrc
 from cryofire_ext.poses import matrix_to_relion_euler
 from cryofire_ext.safe_io import atomic_path
+from cryofire_ext.variability import Variability, save_variability
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +119,9 @@ the CLI builds one from the run's particle files with the RELION/cryoSPARC expor
 MemberMap = Callable[[np.ndarray], tuple[np.ndarray, float]]
 """`(rows (m,) 0-based rows of the predictions) -> (map (D, D, D) float32, voxel size A)` back-projected
 from those particles at their poses; the CLI builds one from the run's particles.star and stacks."""
+ParticleVariability = Callable[[int, float, int], Variability]
+"""`(components, resolution_A, seed) -> variability.Variability` of the predictions' particles (in their
+order) at their poses; the CLI builds one from the run's particles.star and stacks."""
 
 
 @dataclass(frozen=True)
@@ -128,7 +132,9 @@ class AnalyzeConfig:
     (whose labels are exported). n_pcs: principal components computed, and maps made along each of
     them (traversal_steps maps per PC, 5th to 95th percentile of the particles' coordinates). maps: make maps (needs
     the trained model). subsets: write one particle subset per cluster. umap: try UMAP (needs the
-    `umap-learn` extra; skipped with a note otherwise). seed: for k-means, GMM and UMAP.
+    `umap-learn` extra; skipped with a note otherwise). variability_components: 3D variability components
+    computed from the particles at their poses (0 = none; needs readable images), at
+    variability_resolution_A. seed: for k-means, GMM, UMAP and the variability start.
     """
 
     n_clusters: int | None = None
@@ -139,6 +145,8 @@ class AnalyzeConfig:
     maps: bool = True
     subsets: bool = True
     umap: bool = True
+    variability_components: int = 2
+    variability_resolution_A: float = 20.0
     seed: int = 0
     device: str = "cpu"
 
@@ -155,6 +163,8 @@ class AnalysisResult:
     cluster_maps: list[Path] = field(default_factory=list)
     backprojected_maps: list[Path] = field(default_factory=list)
     traversal_maps: dict = field(default_factory=dict)
+    variability: object = None
+    variability_maps: dict = field(default_factory=dict)
     subsets: dict = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
@@ -170,11 +180,13 @@ def _umap(z: np.ndarray, seed: int) -> np.ndarray | None:
 def analyze_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None,
                 config: AnalyzeConfig = AnalyzeConfig(), *, source: analysis.VolumeSource | None = None,
                 subset_writer: SubsetWriter | None = None, member_map: MemberMap | None = None,
-                force: bool = False) -> AnalysisResult:
+                particle_variability: ParticleVariability | None = None, force: bool = False) -> AnalysisResult:
     """Analyse a run folder into `out_dir` (default `RUN/analysis`): PCA, clusters (`clusters.npz/.json`),
     maps at cluster centres (`maps/cluster_NN.mrc`) and along PC traversals (`maps/pcN_traversal/`),
     with `member_map` a map back-projected from each cluster's particles at their poses
     (`maps/cluster_NN_backprojected.mrc`: independent of the neural decoder),
+    with `particle_variability` the 3D variability of the particles at their poses (`variability.npz`, maps
+    along each component in `maps/variabilityN/`, a plot of the first two coordinates by cluster),
     per-cluster subsets (`subsets/cluster_NN.star|.cs` via `subset_writer`), PNG plots (`plots/`),
     `summary.json` and `report.html`. `source` makes the maps (default: the run's trained model)."""
     run = analysis.load_run(run_dir)
@@ -189,6 +201,8 @@ def analyze_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = 
                          f"{run.path}/predictions.npz ({len(pred)})")
     if config.n_pcs < 1:
         raise InputError(f"--pcs must be at least 1, got {config.n_pcs}")
+    if config.variability_components < 0:
+        raise InputError(f"--variability must be 0 (none) or more components, got {config.variability_components}")
     pcs = analysis.pca(z, max(config.n_pcs, 2))  # PC1-PC2 for the plots
     clus = analysis.cluster(z, config.n_clusters, method=config.method, k_max=config.k_max, seed=config.seed)
     res = AnalysisResult(out_dir=out, clustering=clus, pca=pcs, report=out / "report.html")
@@ -261,6 +275,11 @@ def analyze_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = 
     else:
         res.notes.append("Maps not made (--no-maps).")
 
+    if config.variability_components and particle_variability is not None:
+        _variability(res, particle_variability, config, pred.ids, force)
+    elif config.variability_components:
+        res.notes.append("No 3D variability: the run's particle images could not be read.")
+
     # subsets
     if config.subsets and subset_writer is not None:
         for j in range(clus.k):
@@ -272,6 +291,25 @@ def analyze_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = 
     _write_summary(res, run, force)
     write_report(_content(res, run), res.report, force=force)
     return res
+
+
+def _variability(res: AnalysisResult, compute: ParticleVariability, config: AnalyzeConfig, ids: np.ndarray,
+                 force: bool) -> None:
+    """3D variability of the particles at their poses: npz, maps along each component (5th to 95th
+    percentile of the coordinates), and the first two coordinates by cluster."""
+    var = compute(config.variability_components, config.variability_resolution_A, config.seed)
+    res.variability = var
+    out = res.out_dir
+    save_variability(var, ids, out / "variability.npz", force=force)
+    for j in range(var.coords.shape[1]):
+        lo, hi = np.percentile(var.coords[:, j], [5, 95])
+        vols = var.maps_along(j, np.linspace(lo, hi, config.traversal_steps))
+        res.variability_maps[j + 1] = [write_mrc(out / "maps" / f"variability{j + 1}" / f"step_{s + 1:02d}.mrc",
+                                                 v, var.pixel_size_A, force) for s, v in enumerate(vols)]
+    res.plots["3D variability coordinates by cluster"] = plots.latent_scatter(
+        var.coords[:, :2], res.clustering.labels, out / "plots" / "variability_clusters.png",
+        xlabel="variability 1", ylabel="variability 2" if var.coords.shape[1] > 1 else "",
+        title=f"3D variability at the particles' poses ({var.resolution_A:.0f} A)", force=force)
 
 
 def _rel(path: Path, root: Path) -> str:
@@ -290,6 +328,11 @@ def _write_summary(res: AnalysisResult, run: analysis.Run, force: bool) -> Path:
                "cluster_maps": [_rel(m, res.out_dir) for m in res.cluster_maps],
                "backprojected_maps": [_rel(m, res.out_dir) for m in res.backprojected_maps],
                "traversal_maps": {f"pc{k}": [_rel(m, res.out_dir) for m in v] for k, v in res.traversal_maps.items()},
+               "variability": None if res.variability is None else {
+                   "file": "variability.npz", "resolution_A": res.variability.resolution_A,
+                   "variance": res.variability.variance.tolist(),
+                   "maps": {f"variability{k}": [_rel(m, res.out_dir) for m in v]
+                            for k, v in res.variability_maps.items()}},
                "subsets": {str(k): [_rel(m, res.out_dir) for m in v] for k, v in res.subsets.items()},
                "plots": {k: _rel(v, res.out_dir) for k, v in res.plots.items()}, "notes": res.notes}
     path = res.out_dir / "summary.json"
@@ -308,15 +351,25 @@ def _content(res: AnalysisResult, run: analysis.Run) -> ReportContent:
                           f"labels from {c.method}"),
              ("k-means / GMM agreement", f"{100 * np.mean(c.kmeans_labels == c.gmm_labels):.1f}% of particles"),
              ("PCA explained variance", ev)]
+    if res.variability is not None:
+        v = res.variability
+        facts.append(("3D variability", f"{v.coords.shape[1]} component(s) at {v.resolution_A:.0f} A from the particles "
+                                        f"at their poses (variance of the coordinates: "
+                                        f"{', '.join(f'{x:.3g}' for x in v.variance)})"))
     rows = [ClusterRow(number=j + 1, particles=int(pops[j]), fraction=float(pops[j] / max(pops.sum(), 1)),
                        map_path=_rel(res.cluster_maps[j], root) if res.cluster_maps else None,
                        subset_paths=[_rel(s, root) for s in res.subsets.get(j + 1, [])]) for j in range(c.k)]
     series = [(f"PC{k} traversal (5th to 95th percentile)", [_rel(m, root) for m in v])
               for k, v in res.traversal_maps.items()]
+    series += [(f"Along 3D variability component {k} (5th to 95th percentile; "
+                f"{res.variability.resolution_A:.0f} A, independent of z)", [_rel(m, root) for m in v])
+               for k, v in res.variability_maps.items()]
     if res.backprojected_maps:
         series.insert(0, ("Cluster maps back-projected from their particles", [_rel(m, root) for m in res.backprojected_maps]))
     files = [("cluster labels (versioned arrays)", "clusters.npz"), ("cluster summary", "clusters.json"),
              ("analysis summary", "summary.json")]
+    if res.variability is not None:
+        files.append(("3D variability coordinates of each particle (versioned arrays)", "variability.npz"))
     return ReportContent(title=f"cryofire analysis: {run.path.name}", facts=facts,
                          plots=[(t, _rel(v, root)) for t, v in res.plots.items()], clusters=rows,
                          map_series=series, files=files, notes=res.notes)

@@ -340,3 +340,43 @@ def test_subsets_follow_row_order_when_the_run_file_names_particles_differently(
                 z=pred.z[keep], loss=pred.loss[keep], meta=pred.meta).save(run / "predictions.npz", force=True)
     assert main(["analyze", str(run), "--no-maps", "--force"]) == 2
     assert "not in this file" in capsys.readouterr().err
+
+
+def test_analyze_writes_3d_variability_from_the_particles_at_their_poses(tmp_path, capsys):
+    """`cryofire analyze` on a run whose particles.star has readable stacks: variability.npz (the particles'
+    coordinates, independent of z), maps along each component with their voxel size, a plot, and report
+    links that resolve; --variability 0 turns it off and a negative count is refused."""
+    import html.parser
+
+    run, state, _ = simulated_run(tmp_path, n=400, snr=3.0)
+    pred = Predictions.load(run / "predictions.npz")
+    assert main(["analyze", str(run), "--no-maps", "--no-subsets", "--steps", "4"]) == 0
+    assert "3D variability: 2 component(s) at 20 A" in capsys.readouterr().out
+    out = run / "analysis"
+    with np.load(out / "variability.npz") as f:
+        header = json.loads(str(f["header"]))
+        assert header["format"] == "cryofire-variability" and header["components"] == 2
+        assert list(f["ids"]) == list(pred.ids) and f["coords"].shape == (400, 2)
+        r = abs(np.corrcoef(f["coords"][:, 0], state)[0, 1])
+    print(f"|corr(variability coordinate 1, state)| {r:.3f}")
+    assert r > 0.7  # the two states differ by the arm's swing; the first component finds it
+    steps = sorted((out / "maps" / "variability1").glob("step_*.mrc"))
+    assert len(steps) == 4
+    with mrcfile.open(steps[0]) as m:
+        assert m.voxel_size.x == pytest.approx(header["pixel_size_A"]) and m.data.shape == (header["box"],) * 3
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["variability"]["maps"]["variability2"][0] == "maps/variability2/step_01.mrc"
+    links = []
+
+    class P(html.parser.HTMLParser):
+        def handle_starttag(self, tag, attrs):
+            links.extend(v for k, v in attrs if k in ("href", "src"))
+
+    P().feed((out / "report.html").read_text())
+    assert "variability.npz" in links and "plots/variability_clusters.png" in links
+    assert all((out / link).is_file() for link in links)
+    assert main(["analyze", str(run), "-o", str(tmp_path / "a0"), "--no-maps", "--no-subsets",
+                 "--variability", "0"]) == 0
+    assert not (tmp_path / "a0" / "variability.npz").exists()
+    assert main(["analyze", str(run), "-o", str(tmp_path / "a1"), "--no-maps", "--variability", "-1"]) == 2
+    assert "--variability" in capsys.readouterr().err
