@@ -7,7 +7,8 @@ Simulates the phantom in `--states` conformations (its arm swings through 40 deg
 (`report.analyze_run`) with K chosen by BIC and again with K = states, and reports:
 clustering error (best one-to-one matching), |corr(PC1, state)|, and for each cluster map the
 truth map it correlates best with (and whether that is the cluster's majority state), for the
-decoder's map at the cluster centre and for the map back-projected from the cluster's particles.
+decoder's map at the cluster centre and for the map back-projected from the cluster's particles;
+and |corr(state, coordinate)| of the 3D variability components at the run's poses.
 Writes `<out>/bench.json`.
 """
 
@@ -67,6 +68,15 @@ def main() -> None:
               "zdim": cfg.zdim, "warm_classes": cfg.warm_classes, "train_s": round(t2 - t1, 1), "simulate_s": round(t1 - t0, 1),
               "median_rotation_error_deg": float(np.median(rot.errors_deg)), "hand_flipped": bool(rot.flipped),
               "pc1_abs_corr_state": metrics.pc1_correlation(pred.z, ds.state)}
+    from cryofire_ext.variability import variability
+
+    t3 = time.time()  # 3D variability at the run's poses (what `cryofire analyze` adds, independent of z)
+    var = variability(ds.particles.images, pred.A, pred.shifts_A, ds.particles.ctf, apix, n_components=2,
+                      seed=args.seed)
+    result["variability"] = {"abs_corr_state": [abs(float(np.corrcoef(var.coords[:, j], ds.state)[0, 1]))
+                                                for j in range(var.coords.shape[1])],
+                             "resolution_A": var.resolution_A, "iterations": var.iterations,
+                             "seconds": round(time.time() - t3, 1)}
     from cryofire_ext.reconstruct import reconstruct
 
     posed = ds.particles.with_poses(pred.A, pred.shifts_A)  # predictions are in the stack's order
