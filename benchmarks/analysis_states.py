@@ -37,6 +37,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--reuse-run", action="store_true",
+                    help="analyse OUT/run/predictions.npz of an earlier run of this command instead of training again")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -56,8 +58,9 @@ def main() -> None:
             if v is not None}
     cfg = TrainConfig(**{**DEMO_CONFIG, "device": args.device, "seed": args.seed, **over})
     t1 = time.time()
-    train(ds.particles, run, cfg)
-    predict(run, ds.particles).save(run / "predictions.npz")
+    if not (args.reuse_run and (run / "predictions.npz").is_file()):
+        train(ds.particles, run, cfg)
+        predict(run, ds.particles).save(run / "predictions.npz")
     t2 = time.time()
     from cryofire_ext.results import Predictions
 
@@ -65,7 +68,8 @@ def main() -> None:
     rot = metrics.rotation_error_deg(pred.A, ds.A)  # ab initio maps live in a globally rotated frame
     truth_maps = [np.roll(t[::-1], 1, axis=0) if rot.flipped else t for t in ds.maps]
     result = {"states": args.states, "n": args.n, "box": args.box, "snr": args.snr, "epochs": cfg.epochs,
-              "zdim": cfg.zdim, "warm_classes": cfg.warm_classes, "train_s": round(t2 - t1, 1), "simulate_s": round(t1 - t0, 1),
+              "zdim": cfg.zdim, "warm_classes": cfg.warm_classes, "train_s": round(t2 - t1, 1),
+              "reused_run": bool(args.reuse_run), "simulate_s": round(t1 - t0, 1),
               "median_rotation_error_deg": float(np.median(rot.errors_deg)), "hand_flipped": bool(rot.flipped),
               "pc1_abs_corr_state": metrics.pc1_correlation(pred.z, ds.state)}
     from cryofire_ext.variability import variability
