@@ -99,3 +99,14 @@ def test_resume_with_other_particles_of_the_same_size_is_refused(warm_run, tmp_p
     with pytest.raises(InputError, match="other particles"):
         train(other, run, TrainConfig(**{**WARM_TINY, "epochs": 2}), resume=True)
     assert (run / "checkpoints" / "last.pt").read_bytes() == before
+
+
+def test_training_few_particles_warns_that_the_warm_start_may_fail(warm_run, caplog):
+    """The warm run trained on 64 particles: the log says the warm start may fail and what to do."""
+    from cryofire_ext.train.config import TrainConfig
+    from cryofire_ext.train.trainer import train
+
+    _, stack = warm_run
+    with caplog.at_level("WARNING", logger="cryofire_ext.train.trainer"):
+        train(stack.take(np.arange(48)), warm_run[0].parent / "few", TrainConfig(**{**WARM_TINY, "epochs": 0}))
+    assert any("only 48 particles" in r.getMessage() and "--seed" in r.getMessage() for r in caplog.records)

@@ -232,10 +232,18 @@ def train(stack: ParticleStack, run_dir, config: TrainConfig, *, resume: bool = 
     return last
 
 
+#: below this many particles the warm start is not reliable (benchmarks/results/demo_small_n.json)
+FEW_PARTICLES = 1000
+
+
 def _warm_start(config: TrainConfig, data: TrainingImages, stack: ParticleStack, box: int, device) -> WarmMap:
     """Build the coarse map from `warm_images` images (deterministic in `config.seed`)."""
     n = len(stack)
     k = min(n, config.warm_images)
+    if n < FEW_PARTICLES:
+        log.warning("only %d particles: below about %d the search warm start can fail to find poses (the demo's "
+                    "phantom at 300 particles failed with one seed of two); check the maps, and if they are blobs "
+                    "train again with another --seed", n, FEW_PARTICLES)
     pick = np.sort(np.random.default_rng([config.seed, 99]).choice(n, size=k, replace=False))
     img, ctf = data.read(pick)
     wb = min(config.warm_box, box)
