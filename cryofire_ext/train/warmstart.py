@@ -121,14 +121,14 @@ def _solve(acc: torch.Tensor, reg: float) -> torch.Tensor:
     return torch.complex(acc[..., 0], acc[..., 1]) / (den + lam + 1e-6)
 
 
-def _scores(Y: torch.Tensor, C: torch.Tensor, S: torch.Tensor, lat: _Lattice, shifts: torch.Tensor,
-            radius: float) -> torch.Tensor:
-    """Log-likelihood up to a constant `(n, S, M)`: `2 Re<Y_s C, S_m> - <C^2, |S_m|^2>` on `|k| <= radius`."""
-    w = (lat.r <= radius + 1e-6).float()
+def _scores(Y: torch.Tensor, C: torch.Tensor, S: torch.Tensor, lat: "_Lattice | _Sub",
+            shifts: torch.Tensor) -> torch.Tensor:
+    """Log-likelihood up to a constant `(n, S, M)`: `2 Re<Y_s C, S_m> - <C^2, |S_m|^2>` on the points of
+    `lat` (restrict the lattice, e.g. with `_Sub`, to score fewer shells)."""
     Ys = undo_shift(Y, lat.k[:, :2], shifts[None].expand(Y.shape[0], -1, -1))  # (n, S, m)
-    YC = Ys * (C * w)[:, None, :]
+    YC = Ys * C[:, None, :]
     cross = YC.real @ S.real.T + YC.imag @ S.imag.T  # (n, S, M)
-    quad = (C * C * w) @ (S.abs().square()).T  # (n, M)
+    quad = (C * C) @ (S.abs().square()).T  # (n, M)
     return 2.0 * cross - quad[:, None, :]
 
 
@@ -169,7 +169,7 @@ def search(warm: WarmMap, images: torch.Tensor, ctf_params: torch.Tensor, refine
         C = evaluate_ctf(ctf_params[s:s + chunk].double().to(device), lat.freqs).float()
         per_class = []  # each class searched (and refined) on its own; the best final score wins
         for V, S in zip(maps, S_all):
-            val, flat = _scores(Y[:, low], C[:, low], S, sub, shifts, 2.0).flatten(1).max(1)  # (shift, rotation)
+            val, flat = _scores(Y[:, low], C[:, low], S, sub, shifts).flatten(1).max(1)  # (shift, rotation)
             A, t = rots[flat % S.shape[0]], shifts[flat // S.shape[0]]
             if refine:
                 A, t, val = refine_local(V, Y, C, lat, A, t, pitch)
@@ -185,13 +185,19 @@ def search(warm: WarmMap, images: torch.Tensor, ctf_params: torch.Tensor, refine
 GLOBAL_REACH_PX = 3.0
 
 
+def resolved_radius(angle_rad: float, box: int, reach_px: float) -> float:
+    """Lattice radius (Nyquist units of `box`, at most 1) up to which a rotation by `angle_rad` moves a
+    point by at most `reach_px` pixels: the shells on which poses that far apart can be compared."""
+    return float(min(1.0, reach_px / (angle_rad * box / 2.0)))
+
+
 def global_radius(n_rotations: int, box: int) -> float:
     """Lattice radius (Nyquist units of `box`) that a grid of `n_rotations` random rotations resolves:
-    spacing `(8 pi^2 / M)^(1/3)` rad times radius in pixels = `GLOBAL_REACH_PX`. Finer shells cost
+    `resolved_radius` of its spacing `(8 pi^2 / M)^(1/3)` rad at `GLOBAL_REACH_PX`. Finer shells cost
     time and add noise to the grid's choice (D=64, SNR 0.1, maps from true poses: 1.05 deg median
     error after refinement at radius 0.5 vs 1.51 deg when the grid was scored to Nyquist)."""
     spacing_rad = (8.0 * np.pi ** 2 / max(int(n_rotations), 1)) ** (1.0 / 3.0)
-    return float(min(1.0, GLOBAL_REACH_PX / (spacing_rad * box / 2.0)))
+    return resolved_radius(spacing_rad, box, GLOBAL_REACH_PX)
 
 
 def best_class(per_class: list) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -209,7 +215,7 @@ REFINE_STEPS_RAD = (0.12, 0.08, 0.05, 0.03, 0.02, 0.012)
 REFINE_SHIFT_STEPS = (0.5, 0.25)
 #: a rotation step of `s` rad is scored on lattice radii up to `REFINE_REACH_PX / s` pixels, where the
 #: step moves a point by at most this many pixels (finer shells only add noise to that comparison)
-REFINE_REACH_PX = 1
+REFINE_REACH_PX = 1.0
 
 
 def refine_local(V: torch.Tensor, Y: torch.Tensor, C: torch.Tensor, lat: "_Lattice", A: torch.Tensor,
@@ -219,11 +225,11 @@ def refine_local(V: torch.Tensor, Y: torch.Tensor, C: torch.Tensor, lat: "_Latti
     `pitch_px`. Deterministic. Returns (A, t, score `(n,)` the log-likelihood at them)."""
     gen = torch.Generator().manual_seed(99)
     ar = torch.arange(A.shape[0], device=A.device)
-    half_box = (V.shape[-1] - 1) / 2.0
+    box = V.shape[-1] - 1
     for step in REFINE_STEPS_RAD:
         axes = Fn.normalize(torch.randn(n_dir, 3, generator=gen), dim=-1).to(A.device)
         cand = torch.cat((A[:, None], _axis_angle(axes * step)[None] @ A[:, None]), dim=1)  # (n, 1+n_dir, 3, 3)
-        m = lat.r <= min(1.0, REFINE_REACH_PX / (step * half_box)) + 1e-6  # coarse steps: coarse shells
+        m = lat.r <= resolved_radius(step, box, REFINE_REACH_PX) + 1e-6  # coarse steps: coarse shells
         k = lat.k[m]
         S = _slices(V, torch.einsum("mi,ncij->ncmj", k, cand))
         score = _score_at(Y[:, m], C[:, m], k[:, :2], S, t[:, None].expand(-1, cand.shape[1], -1))
@@ -292,7 +298,7 @@ def build_warm_map_online(images: torch.Tensor, ctf_params: torch.Tensor, pixel_
         mask = lat.r <= radius + 1e-6
         S = _slices(V, coords_all[:, mask])
         sub = _Sub(lat, mask)
-        sc = _scores(Y[sel][:, mask], C[sel][:, mask], S, sub, shifts, 2.0).flatten(1)
+        sc = _scores(Y[sel][:, mask], C[sel][:, mask], S, sub, shifts).flatten(1)
         best = sc.argmax(1)
         s_idx, r_idx = best // rots.shape[0], best % rots.shape[0]
         Ys = undo_shift(Y[sel][:, mask], lat.k[mask, :2], shifts[s_idx][:, None])[:, 0]
