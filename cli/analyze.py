@@ -65,19 +65,27 @@ def _subset_writer(run_dir: Path, pred, suffixes: tuple[str, ...] | None = None)
     return write
 
 
+def _posed_particles(run_dir: Path, pred, what: str):
+    """The run's particles.star in the predictions' order (poses, CTF, stacks), or None with a log line
+    saying `what` is skipped when its images cannot be read."""
+    src, stack = _particle_source(run_dir, ".star")
+    if stack is None or stack.images is None or stack.A is None:
+        log.info("no %s: %s has no readable images with poses", what, src or run_dir)
+        return None
+    return stack.take(_rows_for(stack, src, pred.ids))
+
+
 def _member_map(run_dir: Path, pred):
     """A `report.MemberMap`: Wiener back-projection (`reconstruct`) of a cluster's particles at the poses and
     CTF of the run's particles.star; None (with a log line) when the run's particle images cannot be read."""
     from cryofire_ext.reconstruct import reconstruct
 
-    src, stack = _particle_source(run_dir, ".star")
-    if stack is None or stack.images is None or stack.A is None:
-        log.info("no back-projected cluster maps: %s has no readable images with poses", src or run_dir)
+    posed = _posed_particles(run_dir, pred, "back-projected cluster maps")
+    if posed is None:
         return None
-    map_rows = _rows_for(stack, src, pred.ids)
 
     def member_map(rows: np.ndarray):
-        sub = stack.take(map_rows[rows])
+        sub = posed.take(rows)
         vol = reconstruct(sub.images, sub.A, sub.shifts_A, sub.ctf, sub.pixel_size_A)
         return vol.numpy(), float(sub.pixel_size_A)
 
@@ -89,15 +97,13 @@ def _particle_variability(run_dir: Path, pred):
     stacks) in the predictions' order; None (with a log line) when the images cannot be read."""
     from cryofire_ext.variability import variability
 
-    src, stack = _particle_source(run_dir, ".star")
-    if stack is None or stack.images is None or stack.A is None:
-        log.info("no 3D variability: %s has no readable images with poses", src or run_dir)
+    posed = _posed_particles(run_dir, pred, "3D variability")
+    if posed is None:
         return None
-    sub = stack.take(_rows_for(stack, src, pred.ids))
 
     def compute(components: int, resolution_A: float, seed: int):
-        return variability(sub.images, sub.A, sub.shifts_A, sub.ctf, sub.pixel_size_A, n_components=components,
-                           resolution_A=resolution_A, seed=seed)
+        return variability(posed.images, posed.A, posed.shifts_A, posed.ctf, posed.pixel_size_A,
+                           n_components=components, resolution_A=resolution_A, seed=seed)
 
     return compute
 

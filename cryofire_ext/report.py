@@ -163,7 +163,7 @@ class AnalysisResult:
     cluster_maps: list[Path] = field(default_factory=list)
     backprojected_maps: list[Path] = field(default_factory=list)
     traversal_maps: dict = field(default_factory=dict)
-    variability: object = None
+    variability: Variability | None = None
     variability_maps: dict = field(default_factory=dict)
     subsets: dict = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
