@@ -15,6 +15,7 @@ import torch
 from cryofire_ext.ctf import evaluate_ctf
 from cryofire_ext.model.losses import undo_shift
 from cryofire_ext.train.warmstart import WarmMap, _Lattice, _score_at, _slices, _solve, _splat, _Sub, search, shift_grid
+from cryofire_ext.train.frames import class_frames, turn_poses, turned
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +109,8 @@ def refine_warm_map(warm: WarmMap, images: torch.Tensor, ctf_params: torch.Tenso
     the search range in pixels of B. Each round back-projects the images at their current poses
     and searches again (global grid + local refinement of rotation and shift). With
     `n_classes` > 1, a hard-EM classification at fixed poses from random splits follows, then
-    `CLASS_ROUNDS` rounds search over (class, rotation, shift). Deterministic given `seed`.
+    `CLASS_ROUNDS` rounds search over (class, rotation, shift), and the class maps are turned into one
+    frame (`frames.class_frames`). Deterministic given `seed`.
     Returns the maps (one per class) at the training box, for `search`.
     """
     box = images.shape[-1]
@@ -128,6 +130,9 @@ def refine_warm_map(warm: WarmMap, images: torch.Tensor, ctf_params: torch.Tenso
         K = n_classes
         log.info("classification into %d classes: %s images", K, torch.bincount(labels, minlength=K).tolist())
     V = reconstruct_classes(images, ctf_params, A, t, labels, K, pixel_size_A)
+    rotations = class_frames(V, labels)
+    if turned(rotations):  # classes split from one map inherit its frame; give them their common part's
+        V = reconstruct_classes(images, ctf_params, turn_poses(A, labels, rotations), t, labels, K, pixel_size_A)
     return WarmMap(V, warm.rotations, shifts, box, float(pixel_size_A), 1.0)
 
 

@@ -22,6 +22,7 @@ import torch
 
 from cryofire_ext.ctf import evaluate_ctf
 from cryofire_ext.train.classes import class_maps
+from cryofire_ext.train.frames import class_frames, turn_poses, turned
 from cryofire_ext.train.warmstart import _Lattice, best_class, refine_local
 
 log = logging.getLogger(__name__)
@@ -37,8 +38,8 @@ Reader = Callable[[np.ndarray], tuple[torch.Tensor, torch.Tensor]]
 @torch.no_grad()
 def polish(read: Reader, n: int, A: torch.Tensor, shifts_px: torch.Tensor, labels: torch.Tensor, n_classes: int,
            box: int, pixel_size_A: float, rounds: int, chunk: int = 256):
-    """`rounds` of (back-project class maps, refine every particle's pose and shift against each
-    class map, keep the best class). A `(n, 3, 3)` RELION matrices, shifts_px `(n, 2)` pixels of
+    """`rounds` of (back-project class maps, turn them into one frame (`frames.class_frames`), refine
+    every particle's pose and shift against each class map, keep the best class). A `(n, 3, 3)` RELION matrices, shifts_px `(n, 2)` pixels of
     `box` (RELION origin sign), labels `(n,)` int64 in `[0, n_classes)`.
 
     Returns (A, shifts_px, labels) refined; the inputs when there are too few particles per class
@@ -56,6 +57,10 @@ def polish(read: Reader, n: int, A: torch.Tensor, shifts_px: torch.Tensor, label
     for r in range(rounds):
         t0 = time.perf_counter()
         V = class_maps(read, n, A, shifts_px, labels, n_classes, box, pixel_size_A, chunk)
+        rotations = class_frames(V, labels)
+        if turned(rotations):  # one frame for all classes, so each particle starts from its pose in every map
+            A = turn_poses(A, labels, rotations)
+            V = class_maps(read, n, A, shifts_px, labels, n_classes, box, pixel_size_A, chunk)
         moved = 0
         for s in range(0, n, chunk):
             idx = np.arange(s, min(n, s + chunk))
