@@ -17,7 +17,7 @@ from cryofire_ext.phantom import phantom_maps
 from cryofire_ext.simulate import simulate
 from cryofire_ext.train.data import StackStats, TrainingImages
 from cryofire_ext.train.polish import MIN_PARTICLES_PER_CLASS, polish
-from cryofire_ext.train.classes import class_maps, reconstruct_classes
+from cryofire_ext.train.classes import class_maps, classify_at_poses, reconstruct_classes
 from cryofire_ext.train.warmstart import _axis_angle
 
 torch.set_num_threads(2)
@@ -81,3 +81,13 @@ def test_polish_leaves_too_few_particles_and_zero_rounds_alone(two_states):
     assert torch.equal(A, A0[:n]) and torch.equal(t, t0[:n]) and torch.equal(lab, lab0[:n])
     A, _, _ = polish(data.read, N, A0, t0, lab0, 2, 32, apix, rounds=0)
     assert torch.equal(A, A0)
+
+
+def test_classification_at_fixed_poses_recovers_flipped_classes(two_states):
+    ds, data, apix = two_states
+    A, t, lab0 = _perturbed(ds, apix, deg=0.0, shift_px=0.0, flip=0.3, seed=3)
+    assert clustering_error(lab0.numpy(), ds.state) > 0.2
+    lab = classify_at_poses(data.read, N, A, t, lab0, 2, 32, apix, chunk=128)
+    assert clustering_error(lab.numpy(), ds.state) < 0.01
+    assert clustering_error(lab0.numpy(), ds.state) > 0.2  # the input labels are left as they were
+    assert torch.equal(lab, classify_at_poses(data.read, N, A, t, lab0, 2, 32, apix, chunk=128))
