@@ -14,12 +14,11 @@ import torch
 
 from cryofire_ext.metrics import geodesic_deg
 from cryofire_ext.phantom import phantom_maps
-from cryofire_ext.simulate import simulate
 from cryofire_ext.train.classes import class_maps
-from cryofire_ext.train.data import StackStats, TrainingImages
 from cryofire_ext.train.frames import class_frames, register, rotate_map, turn_poses, turned
 from cryofire_ext.train.polish import polish
 from cryofire_ext.train.warmstart import _axis_angle
+from tests.conftest import phantom_training_set
 
 torch.set_num_threads(2)
 N = 400
@@ -55,11 +54,7 @@ def test_trimmed_registration_finds_the_core_frame_where_a_whole_map_fit_follows
 
 @pytest.fixture(scope="module")
 def two_states():
-    maps, apix = phantom_maps(32, states=2)
-    ds = simulate(maps, N, mix=[0.5, 0.5], snr=3.0, shift_px=2.0, pixel_size_A=apix, seed=4)
-    img = np.asarray(ds.particles.images.read(np.arange(N)), dtype=np.float64)
-    data = TrainingImages(ds.particles, 32, StackStats(float(img.mean()), float(img.std())))
-    return ds, data, apix
+    return phantom_training_set(N, seed=4)
 
 
 def test_a_class_in_a_rotated_frame_is_turned_back(two_states):

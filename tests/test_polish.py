@@ -13,12 +13,10 @@ import pytest
 import torch
 
 from cryofire_ext.metrics import clustering_error, geodesic_deg
-from cryofire_ext.phantom import phantom_maps
-from cryofire_ext.simulate import simulate
-from cryofire_ext.train.data import StackStats, TrainingImages
 from cryofire_ext.train.polish import MIN_PARTICLES_PER_CLASS, polish
 from cryofire_ext.train.classes import class_maps, classify_at_poses, reconstruct_classes
 from cryofire_ext.train.warmstart import _axis_angle
+from tests.conftest import phantom_training_set
 
 torch.set_num_threads(2)
 N = 400
@@ -26,11 +24,7 @@ N = 400
 
 @pytest.fixture(scope="module")
 def two_states():
-    maps, apix = phantom_maps(32, states=2)
-    ds = simulate(maps, N, mix=[0.5, 0.5], snr=3.0, shift_px=2.0, pixel_size_A=apix, seed=2)
-    img = np.asarray(ds.particles.images.read(np.arange(N)), dtype=np.float64)
-    data = TrainingImages(ds.particles, 32, StackStats(float(img.mean()), float(img.std())))
-    return ds, data, apix
+    return phantom_training_set(N, seed=2)
 
 
 def _perturbed(ds, apix, deg=6.0, shift_px=0.7, flip=0.15, seed=0):
