@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as Fn
 
 from cryofire_ext import fourier
+from cryofire_ext.metrics import geodesic_deg
 from cryofire_ext.train.warmstart import _axis_angle
 
 log = logging.getLogger(__name__)
@@ -125,7 +126,7 @@ def class_frames(V: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         R = torch.eye(3)
         if k != ref and int(pops[k]) >= MIN_PARTICLES:
             R = register(v_ref, real_map(V[k].cpu()))
-        angle = float(np.degrees(np.arccos(np.clip((float(torch.trace(R)) - 1.0) / 2.0, -1.0, 1.0))))
+        angle = float(geodesic_deg(np.eye(3)[None], R.double().numpy()[None])[0])
         angles.append(angle)
         if angle >= MIN_ANGLE_DEG:
             rotations[k] = R

@@ -22,9 +22,9 @@ import numpy as np
 import torch
 
 from cryofire_ext.ctf import evaluate_ctf
-from cryofire_ext.train.classes import class_maps, classify_at_poses, low_resolution
+from cryofire_ext.train.classes import class_maps, class_scores, classify_at_poses, low_resolution
 from cryofire_ext.train.frames import class_frames, turn_poses, turned
-from cryofire_ext.train.warmstart import _Lattice, _score_at, _slices, best_class, refine_local
+from cryofire_ext.train.warmstart import _Lattice, _Sub, best_class, refine_local
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +58,7 @@ def polish(read: Reader, n: int, A: torch.Tensor, shifts_px: torch.Tensor, label
     A, shifts_px, labels = A.float().clone(), shifts_px.float().clone(), labels.long().clone()
     lat = _Lattice(box, pixel_size_A, device)
     low = low_resolution(lat, pixel_size_A)
+    sub = _Sub(lat, low)
     for r in range(rounds):
         t0 = time.perf_counter()
         V = class_maps(read, n, A, shifts_px, labels, n_classes, box, pixel_size_A, chunk)
@@ -73,9 +74,7 @@ def polish(read: Reader, n: int, A: torch.Tensor, shifts_px: torch.Tensor, label
             C = evaluate_ctf(ctf.double().to(device), lat.freqs).float()
             per_class = [refine_local(V[k], Y, C, lat, A[idx], shifts_px[idx], SHIFT_PITCH_PX) for k in range(n_classes)]
             # the class is decided where classes differ (low resolution), each at its own refined pose
-            per_class = [(Ak, tk, _score_at(Y[:, low], C[:, low], lat.k[low, :2],
-                                            _slices(V[k], torch.einsum("mi,nij->nmj", lat.k[low], Ak)[:, None]),
-                                            tk[:, None])[:, 0])
+            per_class = [(Ak, tk, class_scores(V[k:k + 1], Y[:, low], C[:, low], sub, Ak, tk)[:, 0])
                          for k, (Ak, tk, _) in enumerate(per_class)]
             A[idx], shifts_px[idx], cls = best_class(per_class)
             moved += int((labels[idx] != cls).sum())
