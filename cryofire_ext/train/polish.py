@@ -41,8 +41,8 @@ def polish(read: Reader, n: int, A: torch.Tensor, shifts_px: torch.Tensor, label
            box: int, pixel_size_A: float, rounds: int, chunk: int = 256):
     """`rounds` of (back-project class maps, turn them into one frame (`frames.class_frames`), refine
     every particle's pose and shift against each class map, keep the class that explains it best up to
-    `classes.CLASSIFY_RESOLUTION_A`), then, with classes, hard-EM classification at the refined poses
-    (`classes.classify_at_poses`). A `(n, 3, 3)` RELION matrices, shifts_px `(n, 2)` pixels of
+    `classes.CLASSIFY_RESOLUTION_A`, then, with classes, hard-EM classification at the refined poses
+    (`classes.classify_at_poses`)). A `(n, 3, 3)` RELION matrices, shifts_px `(n, 2)` pixels of
     `box` (RELION origin sign), labels `(n,)` int64 in `[0, n_classes)`.
 
     Returns (A, shifts_px, labels) refined; the inputs when there are too few particles per class
@@ -79,8 +79,8 @@ def polish(read: Reader, n: int, A: torch.Tensor, shifts_px: torch.Tensor, label
             A[idx], shifts_px[idx], cls = best_class(per_class)
             moved += int((labels[idx] != cls).sum())
             labels[idx] = cls
-        log.info("pose refinement round %d/%d: %d particle(s) changed class, %.1f s", r + 1, rounds, moved,
-                 time.perf_counter() - t0)
-    if n_classes > 1:
-        labels = classify_at_poses(read, n, A, shifts_px, labels, n_classes, box, pixel_size_A, chunk=chunk)
+        if n_classes > 1:  # so the next round refines against maps of states, not of the model's classes
+            labels = classify_at_poses(read, n, A, shifts_px, labels, n_classes, box, pixel_size_A, chunk=chunk)
+        log.info("pose refinement round %d/%d: %d particle(s) changed class in the refinement, %.1f s", r + 1,
+                 rounds, moved, time.perf_counter() - t0)
     return A, shifts_px, labels
