@@ -75,24 +75,14 @@ def classify(images: torch.Tensor, ctf_params: torch.Tensor, A: torch.Tensor, sh
     the images best (summed log-likelihood) wins. Scores use lattice points up to
     `CLASSIFY_RESOLUTION_A`."""
     n, box = images.shape[0], images.shape[-1]
-    lat = _Lattice(box, pixel_size_A, images.device)
-    keep = low_resolution(lat, pixel_size_A)
-    low = _Sub(lat, keep)
-    Y = lat.observe(images)[:, keep]
-    C = evaluate_ctf(ctf_params.double(), lat.freqs).float()[:, keep]
+    read = lambda idx: (images[idx], ctf_params[idx])  # noqa: E731
     gen = torch.Generator().manual_seed(int(seed) * 7919 + 17)
     best, best_ll = None, -float("inf")
     for _ in range(starts):
         labels = torch.randint(0, n_classes, (n,), generator=gen).to(images.device)
-        for _ in range(iters):
-            V = reconstruct_classes(images, ctf_params, A, shifts_px, labels, n_classes, pixel_size_A)
-            ll, new = class_scores(V, Y, C, low, A, shifts_px).max(1)
-            changed = float((new != labels).float().mean())
-            labels = new
-            if changed < 1e-3:
-                break
-        if float(ll.sum()) > best_ll:
-            best, best_ll = labels, float(ll.sum())
+        labels, ll = _hard_em(read, n, A, shifts_px, labels, n_classes, box, pixel_size_A, iters, n, logging.DEBUG)
+        if ll > best_ll:
+            best, best_ll = labels, ll
     return best
 
 
@@ -120,6 +110,14 @@ def classify_at_poses(read, n: int, A: torch.Tensor, shifts_px: torch.Tensor, la
     the clustering error from 0.217 (the pose refinement's own, decided at full resolution) to 0.047 in
     six iterations of ~30 s; from a random split it reached 0.042 in 15.
     """
+    return _hard_em(read, n, A, shifts_px, labels, n_classes, box, pixel_size_A, max_iters, chunk,
+                    logging.INFO)[0]
+
+
+def _hard_em(read, n: int, A: torch.Tensor, shifts_px: torch.Tensor, labels: torch.Tensor, n_classes: int, box: int,
+             pixel_size_A: float, max_iters: int, chunk: int, log_level: int) -> tuple[torch.Tensor, float]:
+    """The loop of `classify_at_poses` -> (labels `(n,)` a new tensor, summed log-likelihood of the last
+    assignment under the maps it was decided with)."""
     device = A.device
     lat = _Lattice(box, pixel_size_A, device)
     low = low_resolution(lat, pixel_size_A)
@@ -127,20 +125,21 @@ def classify_at_poses(read, n: int, A: torch.Tensor, shifts_px: torch.Tensor, la
     labels = labels.clone()
     for it in range(max_iters):
         V = class_maps(read, n, A, shifts_px, labels, n_classes, box, pixel_size_A, chunk)
-        changed = 0
+        changed, ll = 0, 0.0
         for s in range(0, n, chunk):
             idx = np.arange(s, min(n, s + chunk))
             img, ctf = read(idx)
             Y = lat.observe(img.to(device))[:, low]
             C = evaluate_ctf(ctf.double().to(device), lat.freqs).float()[:, low]
-            new = class_scores(V, Y, C, sub, A[idx], shifts_px[idx]).argmax(1)
+            best, new = class_scores(V, Y, C, sub, A[idx], shifts_px[idx]).max(1)
+            ll += float(best.sum())
             changed += int((new != labels[idx]).sum())
             labels[idx] = new
-        log.info("classification at fixed poses, iteration %d: %d particle(s) changed class, %s per class", it + 1,
-                 changed, torch.bincount(labels, minlength=n_classes).tolist())
+        log.log(log_level, "classification at fixed poses, iteration %d: %d particle(s) changed class, %s per class",
+                it + 1, changed, torch.bincount(labels, minlength=n_classes).tolist())
         if changed < CLASSIFY_TOL * n:
             break
-    return labels
+    return labels, ll
 
 
 #: search rounds over (class, rotation, shift) after the classification
