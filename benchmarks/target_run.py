@@ -9,7 +9,9 @@ scoring: median rotation error after global alignment, shift error, clustering e
 cluster map to its true state), at the issue's size. Then each epoch checkpoint is scored on `--eval`
 particles with the model's own poses (benchmarks/convergence.py's curve). The run's wall time is split
 into training (config max_minutes caps it) and the rest (warm start, final pass, export) by the
-log lines this script prints with their times.
+log lines this script prints with their times. `--export-only` redoes the final pass, export and scoring
+of a run already trained in `--out-dir`. Run it from a checkout you do not edit meanwhile (`git worktree
+add`): `predict` imports the pose refinement only when it gets there, hours into a run.
 """
 
 from __future__ import annotations
@@ -30,7 +32,8 @@ from convergence import score_checkpoints  # noqa: E402
 
 from cryofire_ext.phantom import phantom_maps  # noqa: E402
 from cryofire_ext.simulate import simulate  # noqa: E402
-from integrations.job import DEMO_CONFIG, DemoSettings, run_demo  # noqa: E402
+from integrations.job import DEMO_CONFIG, DemoSettings, export_run, run_demo, score_run  # noqa: E402
+from integrations.simulated import with_absolute_names  # noqa: E402
 
 
 def main() -> None:
@@ -46,6 +49,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out-dir", required=True)
     ap.add_argument("--out", required=True)
+    ap.add_argument("--export-only", action="store_true",
+                    help="only the final pass (with pose refinement), export and scoring of the run already trained "
+                         "in OUT_DIR/run (after a crash there, or to measure changed inference code); no curve")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")  # phase timings
     torch.set_num_threads(args.threads)
@@ -55,14 +61,17 @@ def main() -> None:
     settings = DemoSettings(n=args.n, box=args.box, snr=args.snr, shift_px=args.shift_px, mix=tuple(args.mix),
                             config=extra)
     t0 = time.time()
-    metrics = run_demo(args.out_dir, settings, argv=["python"] + sys.argv)
+    if args.export_only:
+        metrics = export_only(Path(args.out_dir), settings)
+    else:
+        metrics = run_demo(args.out_dir, settings, argv=["python"] + sys.argv)
     wall = time.time() - t0
     load1 = os.getloadavg()
     run = Path(metrics["run_dir"])
     hist = json.loads((run / "history.json").read_text())
     maps, apix = phantom_maps(args.box, states=len(args.mix))  # the same simulation as run_demo's
     ds = simulate(maps, args.n, mix=args.mix, snr=args.snr, shift_px=args.shift_px, pixel_size_A=apix, seed=0)
-    curve = score_checkpoints(run, ds, args.eval, len(args.mix), polish_last=False)
+    curve = [] if args.export_only else score_checkpoints(run, ds, args.eval, len(args.mix), polish_last=False)
     res = {"command": " ".join(["python"] + sys.argv), "n": args.n, "box": args.box, "snr": args.snr,
            "shift_px": args.shift_px, "mix": args.mix, "wall_s_whole_command": wall, "final": metrics,
            "curve_model_own_poses": curve, "history_last": hist[-1] if hist else None, "loadavg_before": load0, "loadavg_after": load1,
@@ -71,6 +80,20 @@ def main() -> None:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(res, indent=1, default=float) + "\n")
     print(json.dumps({k: metrics[k] for k in metrics if k != "config"}, indent=1, default=float))
+
+
+def export_only(out_dir: Path, s: DemoSettings) -> dict:
+    """`run_demo`'s metrics for the run trained in `out_dir/run`, on the same simulation, without training:
+    the final pass, export and scoring (`wall_s` is theirs alone)."""
+    maps, apix = phantom_maps(s.box, states=len(s.mix))
+    ds = simulate(maps, s.n, mix=list(s.mix), snr=s.snr, shift_px=s.shift_px, pixel_size_A=apix, seed=s.seed)
+    t0 = time.monotonic()
+    job = export_run(out_dir / "run", with_absolute_names(ds, out_dir / "data"), force=True, n_clusters=len(s.mix),
+                     seed=s.seed)
+    m = score_run(job, ds)
+    m.update({"wall_s": time.monotonic() - t0, "wall_s_covers": "final pass, pose refinement, export",
+              "run_dir": str(job.out_dir)})
+    return m
 
 
 if __name__ == "__main__":
