@@ -60,17 +60,17 @@ def main() -> None:
              **json.loads(args.config)}
     settings = DemoSettings(n=args.n, box=args.box, snr=args.snr, shift_px=args.shift_px, mix=tuple(args.mix),
                             config=extra)
+    maps, apix = phantom_maps(args.box, states=len(args.mix))  # the same simulation as run_demo's
+    ds = simulate(maps, args.n, mix=args.mix, snr=args.snr, shift_px=args.shift_px, pixel_size_A=apix, seed=0)
     t0 = time.time()
     if args.export_only:
-        metrics = export_only(Path(args.out_dir), settings)
+        metrics = export_only(Path(args.out_dir), ds, len(args.mix))
     else:
         metrics = run_demo(args.out_dir, settings, argv=["python"] + sys.argv)
     wall = time.time() - t0
     load1 = os.getloadavg()
     run = Path(metrics["run_dir"])
     hist = json.loads((run / "history.json").read_text())
-    maps, apix = phantom_maps(args.box, states=len(args.mix))  # the same simulation as run_demo's
-    ds = simulate(maps, args.n, mix=args.mix, snr=args.snr, shift_px=args.shift_px, pixel_size_A=apix, seed=0)
     curve = [] if args.export_only else score_checkpoints(run, ds, args.eval, len(args.mix), polish_last=False)
     res = {"command": " ".join(["python"] + sys.argv), "n": args.n, "box": args.box, "snr": args.snr,
            "shift_px": args.shift_px, "mix": args.mix, "wall_s_whole_command": wall, "final": metrics,
@@ -82,14 +82,11 @@ def main() -> None:
     print(json.dumps({k: metrics[k] for k in metrics if k != "config"}, indent=1, default=float))
 
 
-def export_only(out_dir: Path, s: DemoSettings) -> dict:
-    """`run_demo`'s metrics for the run trained in `out_dir/run`, on the same simulation, without training:
-    the final pass, export and scoring (`wall_s` is theirs alone)."""
-    maps, apix = phantom_maps(s.box, states=len(s.mix))
-    ds = simulate(maps, s.n, mix=list(s.mix), snr=s.snr, shift_px=s.shift_px, pixel_size_A=apix, seed=s.seed)
+def export_only(out_dir: Path, ds, n_states: int) -> dict:
+    """`run_demo`'s metrics for the run trained in `out_dir/run` on the SimulatedDataset `ds` (the one
+    `run_demo` made, seed 0), without training: the final pass, export and scoring (`wall_s` is theirs alone)."""
     t0 = time.monotonic()
-    job = export_run(out_dir / "run", with_absolute_names(ds, out_dir / "data"), force=True, n_clusters=len(s.mix),
-                     seed=s.seed)
+    job = export_run(out_dir / "run", with_absolute_names(ds, out_dir / "data"), force=True, n_clusters=n_states)
     m = score_run(job, ds)
     m.update({"wall_s": time.monotonic() - t0, "wall_s_covers": "final pass, pose refinement, export",
               "run_dir": str(job.out_dir)})
