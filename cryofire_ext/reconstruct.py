@@ -115,6 +115,21 @@ def _ctf_rows(ctf_params):
     return np.asarray(ctf_params.cpu() if torch.is_tensor(ctf_params) else ctf_params)
 
 
+def shell_correlation(Fa: torch.Tensor, Fb: torch.Tensor, shell: torch.Tensor, nshell: int) -> torch.Tensor:
+    """Correlation `(nshell,)` of two complex Fourier grids over each shell: `shell` (the grids' shape) holds
+    each voxel's shell index; voxels with an index `>= nshell` are left out. Real dtype of the grids."""
+    shell = shell.reshape(-1)
+    keep = shell < nshell
+    idx = shell[keep]
+
+    def per_shell(x: torch.Tensor) -> torch.Tensor:
+        return torch.zeros(nshell, dtype=x.dtype, device=x.device).index_add_(0, idx, x.reshape(-1)[keep])
+
+    num = per_shell((Fa * Fb.conj()).real)
+    den = torch.sqrt(per_shell(Fa.abs().square()) * per_shell(Fb.abs().square()))
+    return num / den.clamp_min(torch.finfo(den.dtype).tiny)
+
+
 def fsc(vol1, vol2, pixel_size_A: float | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Fourier shell correlation of two `(D, D, D)` maps.
 
@@ -130,17 +145,8 @@ def fsc(vol1, vol2, pixel_size_A: float | None = None) -> tuple[np.ndarray, np.n
     Fa, Fb = fourier.fft3_centered(a), fourier.fft3_centered(b)
     c = torch.arange(D, dtype=torch.float64) - D // 2
     r = torch.sqrt(c[:, None, None] ** 2 + c[None, :, None] ** 2 + c[None, None, :] ** 2)
-    shell = torch.round(r).long().reshape(-1)
     nshell = D // 2 + 1
-    keep = shell < nshell
-    shell = shell[keep]
-    cross = (Fa * Fb.conj()).real.reshape(-1)[keep]
-    pa = (Fa.abs() ** 2).reshape(-1)[keep]
-    pb = (Fb.abs() ** 2).reshape(-1)[keep]
-    num = torch.zeros(nshell, dtype=torch.float64).index_add_(0, shell, cross)
-    da = torch.zeros(nshell, dtype=torch.float64).index_add_(0, shell, pa)
-    db = torch.zeros(nshell, dtype=torch.float64).index_add_(0, shell, pb)
-    values = (num / torch.sqrt(da * db).clamp_min(1e-300)).numpy()
+    values = shell_correlation(Fa, Fb, torch.round(r).long(), nshell).numpy()
     rr = np.arange(nshell, dtype=np.float64)
     freqs = rr / (D / 2) if pixel_size_A is None else rr / (D * float(pixel_size_A))
     return freqs, values

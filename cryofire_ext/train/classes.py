@@ -14,6 +14,7 @@ import torch
 
 from cryofire_ext.ctf import evaluate_ctf
 from cryofire_ext.model.losses import undo_shift
+from cryofire_ext.reconstruct import shell_correlation
 from cryofire_ext.train.warmstart import WarmMap, _Lattice, _score_at, _slices, _solve, _splat, _Sub, search, shift_grid
 from cryofire_ext.train.frames import class_frames, turn_poses, turned
 
@@ -63,9 +64,7 @@ def class_maps_fsc(read, n: int, A: torch.Tensor, shifts_px: torch.Tensor, label
     maps, curves = [], []
     for k in range(n_classes):
         V1, V2 = _solve(acc[2 * k], HALF_SET_REG), _solve(acc[2 * k + 1], HALF_SET_REG)
-        num = _shell_sum((V1 * V2.conj()).real, shell, nshell)
-        den = (_shell_sum(V1.abs().square(), shell, nshell) * _shell_sum(V2.abs().square(), shell, nshell)).sqrt()
-        f = (num / den.clamp_min(1e-30)).clamp(0.0, 1.0)
+        f = shell_correlation(V1, V2, shell, nshell).clamp(0.0, 1.0)
         maps.append(_solve(acc[2 * k] + acc[2 * k + 1], HALF_SET_REG) * (2.0 * f / (1.0 + f))[shell])
         curves.append(f)
     return torch.stack(maps), torch.stack(curves)
@@ -85,10 +84,6 @@ def _shells(box: int, device) -> torch.Tensor:
     c = torch.arange(box + 1, dtype=torch.float32, device=device) - box / 2
     r = torch.sqrt(c[:, None, None] ** 2 + c[None, :, None] ** 2 + c[None, None, :] ** 2)
     return torch.round(r).long().clamp_max(box // 2)
-
-
-def _shell_sum(x: torch.Tensor, shell: torch.Tensor, nshell: int) -> torch.Tensor:
-    return torch.zeros(nshell, dtype=x.dtype, device=x.device).index_add_(0, shell.reshape(-1), x.reshape(-1))
 
 
 def _back_project(read, n: int, A: torch.Tensor, shifts_px: torch.Tensor, groups: torch.Tensor, n_groups: int,
