@@ -177,8 +177,12 @@ def _polish(tm: TrainedModel, data: TrainingImages, A: np.ndarray, shifts_A: np.
     else:
         codes = codes.numpy()
         labels, K = ((z[:, None, :] - codes[None]) ** 2).sum(-1).argmin(1), len(codes)
+    grid = None  # the warm start's global grid, its shifts in pixels of the model box
+    if tm.config.polish_global_search and tm.warm is not None:
+        grid = (tm.warm.rotations.to(dev), tm.warm.shifts_px.to(dev) * (tm.box / tm.warm.box))
     A_t, t_t, lab_t = polish(data.read, len(A), torch.as_tensor(A, device=dev), torch.as_tensor(shifts_A / tm.pixel_size_A,
-                             device=dev), torch.as_tensor(labels, device=dev), K, tm.box, tm.pixel_size_A, rounds)
+                             device=dev), torch.as_tensor(labels, device=dev), K, tm.box, tm.pixel_size_A, rounds,
+                             global_grid=grid)
     new = lab_t.cpu().numpy()
     z = z.copy()
     if codes is not None:

@@ -21,7 +21,8 @@ FORMAT = "cryofire-train-config"
 FORMAT_VERSION = 1
 
 # fields a resumed run may change (they do not alter what has been trained so far)
-RESUMABLE_FIELDS = ("epochs", "max_minutes", "device", "num_workers", "log_every", "polish_rounds")
+RESUMABLE_FIELDS = ("epochs", "max_minutes", "device", "num_workers", "log_every", "polish_rounds",
+                    "polish_global_search")
 
 
 @dataclass
@@ -66,7 +67,11 @@ class TrainConfig:
 
     `polish_rounds`: rounds of per-particle refinement of pose, shift and class in `predict`
     against class maps back-projected from the particles themselves (`train.polish`; 0 = the
-    model's own predictions).
+    model's own predictions). With `polish_global_search` (and a search warm start), the last round
+    first searches every particle over the warm start's rotation and shift grid against the
+    round's class maps and keeps the searched pose where it explains the image better
+    (`polish.global_research`): 20k images, 64 px, SNR 0.1: particles > 15 deg off 2.3% -> 1.2%,
+    clustering 0.024 -> 0.021, +7.5 min on 2 cores.
 
     `train_box`: Fourier-crop the images to this box for training (None = keep).
     """
@@ -108,6 +113,7 @@ class TrainConfig:
     search_candidates: bool = True
     # after training
     polish_rounds: int = 3
+    polish_global_search: bool = True
     # runtime
     num_workers: int = 2
     log_every: int = 50
@@ -154,6 +160,8 @@ class TrainConfig:
             bad("warm_classes", "an integer >= 1 (classes of the warm start; 1 = none)")
         if not isinstance(self.polish_rounds, int) or self.polish_rounds < 0:
             bad("polish_rounds", "an integer >= 0 (pose refinement rounds after training; 0 = none)")
+        if not isinstance(self.polish_global_search, bool):
+            bad("polish_global_search", "true or false (a global search of every particle in the last refinement round)")
 
     # ---- persistence
     def to_dict(self) -> dict:

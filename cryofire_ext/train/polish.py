@@ -27,7 +27,7 @@ from cryofire_ext.ctf import evaluate_ctf
 from cryofire_ext.train.classes import (class_maps_fsc, class_scores, classify_at_poses, fsc_resolution_A,
                                        low_resolution)
 from cryofire_ext.train.frames import class_frames, turn_poses, turned
-from cryofire_ext.train.warmstart import _Lattice, _Sub, best_class, refine_local
+from cryofire_ext.train.warmstart import WarmMap, _Lattice, _Sub, best_class, refine_local, search
 
 log = logging.getLogger(__name__)
 
@@ -41,12 +41,18 @@ Reader = Callable[[np.ndarray], tuple[torch.Tensor, torch.Tensor]]
 
 @torch.no_grad()
 def polish(read: Reader, n: int, A: torch.Tensor, shifts_px: torch.Tensor, labels: torch.Tensor, n_classes: int,
-           box: int, pixel_size_A: float, rounds: int, chunk: int = 256):
+           box: int, pixel_size_A: float, rounds: int, chunk: int = 256,
+           global_grid: tuple[torch.Tensor, torch.Tensor] | None = None):
     """`rounds` of (back-project class maps filtered by their half-set FSC (`classes.class_maps_fsc`), turn
     them into one frame (`frames.class_frames`), refine every particle's pose and shift against each class
     map, keep the class that explains it best up to `classes.CLASSIFY_RESOLUTION_A`, then, with classes,
     hard-EM classification at the refined poses (`classes.classify_at_poses`)). A `(n, 3, 3)` RELION
     matrices, shifts_px `(n, 2)` pixels of `box` (RELION origin sign), labels `(n,)` int64 in `[0, n_classes)`.
+
+    With `global_grid` (rotations `(M, 3, 3)`, shifts `(S, 2)` px of `box`), the last round first searches
+    every particle over that grid against the round's class maps (`warmstart.search`) and keeps the searched
+    pose and class where they explain the image better than the current ones (`global_research`): this
+    rescues particles that the model put far from their pose, which local steps cannot reach.
 
     Returns (A, shifts_px, labels) refined; the inputs when there are too few particles per class
     (fewer than `MIN_PARTICLES_PER_CLASS`). Deterministic.
@@ -69,12 +75,18 @@ def polish(read: Reader, n: int, A: torch.Tensor, shifts_px: torch.Tensor, label
         if turned(rotations):  # one frame for all classes, so each particle starts from its pose in every map
             A = turn_poses(A, labels, rotations)
             V, fsc = class_maps_fsc(read, n, A, shifts_px, labels, n_classes, box, pixel_size_A, chunk)
-        moved = 0
+        moved = replaced = 0
+        last = r == rounds - 1
         for s in range(0, n, chunk):
             idx = np.arange(s, min(n, s + chunk))
             img, ctf = read(idx)
             Y = lat.observe(img.to(device))
             C = evaluate_ctf(ctf.double().to(device), lat.freqs).float()
+            if last and global_grid is not None:
+                better = global_research(V, img.to(device), ctf, Y, C, lat, A[idx], shifts_px[idx], labels[idx],
+                                         global_grid, pixel_size_A)
+                replaced += int(better[0].sum())
+                A[idx], shifts_px[idx], labels[idx] = better[1:]
             per_class = [refine_local(V[k], Y, C, lat, A[idx], shifts_px[idx], SHIFT_PITCH_PX) for k in range(n_classes)]
             # the class is decided where classes differ (low resolution), each at its own refined pose
             per_class = [(Ak, tk, class_scores(V[k:k + 1], Y[:, low], C[:, low], sub, Ak, tk)[:, 0])
@@ -84,8 +96,27 @@ def polish(read: Reader, n: int, A: torch.Tensor, shifts_px: torch.Tensor, label
             labels[idx] = cls
         if n_classes > 1:  # so the next round refines against maps of states, not of the model's classes
             labels = classify_at_poses(read, n, A, shifts_px, labels, n_classes, box, pixel_size_A, chunk=chunk)
-        log.info("pose refinement round %d/%d: class maps at %s A (half-set FSC 0.143), %d particle(s) changed "
+        log.info("pose refinement round %d/%d: class maps at %s A (half-set FSC 0.143), %s%d particle(s) changed "
                  "class in the refinement, %.1f s", r + 1, rounds,
-                 ", ".join(f"{fsc_resolution_A(f, box, pixel_size_A):.1f}" for f in fsc), moved,
+                 ", ".join(f"{fsc_resolution_A(f, box, pixel_size_A):.1f}" for f in fsc),
+                 f"global search took {replaced} pose(s), " if last and global_grid is not None else "", moved,
                  time.perf_counter() - t0)
     return A, shifts_px, labels
+
+
+def global_research(V: torch.Tensor, img: torch.Tensor, ctf: torch.Tensor, Y: torch.Tensor, C: torch.Tensor,
+                    lat: _Lattice, A: torch.Tensor, shifts_px: torch.Tensor, labels: torch.Tensor,
+                    grid: tuple[torch.Tensor, torch.Tensor], pixel_size_A: float):
+    """Search images `img` `(n, box, box)` (observed `Y`, CTF `C` on `lat`) over `grid` (rotations `(M, 3, 3)`,
+    shifts `(S, 2)` px) against class maps `V` `(K, G, G, G)`, then keep, per image, whichever of the searched
+    (pose, shift, class) and the current (`A`, `shifts_px`, `labels`) has the higher log-likelihood on the whole
+    lattice -> (taken `(n,)` bool, A, shifts_px, labels)."""
+    box = img.shape[-1]
+    rotations, shifts = grid
+    As, ts, cs = search(WarmMap(V, rotations.float(), shifts.float(), box, pixel_size_A, 1.0), img, ctf)
+    ar = torch.arange(len(labels), device=labels.device)
+    now = class_scores(V, Y, C, lat, A, shifts_px)[ar, labels]
+    new = class_scores(V, Y, C, lat, As, ts)[ar, cs]
+    take = new > now
+    return (take, torch.where(take[:, None, None], As, A), torch.where(take[:, None], ts, shifts_px),
+            torch.where(take, cs, labels))
