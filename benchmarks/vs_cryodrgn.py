@@ -21,6 +21,7 @@ import json
 import os
 import pickle
 import re
+import shlex
 import subprocess
 import sys
 import time
@@ -62,7 +63,8 @@ def score_peer(out: Path, truth: dict, box: int, k: int) -> list[dict]:
         with open(path, "rb") as fh:
             pose = pickle.load(fh)
         R, t = (pose if isinstance(pose, tuple) else (pose, None))
-        rot = rotation_error_deg(np.asarray(R), truth["A"])
+        R = np.asarray(R)  # its matrices or their transposes: whichever aligns (the wrong one scores ~random)
+        rot = min((rotation_error_deg(Rc, truth["A"]) for Rc in (R, R.transpose(0, 2, 1))), key=lambda r: r.median_deg)
         row = {"epoch": epoch, "wall_s": sum(v for e, v in times.items() if e <= epoch) if epoch in times else None,
                "median_rotation_error_deg": rot.median_deg, "hand_flipped": rot.flipped}
         if t is not None:  # a fraction of the box; the sign convention is not documented: take the better
@@ -85,6 +87,8 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=2000, help="particles of the demo (cryofire demo --n)")
     ap.add_argument("--epochs", type=int, default=6, help="cryoDRGN epochs (its default is 30)")
     ap.add_argument("--peer-minutes", type=float, default=60.0, help="stop cryoDRGN after this long")
+    ap.add_argument("--peer-args", default="", help="extra cryodrgn abinit arguments, one string (e.g. a coarser "
+                    "pose search so that it finishes: \"--base-healpy 1 --epochs-pose-search 1\")")
     ap.add_argument("--reuse", action="store_true", help="score existing outputs in --work")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/vs_cryodrgn.json"))
     args = ap.parse_args()
@@ -101,7 +105,7 @@ def main() -> None:
     res["cryodrgn_command"] = [args.peer, "abinit", str(data / "particles.mrcs"), "--ctf", str(peer / "ctf.pkl"),
                                "--zdim", str(zdim), "-o", str(peer / "out"), "-n", str(args.epochs),
                                "--checkpoint", "1", "--no-analysis", "--max-threads", "2", "--num-workers", "0",
-                               "--seed", "0"]
+                               "--seed", "0", *shlex.split(args.peer_args)]
     if not (args.reuse and (peer / "out" / "run.log").exists()):
         _run([args.peer, "parse_ctf_star", str(data / "particles.star"), "-o", str(peer / "ctf.pkl")], peer / "ctf.log")
         wall, finished = _run(res["cryodrgn_command"], peer / "abinit.log", args.peer_minutes)
