@@ -67,10 +67,11 @@ def score_peer(out: Path, truth: dict, box: int, k: int) -> list[dict]:
         rot = min((rotation_error_deg(Rc, truth["A"]) for Rc in (R, R.transpose(0, 2, 1))), key=lambda r: r.median_deg)
         row = {"epoch": epoch, "wall_s": sum(v for e, v in times.items() if e <= epoch) if epoch in times else None,
                "median_rotation_error_deg": rot.median_deg, "hand_flipped": rot.flipped}
-        if t is not None:  # a fraction of the box; the sign convention is not documented: take the better
-            true_px = truth["shifts_A"] / float(truth["pixel_size_A"])
+        if t is not None:  # `parse_pose_star` writes fractions of the box, abinit's pose search pixels; the sign
+            true_px = truth["shifts_A"] / float(truth["pixel_size_A"])  # is not documented: take the best
             row["median_shift_error_px"] = min(
-                float(np.median(shift_error_px(sgn * np.asarray(t) * box, true_px, np.asarray(R))[0])) for sgn in (1, -1))
+                float(np.median(shift_error_px(sgn * np.asarray(t) * scale, true_px, np.asarray(R))[0]))
+                for sgn in (1, -1) for scale in (box, 1))
         zpath = out / f"z.{epoch}.pkl"
         if zpath.exists():
             with open(zpath, "rb") as fh:
