@@ -3,6 +3,9 @@
     python -m venv peer && peer/bin/pip install torch==2.13.0 && peer/bin/pip install cryodrgn==4.3.1
     python benchmarks/vs_cryodrgn.py --work /tmp/vs --peer peer/bin/cryodrgn --epochs 6 \
         --out benchmarks/results/vs_cryodrgn.json
+    # sized to finish on 2 cores (a coarser search of cryoDRGN's; vs_cryodrgn_n1000_coarse.json):
+    python benchmarks/vs_cryodrgn.py --work /tmp/vs1000 --peer peer/bin/cryodrgn --n 1000 --epochs 4 \
+        --peer-args "--base-healpy 1 --t-extent 4 --epochs-pose-search 1" --out benchmarks/results/vs_cryodrgn_n1000_coarse.json
 
 Runs `cryofire demo -o WORK/ours` (simulate the two-state phantom, train, predict, export, score;
 timed as one command), then `cryodrgn abinit` on the same particles and CTF with the same zdim
