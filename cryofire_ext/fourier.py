@@ -116,6 +116,12 @@ def slice_lattice(box: int, device=None, dtype=None) -> torch.Tensor:
     return torch.stack((kx, ky, torch.zeros_like(kx)), dim=-1)
 
 
+def radius_grid_3d(size: int, centre: float, device=None, dtype=torch.float64) -> torch.Tensor:
+    """`(size, size, size)` distance in voxels of each voxel of a cubic grid from the point `(centre,) * 3`."""
+    c = torch.arange(size, device=device, dtype=dtype) - centre
+    return torch.sqrt(c[:, None, None] ** 2 + c[None, :, None] ** 2 + c[None, None, :] ** 2)
+
+
 def radius_nyquist_grid(box: int, device=None, dtype=None) -> torch.Tensor:
     """`|k|` on the centred 2D lattice `(box, box)` in units of Nyquist."""
     k = slice_lattice(box, device, dtype)

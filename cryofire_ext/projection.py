@@ -34,8 +34,7 @@ def _check_volume(volume: torch.Tensor) -> torch.Tensor:
 
 def gridding_correction(box: int, pad: int, device=None, dtype=torch.float64) -> torch.Tensor:
     """`(box, box, box)` divisor `sinc^2(r / (box * pad))` for trilinear interpolation, `r` in voxels from `box//2`."""
-    c = torch.arange(box, device=device, dtype=dtype) - box // 2
-    r = torch.sqrt(c[:, None, None] ** 2 + c[None, :, None] ** 2 + c[None, None, :] ** 2) / (box * pad)
+    r = fourier.radius_grid_3d(box, box // 2, device, dtype) / (box * pad)
     return torch.sinc(r) ** 2  # torch.sinc(x) = sin(pi x)/(pi x)
 
 

@@ -143,10 +143,8 @@ def fsc(vol1, vol2, pixel_size_A: float | None = None) -> tuple[np.ndarray, np.n
         raise InputError(f"fsc needs two cubic maps of the same shape, got {tuple(a.shape)} and {tuple(b.shape)}")
     D = a.shape[0]
     Fa, Fb = fourier.fft3_centered(a), fourier.fft3_centered(b)
-    c = torch.arange(D, dtype=torch.float64) - D // 2
-    r = torch.sqrt(c[:, None, None] ** 2 + c[None, :, None] ** 2 + c[None, None, :] ** 2)
     nshell = D // 2 + 1
-    values = shell_correlation(Fa, Fb, torch.round(r).long(), nshell).numpy()
+    values = shell_correlation(Fa, Fb, torch.round(fourier.radius_grid_3d(D, D // 2)).long(), nshell).numpy()
     rr = np.arange(nshell, dtype=np.float64)
     freqs = rr / (D / 2) if pixel_size_A is None else rr / (D * float(pixel_size_A))
     return freqs, values

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from cryofire_ext.ctf import evaluate_ctf
+from cryofire_ext.fourier import radius_grid_3d
 from cryofire_ext.model.losses import undo_shift
 from cryofire_ext.reconstruct import shell_correlation
 from cryofire_ext.train.warmstart import WarmMap, _Lattice, _score_at, _slices, _solve, _splat, _Sub, search, shift_grid
@@ -81,9 +82,7 @@ def fsc_resolution_A(fsc: torch.Tensor, box: int, pixel_size_A: float, threshold
 def _shells(box: int, device) -> torch.Tensor:
     """Shell index `(G, G, G)` of each voxel of a `(box+1)^3` Fourier grid centred at `box / 2`, at most
     `box // 2`."""
-    c = torch.arange(box + 1, dtype=torch.float32, device=device) - box / 2
-    r = torch.sqrt(c[:, None, None] ** 2 + c[None, :, None] ** 2 + c[None, None, :] ** 2)
-    return torch.round(r).long().clamp_max(box // 2)
+    return torch.round(radius_grid_3d(box + 1, box / 2, device, torch.float32)).long().clamp_max(box // 2)
 
 
 def _back_project(read, n: int, A: torch.Tensor, shifts_px: torch.Tensor, groups: torch.Tensor, n_groups: int,
