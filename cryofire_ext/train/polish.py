@@ -27,7 +27,7 @@ import torch
 
 from cryofire_ext.ctf import evaluate_ctf
 from cryofire_ext.train.classes import (class_maps_fsc, class_scores, classify_at_poses, fsc_resolution_A,
-                                       low_resolution)
+                                       low_resolution, on_box_lattice)
 from cryofire_ext.train.frames import class_frames, turn_poses, turned
 from cryofire_ext.train.warmstart import WarmMap, _Lattice, _Sub, best_class, refine_local, search
 
@@ -73,7 +73,7 @@ def polish(read: Reader, n: int, A: torch.Tensor, shifts_px: torch.Tensor, label
     for r in range(rounds):
         t0 = time.perf_counter()
         V, fsc = class_maps_fsc(read, n, A, shifts_px, labels, n_classes, box, pixel_size_A, chunk)
-        rotations = class_frames(V, labels)
+        rotations = class_frames(on_box_lattice(V, box), labels)
         if turned(rotations):  # one frame for all classes, so each particle starts from its pose in every map
             A = turn_poses(A, labels, rotations)
             V, fsc = class_maps_fsc(read, n, A, shifts_px, labels, n_classes, box, pixel_size_A, chunk)

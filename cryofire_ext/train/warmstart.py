@@ -221,11 +221,12 @@ REFINE_REACH_PX = 1.0
 def refine_local(V: torch.Tensor, Y: torch.Tensor, C: torch.Tensor, lat: "_Lattice", A: torch.Tensor,
                  t: torch.Tensor, pitch_px: float, n_dir: int = 16):
     """Hill-climb each image's pose `A` `(n, 3, 3)` and shift `t` `(n, 2)` px against the map `V`
-    `(G, G, G)`: observed `Y` `(n, m)`, CTF `C` `(n, m)` on `lat`; shift steps are fractions of
-    `pitch_px`. Deterministic. Returns (A, t, score `(n,)` the log-likelihood at them)."""
+    `(G, G, G)` (any grid over the same frequencies as `lat`'s, e.g. oversampled): observed `Y` `(n, m)`, CTF `C`
+    `(n, m)` on `lat`; shift steps are fractions of `pitch_px`. Deterministic. Returns (A, t, score `(n,)` the
+    log-likelihood at them)."""
     gen = torch.Generator().manual_seed(99)
     ar = torch.arange(A.shape[0], device=A.device)
-    box = V.shape[-1] - 1
+    box = lat.box
     for step in REFINE_STEPS_RAD:
         axes = Fn.normalize(torch.randn(n_dir, 3, generator=gen), dim=-1).to(A.device)
         cand = torch.cat((A[:, None], _axis_angle(axes * step)[None] @ A[:, None]), dim=1)  # (n, 1+n_dir, 3, 3)
