@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
+from cryofire_ext.errors import InputError
 from cryofire_ext.particles import ParticleStack
 from cryofire_ext.results import Predictions
 from cryofire_ext.safe_io import atomic_path, check_writable
@@ -157,6 +159,12 @@ def run_demo(out_dir, settings: DemoSettings | None = None, *, force: bool = Fal
     s = settings or DemoSettings()
     out = Path(out_dir)
     check_writable(out / "metrics.json", force)
+    previous = out / "run" / "checkpoints"
+    if (previous / "last.pt").exists():  # checked before anything is written
+        if not force:
+            raise InputError(f"{out / 'run'} already holds a training run (checkpoints/last.pt); pass --force to "
+                             "run the demo again from scratch, or choose another output folder")
+        shutil.rmtree(previous)  # --force: the demo starts over (its data and exports are overwritten too)
     maps, apix = phantom_maps(s.box, states=len(s.mix))
     ds = simulate(maps, s.n, mix=list(s.mix), snr=s.snr, shift_px=s.shift_px, pixel_size_A=apix, seed=s.seed)
     write_dataset(ds, out / "data", map_names=[f"phantom state {k}" for k in range(len(maps))], force=force)

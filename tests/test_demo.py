@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from cli.main import main
+from cryofire_ext.errors import InputError
 from cryofire_ext.train.config import TrainConfig
 
 torch.set_num_threads(2)
@@ -81,3 +82,10 @@ def test_demo_small_writes_scored_metrics(tmp_path):
         assert key in saved
     assert 0 <= m["median_rotation_error_deg"] <= 180 and 0 <= m["clustering_error"] <= 0.5
     assert (tmp_path / "demo" / "data" / "truth.npz").is_file() and (tmp_path / "demo" / "run" / "maps").is_dir()
+    # again into the same folder: refused before anything is written, then done from scratch with force
+    before = (tmp_path / "demo" / "data" / "truth.npz").stat().st_mtime_ns
+    with pytest.raises(InputError, match="--force"):
+        run_demo(tmp_path / "demo", DemoSettings(n=96, snr=1.0, config=dict(TINY, zdim=2)))
+    assert (tmp_path / "demo" / "data" / "truth.npz").stat().st_mtime_ns == before
+    again = run_demo(tmp_path / "demo", DemoSettings(n=96, snr=1.0, config=dict(TINY, zdim=2)), force=True)
+    assert again["median_rotation_error_deg"] == pytest.approx(m["median_rotation_error_deg"], abs=1e-6)

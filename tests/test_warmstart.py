@@ -69,7 +69,7 @@ def test_refinement_rounds_lift_the_coarse_map_and_find_the_states(two_states):
                                    max_shift_px=1.5, seed=0)
     before, _, _ = search(coarse, fourier_crop(images, 24), ctf)
     warm = refine_warm_map(coarse, images, ctf, apix, rounds=2, n_classes=2, max_shift_px=2.0, seed=0)
-    assert warm.box == 32 and warm.n_classes == 2 and warm.V.shape == (2, 33, 33, 33)
+    assert warm.box == 32 and warm.n_classes == 2 and warm.V.shape == (2, 65, 65, 65)  # RECONSTRUCT_PAD 2
     A, t, c = search(warm, images, ctf)
     rot = rotation_error_deg(A.double().numpy(), ds.A)
     assert rot.median_deg < 8.0

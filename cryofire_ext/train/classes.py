@@ -136,10 +136,11 @@ def _back_project(read, n: int, A: torch.Tensor, shifts_px: torch.Tensor, groups
 
 
 def reconstruct_classes(images: torch.Tensor, ctf_params: torch.Tensor, A: torch.Tensor, shifts_px: torch.Tensor,
-                        labels: torch.Tensor, n_classes: int, pixel_size_A: float, reg: float = 0.05) -> torch.Tensor:
-    """`class_maps` of images `(n, B, B)` held in memory -> `(K, B+1, B+1, B+1)` complex Fourier maps."""
+                        labels: torch.Tensor, n_classes: int, pixel_size_A: float, reg: float = 0.05,
+                        pad: int = 1) -> torch.Tensor:
+    """`class_maps` of images `(n, B, B)` held in memory -> `(K, G, G, G)` complex Fourier maps, `G = pad * B + 1`."""
     return class_maps(lambda idx: (images[idx], ctf_params[idx]), images.shape[0], A, shifts_px, labels, n_classes,
-                      images.shape[-1], pixel_size_A, reg=reg)
+                      images.shape[-1], pixel_size_A, reg=reg, pad=pad)
 
 
 #: classification compares the class maps up to this resolution (the differences between states are
@@ -246,28 +247,30 @@ def refine_warm_map(warm: WarmMap, images: torch.Tensor, ctf_params: torch.Tenso
     `n_classes` > 1, a hard-EM classification at fixed poses from random splits follows, then
     `CLASS_ROUNDS` rounds search over (class, rotation, shift), and the class maps are turned into one
     frame (`frames.class_frames`). Deterministic given `seed`.
-    Returns the maps (one per class) at the training box, for `search`.
+    Returns the maps (one per class) at the training box, on a `RECONSTRUCT_PAD` times finer Fourier grid, for
+    `search`.
     """
     box = images.shape[-1]
     A, t, _ = search(warm, images, ctf_params)
     shifts = shift_grid(max_shift_px).to(images.device)
     labels = torch.zeros(images.shape[0], dtype=torch.long, device=images.device)
     for r in range(rounds):
-        V = reconstruct_classes(images, ctf_params, A, t, labels, 1, pixel_size_A)
+        V = reconstruct_classes(images, ctf_params, A, t, labels, 1, pixel_size_A, pad=RECONSTRUCT_PAD)
         A, t, _ = search(WarmMap(V, warm.rotations, shifts, box, pixel_size_A, 1.0), images, ctf_params)
         log.info("refinement round %d/%d at %d px", r + 1, rounds, box)
     K = 1
     if n_classes > 1:
         labels = classify(images, ctf_params, A, t, n_classes, pixel_size_A, seed)
         for _ in range(CLASS_ROUNDS):
-            V = reconstruct_classes(images, ctf_params, A, t, labels, n_classes, pixel_size_A)
+            V = reconstruct_classes(images, ctf_params, A, t, labels, n_classes, pixel_size_A, pad=RECONSTRUCT_PAD)
             A, t, labels = search(WarmMap(V, warm.rotations, shifts, box, pixel_size_A, 1.0), images, ctf_params)
         K = n_classes
         log.info("classification into %d classes: %s images", K, torch.bincount(labels, minlength=K).tolist())
-    V = reconstruct_classes(images, ctf_params, A, t, labels, K, pixel_size_A)
-    rotations = class_frames(V, labels)
+    V = reconstruct_classes(images, ctf_params, A, t, labels, K, pixel_size_A, pad=RECONSTRUCT_PAD)
+    rotations = class_frames(on_box_lattice(V, box), labels)
     if turned(rotations):  # classes split from one map inherit its frame; give them their common part's
-        V = reconstruct_classes(images, ctf_params, turn_poses(A, labels, rotations), t, labels, K, pixel_size_A)
+        V = reconstruct_classes(images, ctf_params, turn_poses(A, labels, rotations), t, labels, K, pixel_size_A,
+                                pad=RECONSTRUCT_PAD)
     return WarmMap(V, warm.rotations, shifts, box, float(pixel_size_A), 1.0)
 
 

@@ -40,7 +40,8 @@ R0 = 0.3
 
 @dataclass
 class WarmMap:
-    """V `(K, G, G, G)` complex64 Fourier maps (one per class, K >= 1) on the lattice of `box`;
+    """V `(K, G, G, G)` complex64 Fourier maps (one per class, K >= 1) on the lattice of `box` (`G = box + 1`) or
+    on a grid over the same frequencies `pad` times finer (`G = pad * box + 1`, `classes.refine_warm_map`);
     rotations `(M, 3, 3)` the global-search grid; shifts_px `(S, 2)` its shift grid (pixels of `box`)."""
 
     V: torch.Tensor
@@ -258,13 +259,6 @@ def _axis_angle(v: torch.Tensor) -> torch.Tensor:
     K = K - K.transpose(-1, -2)
     th = theta[..., None]
     return torch.eye(3, dtype=v.dtype, device=v.device) + torch.sin(th) * K + (1 - torch.cos(th)) * K @ K
-
-
-def warm_volume(warm: WarmMap, k: int = 0) -> torch.Tensor:
-    """Real-space view of class `k`'s warm map `(box, box, box)` (for inspection)."""
-    box = warm.box
-    F = warm.V[k, :box, :box, :box]
-    return fourier.ifft3_centered(F).real
 
 
 def build_warm_map_online(images: torch.Tensor, ctf_params: torch.Tensor, pixel_size_A: float, *, n_rotations: int,
