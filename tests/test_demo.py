@@ -53,7 +53,7 @@ def test_cli_train_writes_the_run_folder_and_predict_reads_new_particles(star_da
     assert read_latents(run / "particles.star").shape == (64, 2)
     assert read_cs(run / "particles.cs").A.shape == (64, 3, 3)
     state = torch.load(run / "checkpoints" / "last.pt", weights_only=False)
-    assert state["warm"]["V_re"].shape == (2, 33, 33, 33)  # two warm classes at the training box
+    assert state["warm"]["V_re"].shape == (2, 65, 65, 65)  # two warm classes at the training box, 2x oversampled
     assert bool(state["searched"]["known"].all())  # every particle searched once, kept for resume
     maps = sorted((run / "maps").glob("*.mrc"))
     assert len(maps) >= 2  # mean z + cluster centres
