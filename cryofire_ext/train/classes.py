@@ -116,7 +116,7 @@ def _back_project(read, n: int, A: torch.Tensor, shifts_px: torch.Tensor, groups
     device = A.device
     lat = _Lattice(pad * box, pixel_size_A, device)
     keep = lat.r <= max_radius + 2.0 / (pad * box)  # a voxel's margin so that slices up to max_radius see no edge
-    kp = lat.k[keep]
+    kp, freqs = lat.k[keep], lat.freqs[keep]
     G = pad * box + 1
     acc = torch.zeros(n_groups, G, G, G, 3, dtype=torch.float32, device=device)
     edge = (pad * box - box) // 2
@@ -125,7 +125,7 @@ def _back_project(read, n: int, A: torch.Tensor, shifts_px: torch.Tensor, groups
         img, ctf = read(idx)
         img = Fn.pad(img.to(device).float(), (edge, edge, edge, edge))
         Y = lat.observe(img)[:, keep] * pad  # the padded transform, scaled as the unpadded one (same pixel sum)
-        C = evaluate_ctf(ctf.double().to(device), lat.freqs[keep]).float()
+        C = evaluate_ctf(ctf.double().to(device), freqs).float()
         YC = undo_shift(Y, kp[:, :2], shifts_px[idx][:, None].float())[:, 0] * C
         coords = torch.einsum("mi,nij->nmj", kp, A[idx].float())
         vals = torch.stack((YC.real, YC.imag, C * C), -1)
@@ -208,12 +208,13 @@ def _hard_em(read, n: int, A: torch.Tensor, shifts_px: torch.Tensor, labels: tor
     device = A.device
     lat = _Lattice(box, pixel_size_A, device)
     low = low_resolution(lat, pixel_size_A)
+    low_radius = float(lat.r[low].max())  # the FSC-weighted maps are back-projected only as far as they are scored
     sub = _Sub(lat, low)
     labels = labels.clone()
     for it in range(max_iters):
         if fsc_weighted:
             V = class_maps_fsc(read, n, A, shifts_px, labels, n_classes, box, pixel_size_A, chunk,
-                               max_radius=float(lat.r[low].max()))[0]
+                               max_radius=low_radius)[0]
         else:
             V = class_maps(read, n, A, shifts_px, labels, n_classes, box, pixel_size_A, chunk)
         changed, ll = 0, 0.0
