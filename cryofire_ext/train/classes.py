@@ -59,7 +59,7 @@ RECONSTRUCT_PAD = 2
 
 @torch.no_grad()
 def class_maps_fsc(read, n: int, A: torch.Tensor, shifts_px: torch.Tensor, labels: torch.Tensor, n_classes: int,
-                   box: int, pixel_size_A: float, chunk: int = 256, max_radius: float = 1.0
+                   box: int, pixel_size_A: float, chunk: int = 256, max_radius: float = 1.0, half_maps: bool = False
                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """`class_maps` filtered by each class's gold-standard FSC -> (maps `(K, G, G, G)`, `G = RECONSTRUCT_PAD *
     box + 1`, FSC `(K, box//2 + 1)`); only lattice points up to `max_radius` (Nyquist units) are back-projected
@@ -71,7 +71,10 @@ def class_maps_fsc(read, n: int, A: torch.Tensor, shifts_px: torch.Tensor, label
     steer the pose refinement and the classification. Shell `r` holds the voxels whose radius in Fourier
     pixels of the box rounds to `r` (beyond `box // 2`: the last shell's factor). On the demo's raw
     predictions (2,000 images, 32 px, SNR 1) three refinement rounds with these maps gave 2.70 deg /
-    clustering 0.0135 (plain `class_maps`: 2.83 deg / 0.0165), before padding (`RECONSTRUCT_PAD`)."""
+    clustering 0.0135 (plain `class_maps`: 2.83 deg / 0.0165), before padding (`RECONSTRUCT_PAD`).
+
+    With `half_maps`, the maps are each class's two half maps `(K, 2, G, G, G)` (half 0: even particle index),
+    each shell multiplied by the FSC itself (a half map's SNR / (1 + SNR))."""
     halves = 2 * labels + torch.as_tensor(np.arange(n) % 2, device=labels.device)
     acc = _back_project(read, n, A, shifts_px, halves, 2 * n_classes, box, pixel_size_A, chunk,
                         pad=RECONSTRUCT_PAD, max_radius=max_radius)
@@ -81,7 +84,10 @@ def class_maps_fsc(read, n: int, A: torch.Tensor, shifts_px: torch.Tensor, label
     for k in range(n_classes):
         V1, V2 = _solve(acc[2 * k], HALF_SET_REG), _solve(acc[2 * k + 1], HALF_SET_REG)
         f = shell_correlation(V1, V2, shell, nshell).clamp(0.0, 1.0)
-        maps.append(_solve(acc[2 * k] + acc[2 * k + 1], HALF_SET_REG) * (2.0 * f / (1.0 + f))[shell])
+        if half_maps:
+            maps.append(torch.stack((V1, V2)) * f[shell])
+        else:
+            maps.append(_solve(acc[2 * k] + acc[2 * k + 1], HALF_SET_REG) * (2.0 * f / (1.0 + f))[shell])
         curves.append(f)
     return torch.stack(maps), torch.stack(curves)
 
@@ -204,29 +210,47 @@ def _hard_em(read, n: int, A: torch.Tensor, shifts_px: torch.Tensor, labels: tor
              pixel_size_A: float, max_iters: int, chunk: int, log_level: int, *, fsc_weighted: bool
              ) -> tuple[torch.Tensor, float]:
     """The loop of `classify_at_poses` -> (labels `(n,)` a new tensor, summed log-likelihood of the last
-    assignment under the maps it was decided with: `class_maps_fsc` when `fsc_weighted`, else `class_maps`)."""
+    assignment under the maps it was decided with: `class_maps_fsc` when `fsc_weighted`, else `class_maps`).
+
+    Classification EM: each particle goes to the class maximising `score / sigma2 + log(fraction)`, with
+    `sigma2` the mean squared residual per lattice point at the current classes (the scores are
+    log-likelihoods times `sigma2`) and `fraction` each class's share of the particles. Without the
+    fractions, particles whose views do not show the difference between states split evenly, and a small
+    state's class fills up with them: on the 20,000-particle target set (90/10) the classes stayed at
+    14,156 / 5,844 (clustering error 0.20)."""
     device = A.device
     lat = _Lattice(box, pixel_size_A, device)
     low = low_resolution(lat, pixel_size_A)
     low_radius = float(lat.r[low].max())  # the FSC-weighted maps are back-projected only as far as they are scored
     sub = _Sub(lat, low)
     labels = labels.clone()
+    ar = torch.arange(n, device=device)
+    half = torch.as_tensor(np.arange(n) % 2, device=device)
     for it in range(max_iters):
-        if fsc_weighted:
+        if fsc_weighted:  # each particle scored against the half maps it is not in (no pull of its own)
             V = class_maps_fsc(read, n, A, shifts_px, labels, n_classes, box, pixel_size_A, chunk,
-                               max_radius=low_radius)[0]
+                               max_radius=low_radius, half_maps=True)[0]
         else:
             V = class_maps(read, n, A, shifts_px, labels, n_classes, box, pixel_size_A, chunk)
-        changed, ll = 0, 0.0
+        scores = torch.empty(n, n_classes, dtype=torch.float64, device=device)
+        power = 0.0
         for s in range(0, n, chunk):
             idx = np.arange(s, min(n, s + chunk))
             img, ctf = read(idx)
             Y = lat.observe(img.to(device))[:, low]
             C = evaluate_ctf(ctf.double().to(device), lat.freqs).float()[:, low]
-            best, new = class_scores(V, Y, C, sub, A[idx], shifts_px[idx]).max(1)
-            ll += float(best.sum())
-            changed += int((new != labels[idx]).sum())
-            labels[idx] = new
+            if fsc_weighted:
+                other = [class_scores(V[:, 1 - h], Y, C, sub, A[idx], shifts_px[idx]) for h in (0, 1)]
+                scores[idx] = torch.where(half[idx, None] == 0, other[0], other[1]).double()
+            else:
+                scores[idx] = class_scores(V, Y, C, sub, A[idx], shifts_px[idx]).double()
+            power += float(Y.abs().square().sum())
+        sigma2 = max((power - float(scores[ar, labels].sum())) / (n * int(low.sum())), 1e-12)
+        fraction = torch.bincount(labels, minlength=n_classes).double().clamp_min(1.0) / n
+        new = (scores / sigma2 + fraction.log()).argmax(1)
+        changed = int((new != labels).sum())
+        labels = new
+        ll = float(scores[ar, labels].sum())
         log.log(log_level, "classification at fixed poses, iteration %d: %d particle(s) changed class, %s per class",
                 it + 1, changed, torch.bincount(labels, minlength=n_classes).tolist())
         if changed < CLASSIFY_TOL * n:
