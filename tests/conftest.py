@@ -21,9 +21,9 @@ def shared_fixture(relpath: str) -> Path:
     return path
 
 
-def phantom_training_set(n: int, seed: int, snr: float = 3.0):
+def phantom_training_set(n: int, seed: int, snr: float = 3.0, mix: tuple = (0.5, 0.5)):
     """(simulated dataset, normalised `TrainingImages` at 32 px, pixel size) of the bundled two-state
-    phantom: `n` particles, half in each state, shifts up to 2 px."""
+    phantom: `n` particles, `mix` the fraction in each state (half in each by default), shifts up to 2 px."""
     import numpy as np
 
     from cryofire_ext.phantom import phantom_maps
@@ -31,7 +31,7 @@ def phantom_training_set(n: int, seed: int, snr: float = 3.0):
     from cryofire_ext.train.data import StackStats, TrainingImages
 
     maps, apix = phantom_maps(32, states=2)
-    ds = simulate(maps, n, mix=[0.5, 0.5], snr=snr, shift_px=2.0, pixel_size_A=apix, seed=seed)
+    ds = simulate(maps, n, mix=list(mix), snr=snr, shift_px=2.0, pixel_size_A=apix, seed=seed)
     img = np.asarray(ds.particles.images.read(np.arange(n)), dtype=np.float64)
     return ds, TrainingImages(ds.particles, 32, StackStats(float(img.mean()), float(img.std()))), apix
 

@@ -94,14 +94,7 @@ def test_classification_at_fixed_poses_recovers_flipped_classes(two_states):
 def test_classification_of_one_state_does_not_keep_a_random_split():
     """Images of one state split at random 255/145: every particle must end in one class. Scored against maps
     that contain the particle itself (the previous hard EM) each stayed where it was, the split unchanged."""
-    from cryofire_ext.phantom import phantom_maps
-    from cryofire_ext.simulate import simulate
-    from cryofire_ext.train.data import StackStats, TrainingImages
-
-    maps, apix = phantom_maps(32, states=2)
-    ds = simulate(maps, N, mix=[1.0, 0.0], snr=3.0, shift_px=2.0, pixel_size_A=apix, seed=4)
-    img = np.asarray(ds.particles.images.read(np.arange(N)), dtype=np.float64)
-    data = TrainingImages(ds.particles, 32, StackStats(float(img.mean()), float(img.std())))
+    ds, data, apix = phantom_training_set(N, seed=4, mix=(1.0, 0.0))
     A, t = torch.as_tensor(ds.A).float(), torch.as_tensor(ds.shifts_A / apix).float()
     lab0 = (torch.rand(N, generator=torch.Generator().manual_seed(5)) < 0.35).long()
     assert torch.bincount(lab0).tolist() == [255, 145]

@@ -75,7 +75,7 @@ def class_maps_fsc(read, n: int, A: torch.Tensor, shifts_px: torch.Tensor, label
 
     With `half_maps`, the maps are each class's two half maps `(K, 2, G, G, G)` (half 0: even particle index),
     each shell multiplied by the FSC itself (a half map's SNR / (1 + SNR))."""
-    halves = 2 * labels + torch.as_tensor(np.arange(n) % 2, device=labels.device)
+    halves = 2 * labels + half_set(n, labels.device)
     acc = _back_project(read, n, A, shifts_px, halves, 2 * n_classes, box, pixel_size_A, chunk,
                         pad=RECONSTRUCT_PAD, max_radius=max_radius)
     shell = _shells(box, acc.device, RECONSTRUCT_PAD)
@@ -90,6 +90,11 @@ def class_maps_fsc(read, n: int, A: torch.Tensor, shifts_px: torch.Tensor, label
             maps.append(_solve(acc[2 * k] + acc[2 * k + 1], HALF_SET_REG) * (2.0 * f / (1.0 + f))[shell])
         curves.append(f)
     return torch.stack(maps), torch.stack(curves)
+
+
+def half_set(n: int, device) -> torch.Tensor:
+    """Half-set `(n,)` int64 of each particle for the gold-standard halves (0: even index, 1: odd)."""
+    return torch.as_tensor(np.arange(n) % 2, device=device)
 
 
 def fsc_resolution_A(fsc: torch.Tensor, box: int, pixel_size_A: float, threshold: float = 0.143) -> float:
@@ -228,7 +233,7 @@ def _hard_em(read, n: int, A: torch.Tensor, shifts_px: torch.Tensor, labels: tor
     sub = _Sub(lat, low)
     labels = labels.clone()
     ar = torch.arange(n, device=device)
-    half = torch.as_tensor(np.arange(n) % 2, device=device)
+    half = half_set(n, device)
     for it in range(max_iters):
         if fsc_weighted:  # each particle scored against the half maps it is not in (no pull of its own)
             V = class_maps_fsc(read, n, A, shifts_px, labels, n_classes, box, pixel_size_A, chunk,
@@ -243,8 +248,10 @@ def _hard_em(read, n: int, A: torch.Tensor, shifts_px: torch.Tensor, labels: tor
             Y = lat.observe(img.to(device))[:, low]
             C = evaluate_ctf(ctf.double().to(device), lat.freqs).float()[:, low]
             if fsc_weighted:
-                other = [class_scores(V[:, 1 - h], Y, C, sub, A[idx], shifts_px[idx]) for h in (0, 1)]
-                scores[idx] = torch.where(half[idx, None] == 0, other[0], other[1]).double()
+                for h in (0, 1):
+                    m = half[idx] == h
+                    scores[idx[m.cpu().numpy()]] = class_scores(V[:, 1 - h], Y[m], C[m], sub, A[idx][m],
+                                                                shifts_px[idx][m]).double()
             else:
                 scores[idx] = class_scores(V, Y, C, sub, A[idx], shifts_px[idx]).double()
             power += float(Y.abs().square().sum())
