@@ -195,8 +195,8 @@ def low_resolution(lat: "_Lattice", pixel_size_A: float) -> torch.Tensor:
 
 @torch.no_grad()
 def classify_at_poses(read, n: int, A: torch.Tensor, shifts_px: torch.Tensor, labels: torch.Tensor, n_classes: int,
-                      box: int, pixel_size_A: float, *, max_iters: int = CLASSIFY_ITERS, chunk: int = 256
-                      ) -> torch.Tensor:
+                      box: int, pixel_size_A: float, *, max_iters: int = CLASSIFY_ITERS, chunk: int = 256,
+                      shares: bool = True) -> torch.Tensor:
     """Hard-EM classification of `n` streamed particles at fixed poses, from `labels` `(n,)`: back-project
     each class (`class_maps`), give each particle the class whose map explains it best up to
     `CLASSIFY_RESOLUTION_A`, until fewer than `CLASSIFY_TOL` of the particles change (at most
@@ -209,12 +209,12 @@ def classify_at_poses(read, n: int, A: torch.Tensor, shifts_px: torch.Tensor, la
     six iterations of ~30 s; from a random split it reached 0.042 in 15.
     """
     return _hard_em(read, n, A, shifts_px, labels, n_classes, box, pixel_size_A, max_iters, chunk,
-                    logging.INFO, fsc_weighted=True)[0]
+                    logging.INFO, fsc_weighted=True, shares=shares)[0]
 
 
 def _hard_em(read, n: int, A: torch.Tensor, shifts_px: torch.Tensor, labels: torch.Tensor, n_classes: int, box: int,
-             pixel_size_A: float, max_iters: int, chunk: int, log_level: int, *, fsc_weighted: bool
-             ) -> tuple[torch.Tensor, float]:
+             pixel_size_A: float, max_iters: int, chunk: int, log_level: int, *, fsc_weighted: bool,
+             shares: bool = True) -> tuple[torch.Tensor, float]:
     """The loop of `classify_at_poses` -> (labels `(n,)` a new tensor, summed log-likelihood of the last
     assignment under the maps it was decided with: `class_maps_fsc` when `fsc_weighted`, else `class_maps`).
 
@@ -257,7 +257,7 @@ def _hard_em(read, n: int, A: torch.Tensor, shifts_px: torch.Tensor, labels: tor
             power += float(Y.abs().square().sum())
         sigma2 = max((power - float(scores[ar, labels].sum())) / (n * int(low.sum())), 1e-12)
         fraction = torch.bincount(labels, minlength=n_classes).double().clamp_min(1.0) / n
-        new = (scores / sigma2 + fraction.log()).argmax(1)
+        new = (scores / sigma2 + (fraction.log() if shares else 0.0)).argmax(1)
         changed = int((new != labels).sum())
         labels = new
         ll = float(scores[ar, labels].sum())

@@ -45,7 +45,8 @@ Reader = Callable[[np.ndarray], tuple[torch.Tensor, torch.Tensor]]
 @torch.no_grad()
 def polish(read: Reader, n: int, A: torch.Tensor, shifts_px: torch.Tensor, labels: torch.Tensor, n_classes: int,
            box: int, pixel_size_A: float, rounds: int, chunk: int = 256,
-           global_grid: tuple[torch.Tensor, torch.Tensor] | None = None):
+           global_grid: tuple[torch.Tensor, torch.Tensor] | None = None, consensus_first: bool = True,
+           shares: bool = False):
     """`rounds` of (back-project class maps filtered by their half-set FSC (`classes.class_maps_fsc`), turn
     them into one frame (`frames.class_frames`), refine every particle's pose and shift against each class
     map, keep the class that explains it best up to `classes.CLASSIFY_RESOLUTION_A`, then, with classes,
@@ -73,11 +74,15 @@ def polish(read: Reader, n: int, A: torch.Tensor, shifts_px: torch.Tensor, label
     sub = _Sub(lat, low)
     for r in range(rounds):
         t0 = time.perf_counter()
-        V, fsc = class_maps_fsc(read, n, A, shifts_px, labels, n_classes, box, pixel_size_A, chunk)
-        rotations = class_frames(on_box_lattice(V, box), labels)
+        # the first round refines every particle against one consensus map: the classes it starts from are a
+        # guess (the model's), and a map of all particles gives the majority better poses than two of a split
+        consensus = r == 0 and n_classes > 1 and consensus_first
+        K, lab = (1, torch.zeros_like(labels)) if consensus else (n_classes, labels)
+        V, fsc = class_maps_fsc(read, n, A, shifts_px, lab, K, box, pixel_size_A, chunk)
+        rotations = class_frames(on_box_lattice(V, box), lab)
         if turned(rotations):  # one frame for all classes, so each particle starts from its pose in every map
-            A = turn_poses(A, labels, rotations)
-            V, fsc = class_maps_fsc(read, n, A, shifts_px, labels, n_classes, box, pixel_size_A, chunk)
+            A = turn_poses(A, lab, rotations)
+            V, fsc = class_maps_fsc(read, n, A, shifts_px, lab, K, box, pixel_size_A, chunk)
         moved = replaced = 0
         last = r == rounds - 1
         for s in range(0, n, chunk):
@@ -86,21 +91,24 @@ def polish(read: Reader, n: int, A: torch.Tensor, shifts_px: torch.Tensor, label
             Y = lat.observe(img.to(device))
             C = evaluate_ctf(ctf.double().to(device), lat.freqs).float()
             if last and global_grid is not None:
-                better = global_research(V, img.to(device), ctf, Y, C, lat, A[idx], shifts_px[idx], labels[idx],
+                better = global_research(V, img.to(device), ctf, Y, C, lat, A[idx], shifts_px[idx], lab[idx],
                                          global_grid, pixel_size_A)
                 replaced += int(better[0].sum())
-                A[idx], shifts_px[idx], labels[idx] = better[1:]
-            per_class = [refine_local(V[k], Y, C, lat, A[idx], shifts_px[idx], SHIFT_PITCH_PX) for k in range(n_classes)]
+                A[idx], shifts_px[idx], lab[idx] = better[1:]
+            per_class = [refine_local(V[k], Y, C, lat, A[idx], shifts_px[idx], SHIFT_PITCH_PX) for k in range(K)]
             # the class is decided where classes differ (low resolution), each at its own refined pose
             per_class = [(Ak, tk, class_scores(V[k:k + 1], Y[:, low], C[:, low], sub, Ak, tk)[:, 0])
                          for k, (Ak, tk, _) in enumerate(per_class)]
             A[idx], shifts_px[idx], cls = best_class(per_class)
-            moved += int((labels[idx] != cls).sum())
-            labels[idx] = cls
+            moved += int((lab[idx] != cls).sum())
+            lab[idx] = cls
+        if not consensus:
+            labels = lab
         if n_classes > 1:  # so the next round refines against maps of states, not of the model's classes
-            labels = classify_at_poses(read, n, A, shifts_px, labels, n_classes, box, pixel_size_A, chunk=chunk)
-        log.info("pose refinement round %d/%d: class maps at %s A (half-set FSC 0.143), %s%d particle(s) changed "
-                 "class in the refinement, %.1f s", r + 1, rounds,
+            labels = classify_at_poses(read, n, A, shifts_px, labels, n_classes, box, pixel_size_A, chunk=chunk,
+                                       shares=shares)
+        log.info("pose refinement round %d/%d: %s at %s A (half-set FSC 0.143), %s%d particle(s) changed "
+                 "class in the refinement, %.1f s", r + 1, rounds, "consensus map" if consensus else "class maps",
                  ", ".join(f"{fsc_resolution_A(f, box, pixel_size_A):.1f}" for f in fsc),
                  f"global search took {replaced} pose(s), " if last and global_grid is not None else "", moved,
                  time.perf_counter() - t0)
