@@ -102,6 +102,26 @@ def test_classification_of_one_state_does_not_keep_a_random_split():
     assert torch.bincount(lab, minlength=2).max() == N
 
 
+def test_classification_finds_a_ten_percent_state_from_a_random_split():
+    """A 10% state whose poses are 8 deg off (the 90% state's 2.5 deg), as after a consensus refinement: from a
+    random split the classification reaches the labels it reaches from the truth. At 20,000 images (64 px, SNR
+    0.1) weighing the decisions by the classes' shares drained such a state to 839 particles (from the truth
+    too); here that effect is small, the test pins the fixed point."""
+    n = 1000
+    ds, data, apix = phantom_training_set(n, seed=2, snr=1.0, mix=(0.9, 0.1))
+    g = torch.Generator().manual_seed(0)
+    axes = torch.nn.functional.normalize(torch.randn(n, 3, generator=g, dtype=torch.float64), dim=-1)
+    deg = torch.where(torch.as_tensor(ds.state) == 1, 8.0, 2.5).double()
+    A = (_axis_angle(axes * torch.deg2rad(deg)[:, None]) @ torch.as_tensor(ds.A)).float()
+    t = torch.as_tensor(ds.shifts_A / apix).float()
+    lab0 = torch.randint(0, 2, (n,), generator=torch.Generator().manual_seed(1))
+    assert clustering_error(lab0.numpy(), ds.state) > 0.4
+    lab = classify_at_poses(data.read, n, A, t, lab0, 2, 32, apix)
+    from_truth = classify_at_poses(data.read, n, A, t, torch.as_tensor(ds.state), 2, 32, apix)
+    assert clustering_error(lab.numpy(), ds.state) < 0.05  # 0.028 measured
+    assert clustering_error(lab.numpy(), from_truth.numpy()) < 0.005  # the same classes (up to their order)
+
+
 def _correlation(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a * b.conj()).real.sum() / (a.abs().square().sum() * b.abs().square().sum()).sqrt())
 

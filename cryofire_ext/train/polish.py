@@ -29,7 +29,7 @@ import torch
 from cryofire_ext.ctf import evaluate_ctf
 from cryofire_ext.train.classes import (class_maps_fsc, class_scores, classify_at_poses, fsc_resolution_A,
                                        low_resolution, on_box_lattice)
-from cryofire_ext.train.frames import class_frames, turn_poses, turned
+from cryofire_ext.train.frames import REGISTER_BOX, class_frames, turn_poses, turned
 from cryofire_ext.train.warmstart import WarmMap, _Lattice, _Sub, best_class, refine_local, search
 
 log = logging.getLogger(__name__)
@@ -45,8 +45,7 @@ Reader = Callable[[np.ndarray], tuple[torch.Tensor, torch.Tensor]]
 @torch.no_grad()
 def polish(read: Reader, n: int, A: torch.Tensor, shifts_px: torch.Tensor, labels: torch.Tensor, n_classes: int,
            box: int, pixel_size_A: float, rounds: int, chunk: int = 256,
-           global_grid: tuple[torch.Tensor, torch.Tensor] | None = None, consensus_first: bool = True,
-           shares: bool = False):
+           global_grid: tuple[torch.Tensor, torch.Tensor] | None = None):
     """`rounds` of (back-project class maps filtered by their half-set FSC (`classes.class_maps_fsc`), turn
     them into one frame (`frames.class_frames`), refine every particle's pose and shift against each class
     map, keep the class that explains it best up to `classes.CLASSIFY_RESOLUTION_A`, then, with classes,
@@ -76,21 +75,29 @@ def polish(read: Reader, n: int, A: torch.Tensor, shifts_px: torch.Tensor, label
         t0 = time.perf_counter()
         # the first round refines every particle against one consensus map: the classes it starts from are a
         # guess (the model's), and a map of all particles gives the majority better poses than two of a split
-        consensus = r == 0 and n_classes > 1 and consensus_first
-        K, lab = (1, torch.zeros_like(labels)) if consensus else (n_classes, labels)
+        consensus = r == 0 and n_classes > 1
+        if consensus:  # the classes into one frame first (their maps as far as the registration reads them)
+            V, _ = class_maps_fsc(read, n, A, shifts_px, labels, n_classes, box, pixel_size_A, chunk,
+                                  max_radius=min(1.0, REGISTER_BOX / box))
+            A, _ = _one_frame(V, A, labels, box)
+            K, lab = 1, torch.zeros_like(labels)
+        else:
+            K, lab = n_classes, labels
         V, fsc = class_maps_fsc(read, n, A, shifts_px, lab, K, box, pixel_size_A, chunk)
-        rotations = class_frames(on_box_lattice(V, box), lab)
-        if turned(rotations):  # one frame for all classes, so each particle starts from its pose in every map
-            A = turn_poses(A, lab, rotations)
-            V, fsc = class_maps_fsc(read, n, A, shifts_px, lab, K, box, pixel_size_A, chunk)
+        if not consensus:  # one frame for all classes, so each particle starts from its pose in every map
+            A, moved_frame = _one_frame(V, A, lab, box)
+            if moved_frame:
+                V, fsc = class_maps_fsc(read, n, A, shifts_px, lab, K, box, pixel_size_A, chunk)
         moved = replaced = 0
-        last = r == rounds - 1
+        # the global search: in the first round, so that far-off particles do not corrupt the first classes,
+        # and in the last, for those the class maps put far off
+        search_now = global_grid is not None and (r == 0 or r == rounds - 1)
         for s in range(0, n, chunk):
             idx = np.arange(s, min(n, s + chunk))
             img, ctf = read(idx)
             Y = lat.observe(img.to(device))
             C = evaluate_ctf(ctf.double().to(device), lat.freqs).float()
-            if last and global_grid is not None:
+            if search_now:
                 better = global_research(V, img.to(device), ctf, Y, C, lat, A[idx], shifts_px[idx], lab[idx],
                                          global_grid, pixel_size_A)
                 replaced += int(better[0].sum())
@@ -105,14 +112,20 @@ def polish(read: Reader, n: int, A: torch.Tensor, shifts_px: torch.Tensor, label
         if not consensus:
             labels = lab
         if n_classes > 1:  # so the next round refines against maps of states, not of the model's classes
-            labels = classify_at_poses(read, n, A, shifts_px, labels, n_classes, box, pixel_size_A, chunk=chunk,
-                                       shares=shares)
+            labels = classify_at_poses(read, n, A, shifts_px, labels, n_classes, box, pixel_size_A, chunk=chunk)
         log.info("pose refinement round %d/%d: %s at %s A (half-set FSC 0.143), %s%d particle(s) changed "
                  "class in the refinement, %.1f s", r + 1, rounds, "consensus map" if consensus else "class maps",
                  ", ".join(f"{fsc_resolution_A(f, box, pixel_size_A):.1f}" for f in fsc),
-                 f"global search took {replaced} pose(s), " if last and global_grid is not None else "", moved,
+                 f"global search took {replaced} pose(s), " if search_now else "", moved,
                  time.perf_counter() - t0)
     return A, shifts_px, labels
+
+
+def _one_frame(V: torch.Tensor, A: torch.Tensor, labels: torch.Tensor, box: int) -> tuple[torch.Tensor, bool]:
+    """Poses `A` turned so that the class maps `V` `(K, G, G, G)` superpose on their common part
+    (`frames.class_frames`), and whether any turned."""
+    rotations = class_frames(on_box_lattice(V, box), labels)
+    return (turn_poses(A, labels, rotations), True) if turned(rotations) else (A, False)
 
 
 def global_research(V: torch.Tensor, img: torch.Tensor, ctf: torch.Tensor, Y: torch.Tensor, C: torch.Tensor,
