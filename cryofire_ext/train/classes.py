@@ -19,7 +19,7 @@ from cryofire_ext.fourier import radius_grid_3d
 from cryofire_ext.model.losses import undo_shift
 from cryofire_ext.reconstruct import shell_correlation
 from cryofire_ext.train.warmstart import WarmMap, _Lattice, _score_at, _slices, _solve, _splat, _Sub, search, shift_grid
-from cryofire_ext.train.frames import class_frames, turn_poses, turned
+from cryofire_ext.train.frames import one_frame
 
 log = logging.getLogger(__name__)
 
@@ -307,10 +307,9 @@ def refine_warm_map(warm: WarmMap, images: torch.Tensor, ctf_params: torch.Tenso
         K = n_classes
         log.info("classification into %d classes: %s images", K, torch.bincount(labels, minlength=K).tolist())
     V = reconstruct_classes(images, ctf_params, A, t, labels, K, pixel_size_A, pad=RECONSTRUCT_PAD)
-    rotations = class_frames(on_box_lattice(V, box), labels)
-    if turned(rotations):  # classes split from one map inherit its frame; give them their common part's
-        V = reconstruct_classes(images, ctf_params, turn_poses(A, labels, rotations), t, labels, K, pixel_size_A,
-                                pad=RECONSTRUCT_PAD)
+    A_one, moved_frame = one_frame(on_box_lattice(V, box), A, labels)
+    if moved_frame:  # classes split from one map inherit its frame; give them their common part's
+        V = reconstruct_classes(images, ctf_params, A_one, t, labels, K, pixel_size_A, pad=RECONSTRUCT_PAD)
     return WarmMap(V, warm.rotations, shifts, box, float(pixel_size_A), 1.0)
 
 

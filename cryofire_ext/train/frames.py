@@ -143,3 +143,11 @@ def turn_poses(A: torch.Tensor, labels: torch.Tensor, rotations: torch.Tensor) -
 def turned(rotations: torch.Tensor) -> bool:
     """Whether any class frame is turned (then the class maps must be rebuilt from the turned poses)."""
     return not bool(torch.equal(rotations, torch.eye(3).repeat(len(rotations), 1, 1)))
+
+
+def one_frame(V: torch.Tensor, A: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """Poses `A` `(n, 3, 3)` of class `labels` `(n,)` turned so that the class maps `V` `(K, D, D, D)` (on the
+    images' lattice) superpose on their common part (`class_frames`), and whether any turned (then the class
+    maps must be rebuilt from the turned poses)."""
+    rotations = class_frames(V, labels)
+    return (turn_poses(A, labels, rotations), True) if turned(rotations) else (A, False)

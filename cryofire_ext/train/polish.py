@@ -32,7 +32,7 @@ import torch
 from cryofire_ext.ctf import evaluate_ctf
 from cryofire_ext.train.classes import (class_maps_fsc, class_scores, classify_at_poses, fsc_resolution_A,
                                        low_resolution, on_box_lattice)
-from cryofire_ext.train.frames import REGISTER_BOX, class_frames, turn_poses, turned
+from cryofire_ext.train.frames import REGISTER_BOX, one_frame
 from cryofire_ext.train.warmstart import WarmMap, _Lattice, _Sub, best_class, refine_local, search
 
 log = logging.getLogger(__name__)
@@ -85,13 +85,13 @@ def polish(read: Reader, n: int, A: torch.Tensor, shifts_px: torch.Tensor, label
         if consensus:  # the classes into one frame first (their maps as far as the registration reads them)
             V, _ = class_maps_fsc(read, n, A, shifts_px, labels, n_classes, box, pixel_size_A, chunk,
                                   max_radius=min(1.0, REGISTER_BOX / box))
-            A, _ = _one_frame(V, A, labels, box)
+            A, _ = one_frame(on_box_lattice(V, box), A, labels)
             K, lab = 1, torch.zeros_like(labels)
-        else:
+        else:  # `lab` is `labels` itself: refined in place
             K, lab = n_classes, labels
         V, fsc = class_maps_fsc(read, n, A, shifts_px, lab, K, box, pixel_size_A, chunk)
         if not consensus:  # one frame for all classes, so each particle starts from its pose in every map
-            A, moved_frame = _one_frame(V, A, lab, box)
+            A, moved_frame = one_frame(on_box_lattice(V, box), A, lab)
             if moved_frame:
                 V, fsc = class_maps_fsc(read, n, A, shifts_px, lab, K, box, pixel_size_A, chunk)
         moved = replaced = 0
@@ -115,8 +115,6 @@ def polish(read: Reader, n: int, A: torch.Tensor, shifts_px: torch.Tensor, label
             A[idx], shifts_px[idx], cls = best_class(per_class)
             moved += int((lab[idx] != cls).sum())
             lab[idx] = cls
-        if not consensus:
-            labels = lab
         if n_classes > 1:  # so the next round refines against maps of states, not of the model's classes
             labels = classify_at_poses(read, n, A, shifts_px, labels, n_classes, box, pixel_size_A, chunk=chunk)
         log.info("pose refinement round %d/%d: %s at %s A (half-set FSC 0.143), %s%d particle(s) changed "
@@ -125,13 +123,6 @@ def polish(read: Reader, n: int, A: torch.Tensor, shifts_px: torch.Tensor, label
                  f"global search took {replaced} pose(s), " if search_now else "", moved,
                  time.perf_counter() - t0)
     return A, shifts_px, labels
-
-
-def _one_frame(V: torch.Tensor, A: torch.Tensor, labels: torch.Tensor, box: int) -> tuple[torch.Tensor, bool]:
-    """Poses `A` turned so that the class maps `V` `(K, G, G, G)` superpose on their common part
-    (`frames.class_frames`), and whether any turned."""
-    rotations = class_frames(on_box_lattice(V, box), labels)
-    return (turn_poses(A, labels, rotations), True) if turned(rotations) else (A, False)
 
 
 def global_research(V: torch.Tensor, img: torch.Tensor, ctf: torch.Tensor, Y: torch.Tensor, C: torch.Tensor,
