@@ -9,7 +9,9 @@ scoring: median rotation error after global alignment, shift error, clustering e
 cluster map to its true state), at the issue's size. Then each epoch checkpoint is scored on `--eval`
 particles with the model's own poses (benchmarks/convergence.py's curve). The run's wall time is split
 into training (config max_minutes caps it) and the rest (warm start, final pass, export) by the
-log lines this script prints with their times. `--export-only` redoes the final pass, export and scoring
+log lines this script prints with their times (also kept in the JSON as `log`). `--device cuda` trains and
+infers on a GPU (the images are simulated on the CPU, the same set as the CPU runs'); `--eval 0` skips
+the per-checkpoint curve. `--export-only` redoes the final pass, export and scoring
 of a run already trained in `--out-dir`. Run it from a checkout you do not edit meanwhile (`git worktree
 add`): `predict` imports the pose refinement only when it gets there, hours into a run.
 """
@@ -47,6 +49,7 @@ def main() -> None:
     ap.add_argument("--config", default="{}", help="JSON overrides of TrainConfig fields (on top of the demo's)")
     ap.add_argument("--eval", type=int, default=500)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="auto", help="TrainConfig.device (auto: CUDA when present)")
     ap.add_argument("--out-dir", required=True)
     ap.add_argument("--out", required=True)
     ap.add_argument("--export-only", action="store_true",
@@ -54,9 +57,11 @@ def main() -> None:
                          "in OUT_DIR/run (after a crash there, or to measure changed inference code); no curve")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")  # phase timings
+    records = LogTimes()
+    logging.getLogger().addHandler(records)
     torch.set_num_threads(args.threads)
     load0 = os.getloadavg()
-    extra = {"epochs": 100, "max_minutes": args.minutes, "warm_max_shift_px": args.shift_px,
+    extra = {"epochs": 100, "max_minutes": args.minutes, "warm_max_shift_px": args.shift_px, "device": args.device,
              **json.loads(args.config)}
     settings = DemoSettings(n=args.n, box=args.box, snr=args.snr, shift_px=args.shift_px, mix=tuple(args.mix),
                             config=extra)
@@ -71,15 +76,28 @@ def main() -> None:
     load1 = os.getloadavg()
     run = Path(metrics["run_dir"])
     hist = json.loads((run / "history.json").read_text())
-    curve = [] if args.export_only else score_checkpoints(run, ds, args.eval, len(args.mix), polish_last=False)
+    curve = [] if args.export_only or args.eval <= 0 else score_checkpoints(run, ds, args.eval, len(args.mix), polish_last=False)
     res = {"command": " ".join(["python"] + sys.argv), "n": args.n, "box": args.box, "snr": args.snr,
            "shift_px": args.shift_px, "mix": args.mix, "wall_s_whole_command": wall, "final": metrics,
            "curve_model_own_poses": curve, "history_last": hist[-1] if hist else None, "loadavg_before": load0, "loadavg_after": load1,
-           "threads": args.threads, "demo_config": DEMO_CONFIG,
+           "threads": args.threads, "demo_config": DEMO_CONFIG, "log": records.lines,
+           "device_name": torch.cuda.get_device_name() if torch.cuda.is_available() and args.device != "cpu" else "cpu",
            "note": "issue 4 target: N 20,000, D 64, SNR 0.1, shifts +-4 px, 90/10 mix; 2 CPU cores"}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(res, indent=1, default=float) + "\n")
     print(json.dumps({k: metrics[k] for k in metrics if k != "config"}, indent=1, default=float))
+
+
+class LogTimes(logging.Handler):
+    """Keeps every INFO line with its seconds since the start, so the JSON carries the stage timings."""
+
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.t0 = time.time()
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(f"{record.created - self.t0:8.1f} s {record.name}: {record.getMessage()}")
 
 
 def export_only(out_dir: Path, ds, n_states: int) -> dict:

@@ -57,6 +57,8 @@ def register(app: typer.Typer) -> None:
         resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last checkpoint."),
         config: Optional[Path] = typer.Option(None, "--config", help="JSON TrainConfig (flags override it)."),
         device: Optional[str] = typer.Option(None, "--device", help="auto, cpu or cuda."),
+        precision: Optional[str] = typer.Option(None, "--precision",
+                                                help="auto (bf16 autocast on CUDA, fp32 on the CPU), bf16 or fp32."),
         train_box: Optional[int] = typer.Option(None, "--train-box", help="Fourier-crop images to this box."),
         warm_start: Optional[str] = typer.Option(None, "--warm-start", help="search (default) or none."),
         warm_classes: Optional[int] = typer.Option(None, "--warm-classes",
@@ -75,7 +77,7 @@ def register(app: typer.Typer) -> None:
         if resume and config is None and (out / "config.json").is_file():
             cfg = TrainConfig.load(out / "config.json")
         overrides = {"zdim": zdim, "epochs": epochs, "max_minutes": max_minutes, "batch_size": batch_size,
-                     "seed": seed, "device": device, "train_box": train_box, "warm_start": warm_start,
+                     "seed": seed, "device": device, "precision": precision, "train_box": train_box, "warm_start": warm_start,
                      "warm_classes": warm_classes, "polish_rounds": polish_rounds}
         cfg = TrainConfig.from_dict({**cfg.to_dict(), **{k: v for k, v in overrides.items() if v is not None}})
         handler = _log_file(out / "train.log")
@@ -100,6 +102,7 @@ def register(app: typer.Typer) -> None:
         clusters: Optional[int] = typer.Option(None, "--clusters", help="Clusters of z for maps (default: BIC)."),
         polish_rounds: Optional[int] = typer.Option(None, "--polish-rounds",
                                                     help="Pose refinement rounds (default: the run's; 0 = none)."),
+        device: Optional[str] = typer.Option(None, "--device", help="auto, cpu or cuda (default: the run's)."),
     ) -> None:
         """Run a trained model over any particles (new images included): predictions, STAR, .cs and maps."""
         from integrations.job import OUTPUT_FILES, export_run, load_particles
@@ -109,7 +112,8 @@ def register(app: typer.Typer) -> None:
             check_writable(out / name, force)
         stack = load_particles(particles, datadir)
         out.mkdir(parents=True, exist_ok=True)
-        job = export_run(run, stack, force=force, n_clusters=clusters, out_dir=out, polish_rounds=polish_rounds)
+        job = export_run(run, stack, force=force, n_clusters=clusters, out_dir=out, polish_rounds=polish_rounds,
+                         device=device)
         typer.echo(f"wrote {job.predictions}, {job.particles_star}, {job.particles_cs}")
 
     @app.command("demo")
@@ -119,12 +123,14 @@ def register(app: typer.Typer) -> None:
         snr: float = typer.Option(1.0, "--snr", help="Signal-to-noise ratio of the simulated images."),
         epochs: Optional[int] = typer.Option(None, "--epochs", help="Training epochs (default 8)."),
         seed: int = typer.Option(0, "--seed"),
+        device: Optional[str] = typer.Option(None, "--device", help="auto (default), cpu or cuda."),
+        precision: Optional[str] = typer.Option(None, "--precision", help="auto (default), bf16 or fp32."),
         force: bool = typer.Option(False, "--force", help="Overwrite existing outputs."),
     ) -> None:
         """Simulate the bundled two-state phantom, train, predict, export, and score against the truth."""
         from integrations.job import DemoSettings, run_demo
 
-        extra = {"epochs": epochs} if epochs is not None else {}
+        extra = {k: v for k, v in (("epochs", epochs), ("device", device), ("precision", precision)) if v is not None}
         handler = _log_file(out / "train.log")
         prog, on_progress = _progress()
         try:

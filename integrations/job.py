@@ -80,10 +80,11 @@ def run_training_job(particles, out_dir, config: TrainConfig, *, datadir=None,
 
 
 def export_run(run_dir, stack: ParticleStack, *, force: bool = False, n_clusters: int | None = None,
-               seed: int = 0, out_dir=None, polish_rounds: int | None = None) -> JobOutputs:
+               seed: int = 0, out_dir=None, polish_rounds: int | None = None, device: str | None = None) -> JobOutputs:
     """Final inference pass over `stack` with the run in `run_dir`, written to `out_dir` (default run_dir).
 
-    `polish_rounds`: pose refinement rounds after the model's pass (None: the run's config)."""
+    `polish_rounds`: pose refinement rounds after the model's pass (None: the run's config).
+    `device`: where the pass and the refinement run (None: the run's config `device`, "auto" = CUDA when present)."""
     from cryofire_ext.analysis import cluster, write_maps
     from cryofire_ext.predict import load_trained, predict
     from integrations.cryosparc import write_cs
@@ -91,7 +92,7 @@ def export_run(run_dir, stack: ParticleStack, *, force: bool = False, n_clusters
 
     run_dir = Path(run_dir)
     out = Path(out_dir) if out_dir is not None else run_dir
-    tm = load_trained(run_dir)
+    tm = load_trained(run_dir, device=device or _run_device(run_dir))
     preds = predict(tm, stack, polish_rounds=polish_rounds)
     pred_path = preds.save(out / "predictions.npz", force=force)
     posed = stack.with_poses(preds.A, preds.shifts_A)
@@ -112,6 +113,12 @@ def export_run(run_dir, stack: ParticleStack, *, force: bool = False, n_clusters
     maps = write_maps(tm, points, out / "maps", names, force=True)
     plot = loss_plot(run_dir, out / "loss.png", force=True)
     return JobOutputs(out, star, cs, pred_path, maps, plot, info)
+
+
+def _run_device(run_dir) -> str:
+    """The `device` field of the run's saved config ("auto" when the run has none)."""
+    path = Path(run_dir) / "config.json"
+    return TrainConfig.load(path).device if path.is_file() else "auto"
 
 
 def loss_plot(run_dir, path, force: bool = False) -> Path:

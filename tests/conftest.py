@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -9,6 +10,9 @@ import pytest
 
 # the tiny trained run, one per session for every test module (importing it in a module would make a second one)
 pytest_plugins = ["tests.run_fixture"]
+
+#: the device the training/predict tests run on: `CRYOFIRE_DEVICE=cuda python -m pytest` runs them on a GPU
+TEST_DEVICE = os.environ.get("CRYOFIRE_DEVICE", "cpu")
 
 SHARED_FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"
 

@@ -21,6 +21,7 @@ from cryofire_ext.particles import ParticleStack
 from cryofire_ext.phantom import phantom_maps
 from cryofire_ext.poses import random_rotations
 from cryofire_ext.projection import project
+from tests.conftest import TEST_DEVICE
 
 
 @dataclass
@@ -65,7 +66,7 @@ def trained_run(tmp_path_factory) -> Path:
     stack, _ = simulated_stack(n=96, box=32, snr=1.0, seed=1)
     run = tmp_path_factory.mktemp("trained_run")
     cfg = TrainConfig(zdim=2, epochs=2, batch_size=32, hidden=32, dec_hidden=32, dec_layers=2, enc_channels=(4, 8, 16, 32, 32),
-                      warm_start="none", pose_only_images=96, lr_warmup_images=0, num_workers=1, device="cpu")
+                      warm_start="none", pose_only_images=96, lr_warmup_images=0, num_workers=1, device=TEST_DEVICE)
     train(stack, run, cfg)
     predict(run, stack).save(run / "predictions.npz")
     return run

@@ -25,6 +25,7 @@ from cryofire_ext.errors import InputError
 from cryofire_ext.poses import cryosparc_pose_to_matrix
 from cryofire_ext.results import Predictions
 from tests.conftest import shared_fixture
+from tests.conftest import TEST_DEVICE
 
 N, BOX, ZDIM = 24, 32, 3
 PROJECT, WORKSPACE, SOURCE, NEW = "P12", "W1", "J24", "J43"
@@ -399,7 +400,7 @@ def test_real_training_run_saves_uid_matched_output(setup):
     from integrations.cryosparc.external_job import run_cryosparc_job
 
     s = setup
-    cfg = TrainConfig(zdim=2, epochs=1, batch_size=8, num_workers=0, device="cpu", warm_start="none", hidden=32,
+    cfg = TrainConfig(zdim=2, epochs=1, batch_size=8, num_workers=0, device=TEST_DEVICE, warm_start="none", hidden=32,
                       dec_hidden=32, enc_channels=(8, 8, 16, 16, 16), log_every=1)
     result = run_cryosparc_job(s.cs, PROJECT, WORKSPACE, f"{SOURCE}.particles", cfg, run_dir=s.tmp / "real",
                                n_clusters=2)

@@ -13,11 +13,12 @@ import torch
 from cli.main import main
 from cryofire_ext.errors import InputError
 from cryofire_ext.train.config import TrainConfig
+from tests.conftest import TEST_DEVICE
 
 torch.set_num_threads(2)
 TINY = dict(zdim=2, epochs=1, batch_size=16, hidden=32, dec_hidden=32, dec_layers=2, enc_channels=(4, 8, 8, 16, 16),
             warm_start="search", warm_images=64, warm_steps=20, warm_rotations=300, distill_images=32,
-            pose_only_images=32, num_workers=1, device="cpu")
+            pose_only_images=32, num_workers=1, device=TEST_DEVICE)
 
 
 @pytest.fixture(scope="module")

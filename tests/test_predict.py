@@ -10,6 +10,7 @@ from cryofire_ext.errors import InputError
 from cryofire_ext.predict import load_trained, predict
 from cryofire_ext.results import Predictions
 from tests.run_fixture import simulated_stack
+from tests.conftest import TEST_DEVICE
 
 
 def test_load_trained_gives_maps_with_the_run_voxel_size(trained_run):
@@ -24,12 +25,12 @@ def test_load_trained_gives_maps_with_the_run_voxel_size(trained_run):
 
 def test_predict_runs_every_particle_including_new_images(trained_run):
     stack, _ = simulated_stack(n=40, box=32, snr=1.0, seed=9)  # images the run never saw
-    p = predict(trained_run, stack, batch_size=16, device="cpu")
+    p = predict(trained_run, stack, batch_size=16, device=TEST_DEVICE)
     assert len(p) == 40 and p.zdim == 2 and list(p.ids) == list(stack.ids)
     assert np.allclose(p.A @ np.swapaxes(p.A, -1, -2), np.eye(3), atol=1e-5)
     assert np.isfinite(p.loss).all() and (p.loss > 0).all()
     # batched inference is per particle: the batch size does not change the answer
-    q = predict(trained_run, stack, batch_size=7, device="cpu")
+    q = predict(trained_run, stack, batch_size=7, device=TEST_DEVICE)
     assert np.allclose(p.A, q.A, atol=1e-5) and np.allclose(p.z, q.z, atol=1e-5)
     saved = Predictions.load(trained_run / "predictions.npz")
     assert saved.meta["model_box"] == 32 and len(saved) == 96
@@ -55,7 +56,7 @@ def test_predict_refuses_mismatched_particles_and_bad_checkpoints(trained_run, t
 WARM_TINY = dict(zdim=2, epochs=1, batch_size=16, hidden=32, dec_hidden=32, dec_layers=2,
                  enc_channels=(4, 8, 8, 16, 16), warm_start="search", warm_images=64, warm_steps=20,
                  warm_rotations=300, distill_images=32, pose_only_images=32, polish_rounds=0, num_workers=1,
-                 device="cpu")
+                 device=TEST_DEVICE)
 
 
 @pytest.fixture(scope="module")
@@ -76,16 +77,16 @@ def test_predict_reuses_the_training_search_for_the_training_particles_only(warm
     calls = []
     real = warmstart.search
     monkeypatch.setattr(trainer, "search", lambda warm, img, ctf: calls.append(len(img)) or real(warm, img, ctf))
-    p = predict(run, stack, batch_size=16, device="cpu")
+    p = predict(run, stack, batch_size=16, device=TEST_DEVICE)
     assert calls == []  # every training particle's search result came from the checkpoint
     tm = load_trained(run)
     tm.searched = None  # the same particles searched afresh give the same answer
-    q = predict(tm, stack, batch_size=16, device="cpu")
+    q = predict(tm, stack, batch_size=16, device=TEST_DEVICE)
     assert sum(calls) == 64
     assert np.allclose(p.A, q.A, atol=1e-4) and np.allclose(p.shifts_A, q.shifts_A, atol=1e-4)
     calls.clear()
     other, _ = simulated_stack(n=64, box=32, snr=1.0, seed=5)  # same ids, count and box; other images
-    predict(run, other, batch_size=16, device="cpu")
+    predict(run, other, batch_size=16, device=TEST_DEVICE)
     assert sum(calls) == 64
 
 

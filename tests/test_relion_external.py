@@ -31,19 +31,20 @@ from cryofire_ext.poses import matrix_to_relion_euler, relion_euler_to_matrix
 from integrations.relion.external_job import (ABORT_NOW, EXIT_ABORTED, EXIT_FAILURE, EXIT_SUCCESS, NODE_3DREF,
                                               NODE_PART_DATA, OUTPUT_NODES, parse_relion_args)
 from tests.conftest import require_relion, shared_fixture
+from tests.conftest import TEST_DEVICE
 
 BOX, N, SNR = 32, 600, 10.0
 K = np.diag([1.0, 1.0, -1.0])  # z mirror (volume and image frames)
 # Pose recovery (the bar): the model's demo recipe, scaled to this dataset (one state: no warm
 # classes; a finer global grid). Measured 2026-11-24 on 2 idle cores: job 77 s, median rotation error
 # 2.3 deg (1.0% beyond 20 deg), aligned correlation 0.990 (0.996 from the true poses).
-RECOVERY_PARAMS = {"zdim": "1", "epochs": "6", "batch_size": "32", "num_workers": "0", "device": "cpu", "lr": "3e-4",
+RECOVERY_PARAMS = {"zdim": "1", "epochs": "6", "batch_size": "32", "num_workers": "0", "device": TEST_DEVICE, "lr": "3e-4",
                    "lr_warmup_images": "1000", "symmetric": "false", "pose_only_images": "3000",
                    "march_images": "6000", "distill_images": "3000", "warm_images": "600", "warm_box": "24",
                    "warm_steps": "500", "warm_rotations": "8000", "warm_max_shift_px": "2.0",
                    "warm_classes": "1", "warm_rounds": "3"}
 # Plumbing only (seconds): one epoch of a small model, no warm start.
-TINY_PARAMS = {"zdim": "1", "epochs": "1", "batch_size": "64", "num_workers": "0", "device": "cpu",
+TINY_PARAMS = {"zdim": "1", "epochs": "1", "batch_size": "64", "num_workers": "0", "device": TEST_DEVICE,
                "warm_start": "none", "hidden": "64", "dec_hidden": "64", "enc_channels": "8,16,32,64,64",
                "n_clusters": "2"}
 

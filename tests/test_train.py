@@ -17,12 +17,13 @@ from cryofire_ext.images import ArrayImages
 from cryofire_ext.train.checkpoint import load_checkpoint
 from cryofire_ext.train.config import TrainConfig
 from cryofire_ext.train.trainer import TrainingStopped, train
+from tests.conftest import TEST_DEVICE
 from tests.run_fixture import simulated_stack
 
 torch.set_num_threads(2)
 ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(zdim=2, batch_size=16, hidden=32, dec_hidden=32, dec_layers=2, enc_channels=(4, 8, 8, 16, 16),
-            warm_start="none", pose_only_images=48, lr_warmup_images=32, num_workers=1, device="cpu", log_every=1)
+            warm_start="none", pose_only_images=48, lr_warmup_images=32, num_workers=1, device=TEST_DEVICE, log_every=1)
 
 
 def test_config_round_trip_records_version_time_and_command(tmp_path):
@@ -126,7 +127,7 @@ train(stack, sys.argv[1], TrainConfig(**{tiny!r}, epochs=1))
 
 def test_two_process_gloo_run_matches_one_process_with_the_same_global_batch(tmp_path):
     script = tmp_path / "ddp.py"
-    script.write_text(DDP_WORKER.format(root=str(ROOT), tiny=TINY))
+    script.write_text(DDP_WORKER.format(root=str(ROOT), tiny={**TINY, "device": "cpu"}))  # gloo: the CPU path
     env = dict(os.environ, OMP_NUM_THREADS="1")
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                     str(script), str(tmp_path / "ddp")], env=env, check=True, capture_output=True)

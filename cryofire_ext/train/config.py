@@ -21,7 +21,7 @@ FORMAT = "cryofire-train-config"
 FORMAT_VERSION = 1
 
 # fields a resumed run may change (they do not alter what has been trained so far)
-RESUMABLE_FIELDS = ("epochs", "max_minutes", "device", "num_workers", "log_every", "polish_rounds",
+RESUMABLE_FIELDS = ("epochs", "max_minutes", "device", "precision", "num_workers", "log_every", "polish_rounds",
                     "polish_global_search")
 
 
@@ -74,6 +74,10 @@ class TrainConfig:
     clustering 0.024 -> 0.021, +7.5 min on 2 cores.
 
     `train_box`: Fourier-crop the images to this box for training (None = keep).
+
+    `precision`: the training step's arithmetic. "auto" = bf16 autocast on CUDA and fp32 on the
+    CPU; "bf16" = bf16 autocast (CUDA only; refused on the CPU, where torch's bf16 kernels are not
+    the fast path); "fp32" = full float32 everywhere. Inference (`predict`, the refinement) is float32.
     """
 
     zdim: int = 8
@@ -82,6 +86,7 @@ class TrainConfig:
     batch_size: int = 32
     seed: int = 0
     device: str = "auto"
+    precision: str = "auto"
     lr: float = 1e-4
     lr_warmup_images: int = 2000
     # model
@@ -140,6 +145,8 @@ class TrainConfig:
             bad("batch_size", "an integer >= 1")
         if self.device not in ("auto", "cpu", "cuda") and not str(self.device).startswith("cuda:"):
             bad("device", "auto, cpu or cuda")
+        if self.precision not in ("auto", "bf16", "fp32"):
+            bad("precision", "auto (bf16 autocast on CUDA, fp32 on the CPU), bf16 or fp32")
         if self.lr <= 0:
             bad("lr", "a positive learning rate")
         if len(self.enc_channels) != 5:

@@ -61,6 +61,15 @@ def seeded_model(config: TrainConfig, box: int, pixel_size_A: float):
         return build_model(config, box, pixel_size_A)
 
 
+def training_autocast(precision: str, device: torch.device):
+    """The context the training step runs in: bf16 autocast on CUDA for "auto"/"bf16", else plain fp32."""
+    if device.type == "cuda" and precision in ("auto", "bf16"):
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    if precision == "bf16":
+        raise InputError(f"precision 'bf16' needs a CUDA device (training runs on {device}); use auto or fp32")
+    return contextlib.nullcontext()
+
+
 def _batch_generator(seed: int, epoch: int, batch: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(seed) * 1_000_003 + int(epoch) * 10_007 + int(batch))
 
@@ -79,6 +88,7 @@ def train(stack: ParticleStack, run_dir, config: TrainConfig, *, resume: bool = 
     config.validate()
     run_dir = Path(run_dir)
     env = distributed.setup(config.device)
+    autocast = training_autocast(config.precision, env.device)  # refuses bf16 on the CPU before anything is written
     stack.require_images()
     box = training_box(config, stack)
     n = len(stack)
@@ -138,8 +148,6 @@ def train(stack: ParticleStack, run_dir, config: TrainConfig, *, resume: bool = 
     march_start = config.march_start
     if warm is not None:
         march_start = max(march_start, min(1.0, warm.box / box))
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if env.device.type == "cuda"
-                else contextlib.nullcontext())
 
     def snapshot(epoch: int, batch: int) -> dict:
         s = {"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch, "batch": batch,
