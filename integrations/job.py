@@ -65,6 +65,7 @@ def run_training_job(particles, out_dir, config: TrainConfig, *, datadir=None,
     from cryofire_ext.train.trainer import train
 
     out = Path(out_dir)
+    check_runtime(config)
     stack = load_particles(particles, datadir)
     overwrite = force or resume
     for name in OUTPUT_FILES:
@@ -77,6 +78,14 @@ def run_training_job(particles, out_dir, config: TrainConfig, *, datadir=None,
         return JobOutputs(out, out / "particles.star", out / "particles.cs", out / "predictions.npz", [],
                           out / "loss.png")
     return export_run(out, stack, force=overwrite, n_clusters=n_clusters, seed=config.seed)
+
+
+def check_runtime(config: TrainConfig) -> None:
+    """Refuse a device or precision this machine cannot run (no CUDA, bf16 on the CPU) before anything is written."""
+    from cryofire_ext.train.distributed import resolve_device
+    from cryofire_ext.train.trainer import training_autocast
+
+    training_autocast(config.precision, resolve_device(config.device))
 
 
 def export_run(run_dir, stack: ParticleStack, *, force: bool = False, n_clusters: int | None = None,
@@ -165,6 +174,8 @@ def run_demo(out_dir, settings: DemoSettings | None = None, *, force: bool = Fal
 
     s = settings or DemoSettings()
     out = Path(out_dir)
+    cfg = TrainConfig(**{**DEMO_CONFIG, "seed": s.seed, **s.config})
+    check_runtime(cfg)
     check_writable(out / "metrics.json", force)
     previous = out / "run" / "checkpoints"
     if (previous / "last.pt").exists():  # checked before anything is written
@@ -175,7 +186,6 @@ def run_demo(out_dir, settings: DemoSettings | None = None, *, force: bool = Fal
     maps, apix = phantom_maps(s.box, states=len(s.mix))
     ds = simulate(maps, s.n, mix=list(s.mix), snr=s.snr, shift_px=s.shift_px, pixel_size_A=apix, seed=s.seed)
     write_dataset(ds, out / "data", map_names=[f"phantom state {k}" for k in range(len(maps))], force=force)
-    cfg = TrainConfig(**{**DEMO_CONFIG, "seed": s.seed, **s.config})
     t0 = time.monotonic()
     # the images stay in memory; the run's particles.star / .cs name the written stack by absolute path so they
     # resolve from the run folder (relion_reconstruct, `cryofire analyze`'s back-projected maps)
