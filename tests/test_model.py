@@ -152,3 +152,27 @@ def test_flop_count_is_positive_and_grows_with_heads():
     a = CryoFIRE(32, 5.0, 2, n_pose_heads=1, **SMALL).flops_per_image()
     b = CryoFIRE(32, 5.0, 2, n_pose_heads=4, **SMALL).flops_per_image()
     assert 0 < a < b
+
+
+def test_bf16_autocast_training_step_keeps_a_float32_loss_close_to_fp32():
+    """The mixed-precision step (bf16 autocast, on CUDA with CRYOFIRE_DEVICE=cuda) runs and its loss is
+    float32 and within bf16 rounding of the fp32 loss: the shift's phase ramp and the L2 stay in float32."""
+    from cryofire_ext.train.trainer import training_autocast
+    from tests.conftest import TEST_DEVICE
+
+    dev = torch.device(TEST_DEVICE)
+    torch.manual_seed(0)
+    m = CryoFIRE(box=32, pixel_size_A=6.0, zdim=2, enc_channels=(4, 8, 8, 16, 16), hidden=32, dec_hidden=32,
+                 dec_layers=2).to(dev)
+    img = torch.randn(6, 32, 32, device=dev)
+    ctf = torch.as_tensor(CTFParams.constant(6).as_array()).to(dev)
+    extra = (torch.as_tensor(random_rotations(6, np.random.default_rng(1)), dtype=torch.float32, device=dev)[:, None],
+             torch.full((6, 1, 2), 1.7, device=dev))
+    ref = m(img, ctf, 1.0, None, *extra).loss
+    ac = torch.autocast(dev.type, dtype=torch.bfloat16) if dev.type == "cpu" else training_autocast("bf16", dev)
+    with ac:
+        out = m(img, ctf, 1.0, None, *extra)
+    out.loss.mean().backward()
+    assert out.loss.dtype == torch.float32
+    assert torch.allclose(out.loss.detach(), ref.detach(), rtol=0.05)
+    assert all(p.grad is None or torch.isfinite(p.grad).all() for p in m.parameters())

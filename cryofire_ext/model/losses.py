@@ -25,12 +25,17 @@ def candidate_losses(F_obs: torch.Tensor, F_pred: torch.Tensor, ctf: torch.Tenso
     """Per-candidate mean squared error `(n, C)`.
 
     F_obs `(n, m)` complex; F_pred `(n, C, m, 2)` (real, imaginary); ctf `(n, m)`;
-    weight `(m,)` frequency-marching mask (0/1 or soft), normalised inside.
+    weight `(m,)` frequency-marching mask (0/1 or soft), normalised inside. Computed in float32 under
+    autocast too (the loss of a bf16 training step is a float32 loss).
     """
-    Fc = undo_shift(F_obs, k_xy, shift_px)
-    pred = torch.complex(F_pred[..., 0], F_pred[..., 1]) * ctf[:, None, :]
-    err = (Fc - pred).abs().square()
-    return (err * weight).sum(-1) / weight.sum().clamp_min(1e-8)
+    # in float32 whatever autocast is on: bf16 phases are too coarse for the shift ramp, and CUDA has no
+    # bf16 complex kernels (torch.polar refuses them)
+    with torch.autocast(F_obs.device.type, enabled=False):
+        Fc = undo_shift(F_obs, k_xy, shift_px)
+        F_pred = F_pred.float()
+        pred = torch.complex(F_pred[..., 0], F_pred[..., 1]) * ctf.float()[:, None, :]
+        err = (Fc - pred).abs().square()
+        return (err * weight.float()).sum(-1) / weight.float().sum().clamp_min(1e-8)
 
 
 def winner_take_all(losses: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
