@@ -1,19 +1,23 @@
 #!/usr/bin/env bash
 # One prepared GPU session (issue: the product on a GPU). Run from the repository root on a CUDA machine:
 #
-#     OUT=/some/folder bash benchmarks/gpu_check.sh [TARGET_MINUTES]
+#     OUT=/some/folder STAGES="env throughput torchrun demo" bash benchmarks/gpu_check.sh [TARGET_MINUTES]
+#     OUT=/some/folder STAGES="env target tests" bash benchmarks/gpu_check.sh [TARGET_MINUTES]
 #
-# Stages (each with its own time limit; a failing stage does not stop the others; everything lands in $OUT):
+# Stages run one after another, in the order below, each alone and with OMP_NUM_THREADS set (the first GPU session
+# ran them side by side, every torch process on 16 intra-op threads: the 16 cores were oversubscribed and the demos,
+# the torchrun check and the target ran out of time; benchmarks/results/gpu_session_2026-12-04.json). All stages
+# together need more than one 10-minute call: split STAGES over two calls as above. Each stage has its own time
+# limit; a failing stage does not stop the others; everything lands in $OUT:
 #   env        nvidia-smi, torch, the GPU's name                                       -> gpu_env.txt
 #   throughput training images/s at 64 and 128 px, fp32 and bf16 autocast, against the
 #              device's measured matmul FLOP/s (benchmarks/throughput.py), run alone  -> gpu_throughput.json
-#   then, side by side (the GPU and the 16 cores are shared between them: timings are under load):
-#   target     the 20,000-image two-state target set end to end (benchmarks/target_run.py, training capped
-#              at TARGET_MINUTES, default 2)                                            -> gpu_target_n20000.json
-#   tests      the suite with CRYOFIRE_DEVICE=cuda (pytest-xdist, 5 workers)            -> gpu_tests.log
-#   demo       `cryofire demo` with --precision bf16 and fp32                           -> gpu_demo_precision.json
 #   torchrun   a short train under `torchrun --nproc_per_node 1` (nccl) beside two plain runs (fp32)
 #                                                                                       -> gpu_torchrun.json
+#   demo       `cryofire demo` with --precision bf16 and fp32                           -> gpu_demo_precision.json
+#   target     the 20,000-image two-state target set end to end (benchmarks/target_run.py, training capped
+#              at TARGET_MINUTES, default 2)                                            -> gpu_target_n20000.json
+#   tests      the suite with CRYOFIRE_DEVICE=cuda (pytest-xdist, 4 workers of 2 threads) -> gpu_tests.log
 # A smoke run of the script itself on the CPU: GPU_CHECK_DEVICE=cpu TARGET_N=1200 TARGET_BOX=32
 #   DEMO_ARGS="--n 400 --epochs 1" TEST_ARGS="tests/test_predict.py" TP_BOXES=32 OUT=/tmp/o bash benchmarks/gpu_check.sh 0.2
 # Wheels of packages missing on the machine may be carried in .whl/ (installed into /tmp/site first).
@@ -26,6 +30,9 @@ TARGET_BOX=${TARGET_BOX:-64}
 DEMO_ARGS=${DEMO_ARGS:-}
 TEST_ARGS=${TEST_ARGS:-}
 TP_BOXES=${TP_BOXES:-64 128}
+STAGES=" ${STAGES:-env throughput torchrun demo target tests} "
+want() { [[ "$STAGES" == *" $1 "* ]]; }
+export OMP_NUM_THREADS=8
 ROOT=$(pwd)
 LOG=$OUT/gpu_log.txt
 T0=$(date +%s)
@@ -39,13 +46,16 @@ PY=python3
 WORK=/tmp/gpu_work
 rm -rf "$WORK"; mkdir -p "$WORK"
 
+if want env; then
 stamp "env"
 { nvidia-smi; $PY -c "import torch, sys; print(sys.version); print('torch', torch.__version__, 'cuda', torch.version.cuda,
   torch.cuda.is_available(), torch.cuda.get_device_name() if torch.cuda.is_available() else '')";
   $PY -c "import cryofire_ext, starfile, mrcfile, cryosparc, eulerangles, typer; print('imports ok')";
   nproc; free -g; } >"$OUT/gpu_env.txt" 2>&1
 tail -3 "$OUT/gpu_env.txt" | tee -a "$LOG"
+fi
 
+if want throughput; then
 stamp "throughput (alone)"
 for box in $TP_BOXES; do for prec in fp32 bf16; do
   timeout 90 $PY benchmarks/throughput.py --device $DEV --box $box --precision $prec --steps 20 --threads 4 \
@@ -62,52 +72,20 @@ for r in rows:
     print(f"box {r['box']} batch {r['batch']} {r['precision']}: {r['images_per_s']:.0f} img/s, "
           f"{r['fraction_of_matmul']:.4f} of {r['matmul']} matmul {r['matmul_flops_per_s']/1e12:.0f} TFLOP/s")
 EOF
+fi
 
-stamp "target (background)"
-( timeout 400 $PY benchmarks/target_run.py --n $TARGET_N --box $TARGET_BOX --snr 0.1 --shift-px 4 --mix 0.9 0.1 \
-    --minutes "$TARGET_MIN" --eval 0 --threads 6 --device $DEV --out-dir "$WORK/target20k" \
-    --out "$OUT/gpu_target_n20000.json" >"$WORK/target.log" 2>&1; echo "target rc $?" >>"$WORK/target.log" ) &
-TARGET_PID=$!
-
-stamp "tests (background)"
-( CRYOFIRE_DEVICE=$DEV timeout 330 $PY -m pytest -q -n 5 -p no:cacheprovider -rfEs --timeout 240 $TEST_ARGS \
-    >"$OUT/gpu_tests.log" 2>&1; echo "pytest rc $?" >>"$OUT/gpu_tests.log" ) &
-TESTS_PID=$!
-
-stamp "demo bf16 / fp32"
-for prec in bf16 fp32; do
-  s=$(date +%s)
-  timeout 150 $PY -m cli.main demo -o "$WORK/demo_$prec" --device $DEV --precision $prec $DEMO_ARGS >"$WORK/demo_$prec.log" 2>&1
-  echo "demo $prec rc $? in $(( $(date +%s) - s )) s" | tee -a "$LOG"
-done
-$PY - "$WORK" "$OUT/gpu_demo_precision.json" <<'EOF'
-import json, sys
-from pathlib import Path
-res = {"command": "python -m cli.main demo -o DIR --device cuda --precision {bf16,fp32} (gpu_check.sh, run beside "
-       "the target run and the test suite on the same GPU)"}
-for p in ("bf16", "fp32"):
-    f = Path(sys.argv[1]) / f"demo_{p}" / "metrics.json"
-    if f.is_file():
-        m = json.loads(f.read_text()); m.pop("config", None); res[p] = m
-    else:
-        res[p] = {"error": (Path(sys.argv[1]) / f"demo_{p}.log").read_text()[-3000:]}
-json.dump(res, open(sys.argv[2], "w"), indent=1, default=float)
-for p in ("bf16", "fp32"):
-    m = res[p]
-    print(p, {k: m.get(k) for k in ("median_rotation_error_deg", "median_shift_error_px", "clustering_error", "wall_s")})
-EOF
-
+if want torchrun; then
 stamp "torchrun nccl vs plain"
 $PY -m cli.main simulate --phantom -n 1000 -o "$WORK/tr_data" >>"$LOG" 2>&1
 echo '{"zdim": 2, "epochs": 2, "batch_size": 32, "warm_images": 500, "warm_steps": 100, "warm_rotations": 2000,
  "pose_only_images": 500, "march_images": 1000, "distill_images": 500, "polish_rounds": 1, "precision": "fp32",
  "num_workers": 0, "symmetric": false}' >"$WORK/tr_cfg.json"
 TRARGS="train $WORK/tr_data/particles.star --config $WORK/tr_cfg.json --device $DEV"
-timeout 120 $PY -m torch.distributed.run --standalone --nproc_per_node 1 -m cli.main $TRARGS -o "$WORK/tr_ddp" >"$WORK/tr_ddp.log" 2>&1 \
-  & P1=$!
-timeout 120 $PY -m cli.main $TRARGS -o "$WORK/tr_one" >"$WORK/tr_one.log" 2>&1 & P2=$!
-timeout 120 $PY -m cli.main $TRARGS -o "$WORK/tr_two" >"$WORK/tr_two.log" 2>&1 & P3=$!
-wait $P1; echo "torchrun rc $?" | tee -a "$LOG"; wait $P2; echo "plain rc $?" | tee -a "$LOG"; wait $P3
+timeout 150 $PY -m torch.distributed.run --standalone --nproc_per_node 1 -m cli.main $TRARGS -o "$WORK/tr_ddp" \
+  >"$WORK/tr_ddp.log" 2>&1; stamp "torchrun rc $?"
+for r in one two; do
+  timeout 150 $PY -m cli.main $TRARGS -o "$WORK/tr_$r" >"$WORK/tr_$r.log" 2>&1; stamp "plain $r rc $?"
+done
 $PY - "$WORK" "$OUT/gpu_torchrun.json" <<'EOF'
 import json, sys
 from pathlib import Path
@@ -141,7 +119,44 @@ json.dump(res, open(sys.argv[2], "w"), indent=1)
 print({k: v for k, v in res.items() if "_vs_" in k})
 EOF
 
-stamp "waiting for tests and target"
-wait $TESTS_PID; tail -25 "$OUT/gpu_tests.log" | tee -a "$LOG"
-wait $TARGET_PID; cp "$WORK/target.log" "$OUT/gpu_target.log"; tail -22 "$WORK/target.log"
+fi
+
+if want demo; then
+stamp "demo bf16 / fp32"
+for prec in bf16 fp32; do
+  s=$(date +%s)
+  timeout 240 $PY -m cli.main demo -o "$WORK/demo_$prec" --device $DEV --precision $prec $DEMO_ARGS >"$WORK/demo_$prec.log" 2>&1
+  echo "demo $prec rc $? in $(( $(date +%s) - s )) s" | tee -a "$LOG"
+done
+$PY - "$WORK" "$OUT/gpu_demo_precision.json" <<'EOF'
+import json, sys
+from pathlib import Path
+res = {"command": "python -m cli.main demo -o DIR --device cuda --precision {bf16,fp32} (gpu_check.sh, alone)"}
+for p in ("bf16", "fp32"):
+    f = Path(sys.argv[1]) / f"demo_{p}" / "metrics.json"
+    if f.is_file():
+        m = json.loads(f.read_text()); m.pop("config", None); res[p] = m
+    else:
+        res[p] = {"error": (Path(sys.argv[1]) / f"demo_{p}.log").read_text()[-3000:]}
+json.dump(res, open(sys.argv[2], "w"), indent=1, default=float)
+for p in ("bf16", "fp32"):
+    m = res[p]
+    print(p, {k: m.get(k) for k in ("median_rotation_error_deg", "median_shift_error_px", "clustering_error", "wall_s")})
+EOF
+fi
+
+if want target; then
+stamp "target"
+( timeout 400 $PY benchmarks/target_run.py --n $TARGET_N --box $TARGET_BOX --snr 0.1 --shift-px 4 --mix 0.9 0.1 \
+    --minutes "$TARGET_MIN" --eval 0 --threads 6 --device $DEV --out-dir "$WORK/target20k" \
+    --out "$OUT/gpu_target_n20000.json" >"$WORK/target.log" 2>&1; echo "target rc $?" >>"$WORK/target.log" )
+  cp "$WORK/target.log" "$OUT/gpu_target.log"; tail -22 "$WORK/target.log"
+fi
+
+if want tests; then
+stamp "tests"
+( OMP_NUM_THREADS=2 CRYOFIRE_DEVICE=$DEV timeout 330 $PY -m pytest -q -n 4 -p no:cacheprovider -rfEs --timeout 240 $TEST_ARGS \
+    >"$OUT/gpu_tests.log" 2>&1; echo "pytest rc $?" >>"$OUT/gpu_tests.log" )
+  tail -25 "$OUT/gpu_tests.log" | tee -a "$LOG"
+fi
 stamp "done"
