@@ -149,6 +149,7 @@ def atomic_path(path: str | os.PathLike, force: bool = False) -> Iterator[Path]:
     is removed and `path` is left untouched; an I/O failure is raised as an OSError naming `path`.
     """
     path = check_writable(path, force)
+    check_output_folder(path.parent)
     tmp_path = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
