@@ -195,7 +195,7 @@ class MrcImages:
             if hi[k] >= info.n or lo[k] < 0:
                 bad = int(hi[k]) if hi[k] >= info.n else int(lo[k])
                 row = int(np.nonzero((self.file_of == k) & (self.indices == bad))[0][0])
-                raise InputError(f"{info.path}: particle {row} asks for image {bad + 1} (1-based) but the stack "
+                raise InputError(f"{info.path}: particle {row + 1} (1-based) asks for image {bad + 1} (1-based) but the stack "
                                  f"holds {info.n} images (index beyond the stack)")
         return int(first.nx)
 

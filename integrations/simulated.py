@@ -21,7 +21,7 @@ import mrcfile
 import numpy as np
 
 from cryofire_ext import __version__
-from cryofire_ext.errors import InputError
+from cryofire_ext.errors import InputError, brief
 from cryofire_ext.images import write_mrc
 from cryofire_ext.particles import ParticleStack
 from cryofire_ext.phantom import phantom_maps
@@ -114,7 +114,7 @@ def load_truth(path) -> dict:
     except FileNotFoundError as exc:
         raise InputError(f"{path}: truth file not found") from exc
     except Exception as exc:
-        raise InputError(f"{path}: not a readable .npz truth file ({exc})") from exc
+        raise InputError(f"{path}: not a readable .npz truth file ({brief(exc)})") from None
     if str(data.get("format", "")) != TRUTH_FORMAT:
         raise InputError(f"{path}: not a cryofire-ext simulated truth file (field 'format' is missing or different)")
     if int(data["version"]) > TRUTH_VERSION:

@@ -29,7 +29,7 @@ import numpy as np
 from cryosparc.dataset import Dataset
 
 from cryofire_ext.ctf import CTFParams, check_ctf_values, check_pixel_size
-from cryofire_ext.errors import InputError
+from cryofire_ext.errors import InputError, MissingImagesError, brief
 from cryofire_ext.images import MrcImages
 from cryofire_ext.particles import ParticleStack
 from cryofire_ext.poses import cryosparc_pose_to_matrix
@@ -51,7 +51,7 @@ def load_dataset(path: str | os.PathLike) -> Dataset:
     try:
         return Dataset.load(str(path))
     except Exception as exc:  # numpy/cryosparc raise many kinds for a bad file
-        raise InputError(f"{path}: not a readable cryoSPARC .cs file ({type(exc).__name__}: {exc})") from exc
+        raise InputError(f"{path}: not a readable cryoSPARC .cs file ({brief(exc)})") from None
 
 
 _JOB_FILE = re.compile(r"^(?:cryosparc_)?(?:(P\d+)_)?(J\d+)_(?:\d+_)?(.+)\.cs$")
@@ -287,7 +287,7 @@ def stack_from_dataset(dset: Dataset, datadir=None, require_images: bool = False
         msg = (f"{source}: {len(missing_stacks)} of {len(unique)} particle stacks not found (first: blob/path "
                f"'{raw}', tried {where})")
         if require_images:
-            raise InputError(msg + ". Pass --datadir with the cryoSPARC project folder that holds them.")
+            raise MissingImagesError(msg + ". Pass --datadir with the cryoSPARC project folder that holds them.")
         log.warning("%s; reading metadata only.", msg)
     else:
         images = MrcImages(names_paths, idx)

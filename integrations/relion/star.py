@@ -25,7 +25,7 @@ import pandas as pd
 import starfile
 
 from cryofire_ext.ctf import CTFParams, check_ctf_values, check_pixel_size
-from cryofire_ext.errors import InputError
+from cryofire_ext.errors import InputError, MissingImagesError
 from cryofire_ext.images import MrcImages
 from cryofire_ext.particles import ParticleStack
 from cryofire_ext.poses import relion_euler_to_matrix
@@ -412,7 +412,7 @@ def read_star(path, datadir=None, require_images: bool = False, *, pixel_size_A:
         msg = (f"{path}: {len(missing)} of {len(uniq_stacks)} particle stacks not found (first: rlnImageName stack "
                f"'{name}', tried {', '.join(map(str, tried))})")
         if require_images:
-            raise InputError(msg + ". Pass --datadir with the folder (RELION project) that holds them.")
+            raise MissingImagesError(msg + ". Pass --datadir with the folder (RELION project) that holds them.")
         log.warning("%s; reading metadata only.", msg)
     elif n:
         images = MrcImages(where_each, number - 1)
