@@ -12,6 +12,7 @@ import sys
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.markup import escape
 
 from cryofire_ext import __version__
 from cryofire_ext.errors import InputError
@@ -54,10 +55,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         rc = app(args=argv, prog_name="cryofire", standalone_mode=False)
     except InputError as exc:
-        err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         return 2
     except OSError as exc:
-        err_console.print(f"[bold red]error:[/] {describe_os_error(exc)}", highlight=False, soft_wrap=True)
+        err_console.print(f"[bold red]error:[/] {escape(describe_os_error(exc))}", highlight=False, soft_wrap=True)
         return 2
     except typer.Abort:
         err_console.print("aborted")
