@@ -238,7 +238,7 @@ class FolderLock:
             elif isinstance(pid, int) and self._alive(pid):
                 raise InputError(f"{self.folder}: another {self.what} (pid {pid}, started "
                                  f"{holder.get('started', '?')}) is using this folder; wait for it to finish or "
-                                 "choose another output folder.")
+                                 f"choose another output folder. If pid {pid} is not cryofire, delete {self.path}.")
             log.warning("%s: taking over a stale lock left by pid %s on %s (that process is gone)",
                         self.folder, pid, host)
             with contextlib.suppress(FileNotFoundError):
