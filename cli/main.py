@@ -12,6 +12,7 @@ import sys
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.markup import escape
 
 from cryofire_ext import __version__
 from cryofire_ext.errors import InputError
@@ -46,11 +47,18 @@ _register_all()
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the app; an InputError prints one paragraph to stderr and exits with status 2."""
+    """Run the app; an InputError prints one paragraph to stderr and exits with status 2, and so does an
+    OSError (an output folder that is read-only or a file, a full disk): the path and what happened, no
+    traceback (writes are atomic, so earlier files are kept)."""
+    from cryofire_ext.safe_io import describe_os_error
+
     try:
         rc = app(args=argv, prog_name="cryofire", standalone_mode=False)
     except InputError as exc:
-        err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
+        return 2
+    except OSError as exc:
+        err_console.print(f"[bold red]error:[/] {escape(describe_os_error(exc))}", highlight=False, soft_wrap=True)
         return 2
     except typer.Abort:
         err_console.print("aborted")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 from pathlib import Path
@@ -13,8 +14,10 @@ import typer
 log = logging.getLogger("cryofire")
 
 
+@contextlib.contextmanager
 def _progress():
-    """A rich progress bar and an `on_progress` callback feeding it."""
+    """A rich progress bar, shown from the first training step on (an error before it prints no bar), and the
+    `on_progress` callback feeding it."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from cli.main import err_console
@@ -22,18 +25,25 @@ def _progress():
     prog = Progress(TextColumn("epoch {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(),
                     TextColumn("loss {task.fields[loss]:.4f}"), TimeElapsedColumn(), console=err_console,
                     transient=False)
-    task = prog.add_task("train", total=None, epoch=0, loss=float("nan"))
+    tasks: list = []
 
     def on_progress(rec: dict) -> None:
-        prog.update(task, total=rec["batches"], completed=rec["batch"] + 1, epoch=f"{rec['epoch'] + 1}/{rec['epochs']}",
-                    loss=rec["loss"])
+        if not tasks:
+            prog.start()
+            tasks.append(prog.add_task("train", total=rec["batches"], epoch="", loss=rec["loss"]))
+        prog.update(tasks[0], total=rec["batches"], completed=rec["batch"] + 1,
+                    epoch=f"{rec['epoch'] + 1}/{rec['epochs']}", loss=rec["loss"])
 
-    return prog, on_progress
+    try:
+        yield on_progress
+    finally:
+        if tasks:
+            prog.stop()
 
 
 def _log_file(path: Path) -> logging.Handler:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(path)
+    """train.log in the run folder, opened at the first record (a command refused early writes none)."""
+    handler = logging.FileHandler(path, delay=True)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     handler.setLevel(logging.INFO)
     logging.getLogger().addHandler(handler)
@@ -70,6 +80,7 @@ def register(app: typer.Typer) -> None:
         force: bool = typer.Option(False, "--force", help="Overwrite existing exports in --out."),
     ) -> None:
         """Train cryoFIRE on particles with no poses; write poses, z, maps and STAR/.cs files into --out."""
+        from cryofire_ext.safe_io import check_output_folder
         from cryofire_ext.train.config import TrainConfig
         from integrations.job import run_training_job
 
@@ -80,10 +91,10 @@ def register(app: typer.Typer) -> None:
                      "seed": seed, "device": device, "precision": precision, "train_box": train_box, "warm_start": warm_start,
                      "warm_classes": warm_classes, "polish_rounds": polish_rounds}
         cfg = TrainConfig.from_dict({**cfg.to_dict(), **{k: v for k, v in overrides.items() if v is not None}})
+        check_output_folder(out)
         handler = _log_file(out / "train.log")
-        prog, on_progress = _progress()
         try:
-            with prog:
+            with _progress() as on_progress:
                 job = run_training_job(particles, out, cfg, datadir=datadir, resume=resume, force=force,
                                        argv=["cryofire", *sys.argv[1:]], on_progress=on_progress)
         finally:
@@ -105,15 +116,10 @@ def register(app: typer.Typer) -> None:
         device: Optional[str] = typer.Option(None, "--device", help="auto, cpu or cuda (default: the run's)."),
     ) -> None:
         """Run a trained model over any particles (new images included): predictions, STAR, .cs and maps."""
-        from integrations.job import OUTPUT_FILES, export_run, load_particles
-        from cryofire_ext.safe_io import check_writable
+        from integrations.job import predict_job
 
-        for name in OUTPUT_FILES[:3]:
-            check_writable(out / name, force)
-        stack = load_particles(particles, datadir)
-        out.mkdir(parents=True, exist_ok=True)
-        job = export_run(run, stack, force=force, n_clusters=clusters, out_dir=out, polish_rounds=polish_rounds,
-                         device=device)
+        job = predict_job(run, particles, out, datadir=datadir, force=force, n_clusters=clusters,
+                          polish_rounds=polish_rounds, device=device)
         typer.echo(f"wrote {job.predictions}, {job.particles_star}, {job.particles_cs}")
 
     @app.command("demo")
@@ -128,13 +134,14 @@ def register(app: typer.Typer) -> None:
         force: bool = typer.Option(False, "--force", help="Overwrite existing outputs."),
     ) -> None:
         """Simulate the bundled two-state phantom, train, predict, export, and score against the truth."""
+        from cryofire_ext.safe_io import check_output_folder
         from integrations.job import DemoSettings, run_demo
 
         extra = {k: v for k, v in (("epochs", epochs), ("device", device), ("precision", precision)) if v is not None}
+        check_output_folder(out)
         handler = _log_file(out / "train.log")
-        prog, on_progress = _progress()
         try:
-            with prog:
+            with _progress() as on_progress:
                 m = run_demo(out, DemoSettings(n=n, snr=snr, seed=seed, config=extra), force=force,
                              on_progress=on_progress, argv=["cryofire", *sys.argv[1:]])
         finally:

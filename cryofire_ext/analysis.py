@@ -20,7 +20,7 @@ from typing import Protocol, Sequence
 
 import numpy as np
 
-from cryofire_ext.errors import InputError
+from cryofire_ext.errors import InputError, brief
 from cryofire_ext.images import write_mrc
 from cryofire_ext.results import Predictions
 from cryofire_ext.safe_io import atomic_path
@@ -261,8 +261,8 @@ def load_clustering(path: str | os.PathLike) -> tuple[Clustering, np.ndarray]:
         with np.load(path, allow_pickle=False) as npz:
             header = json.loads(str(npz["header"]))
             arr = {k: npz[k] for k in ("ids", "labels", "centres", "centre_particles", "kmeans_labels", "gmm_labels")}
-    except (KeyError, ValueError, OSError) as exc:
-        raise InputError(f"{path}: not a cryofire clusters file ({exc})") from exc
+    except Exception as exc:  # zip, npy, JSON and key errors of a damaged or foreign file
+        raise InputError(f"{path}: not a cryofire clusters file ({brief(exc)})") from None
     if header.get("format") != CLUSTERS_FORMAT or header.get("version", 0) > CLUSTERS_VERSION:
         raise InputError(f"{path}: format {header.get('format')} v{header.get('version')} is not "
                          f"{CLUSTERS_FORMAT} v<={CLUSTERS_VERSION}")

@@ -89,6 +89,55 @@ class CTFParams:
                                                     amplitude_contrast, phase_shift_rad, bfactor_A2, scale)))
 
 
+#: Sane ranges of the CTF values (internal units, which are also the STAR/.cs units): anything outside,
+#: and anything not finite, is refused by `check_ctf_values`. Angles are only required to be finite.
+CTF_RANGES = {
+    "defocus_u_A": (-1e6, 1e6, "a defocus in Angstrom (|value| <= 1e6, i.e. 100 um)"),
+    "defocus_v_A": (-1e6, 1e6, "a defocus in Angstrom (|value| <= 1e6, i.e. 100 um)"),
+    "defocus_angle_rad": (-1e4, 1e4, "a finite astigmatism angle"),
+    "voltage_kv": (1.0, 3000.0, "an accelerating voltage from 1 to 3000 kV"),
+    "cs_mm": (-100.0, 100.0, "a spherical aberration from -100 to 100 mm"),
+    "amplitude_contrast": (0.0, 1.0, "an amplitude contrast from 0 to 1"),
+    "phase_shift_rad": (-1e4, 1e4, "a finite phase shift"),
+    "bfactor_A2": (-1e4, 1e5, "a B-factor from -1e4 to 1e5 A^2"),
+    "scale": (1e-6, 1e3, "a positive CTF scale factor up to 1000"),
+}
+#: Pixel sizes outside this range (Angstrom) are refused as absurd.
+PIXEL_SIZE_RANGE_A = (1e-3, 1e3)
+
+
+def _out_of_range(values: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    values = np.asarray(values, dtype=np.float64)
+    return ~((values >= lo) & (values <= hi))  # NaN is out of range too
+
+
+def check_ctf_values(ctf: "CTFParams", where) -> None:
+    """InputError for the first particle whose CTF value is not finite or is absurd (see `CTF_RANGES`).
+
+    `where(field, i)` -> text naming that value in the file (e.g. "particles.star: row 5 of data_particles
+    has rlnDefocusU = 'inf'"), for the CTFParams field name and the 0-based particle index; readers of
+    every format share these limits through this one function.
+    """
+    for name, (lo, hi, expected) in CTF_RANGES.items():
+        bad = _out_of_range(getattr(ctf, name), lo, hi)
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
+            more = f" ({int(bad.sum())} particles in all)" if bad.sum() > 1 else ""
+            raise InputError(f"{where(name, i)}{more}; expected {expected}")
+
+
+def check_pixel_size(values, where) -> None:
+    """InputError for the first pixel size (Angstrom) that is not finite or outside `PIXEL_SIZE_RANGE_A`.
+
+    `values` one value or `(n,)`; `where(i)` names value `i` in the file (see `check_ctf_values`).
+    """
+    lo, hi = PIXEL_SIZE_RANGE_A
+    bad = _out_of_range(np.atleast_1d(values), lo, hi)
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise InputError(f"{where(i)}; expected a pixel size from {lo:g} to {hi:g} A")
+
+
 def electron_wavelength_A(voltage_kv) -> np.ndarray:
     """Relativistic electron wavelength in Angstrom for an accelerating voltage in kV (RELION's constant)."""
     v = np.asarray(voltage_kv, dtype=np.float64) * 1e3

@@ -79,6 +79,13 @@ class StackInfo:
     dtype: np.dtype
     offset: int
     voxel_size_A: float | None
+    ispg: int = 0
+
+    @property
+    def is_volume(self) -> bool:
+        """The header says one 3D map: a cube whose space group is a volume's (not 0, not a volume stack),
+        as mrcfile's `is_volume()` decides from the same header."""
+        return self.ispg != 0 and not 401 <= self.ispg <= 630 and self.n == self.ny == self.nx and self.n > 1
 
 
 def stack_info(path: str | os.PathLike) -> StackInfo:
@@ -116,7 +123,17 @@ def stack_info(path: str | os.PathLike) -> StackInfo:
                          f"needs {expected}; the stack is truncated (only {held} complete images)")
     mx = int(header.mx)
     voxel = float(header.cella.x) / mx if mx > 0 else 0.0
-    return StackInfo(str(path), nz, ny, nx, dtype, offset, voxel if voxel > 0 else None)
+    return StackInfo(str(path), nz, ny, nx, dtype, offset, voxel if voxel > 0 else None, int(header.ispg))
+
+
+def check_not_volume(info: StackInfo) -> None:
+    """InputError when a `.mrc`/`.map` file given as particles is a 3D map by its header (`.mrcs` files are
+    stacks by name, whatever their space group: RELION writes them with ispg 1)."""
+    if info.is_volume and Path(info.path).suffix.lower() in (".mrc", ".map"):
+        raise InputError(f"{info.path}: the header says this is a 3D map (space group {info.ispg}, "
+                         f"{info.nx}x{info.ny}x{info.n} voxels), not a stack of "
+                         "particle images. Give the particles (.mrcs/.star/.cs); if this file really is an image "
+                         "stack, name it .mrcs (or set its space group to 0).")
 
 
 def open_stack(path: str | os.PathLike, info: StackInfo | None = None) -> np.ndarray:
@@ -153,7 +170,9 @@ class MrcImages:
         """Every image of each stack, in file order then image order."""
         paths, indices = [], []
         for stack in stacks:
-            n = stack_info(stack).n
+            info = stack_info(stack)
+            check_not_volume(info)
+            n = info.n
             paths.extend([str(stack)] * n)
             indices.append(np.arange(n))
         return cls(paths, np.concatenate(indices) if indices else np.zeros(0, dtype=np.int64), **kwargs)
@@ -176,7 +195,7 @@ class MrcImages:
             if hi[k] >= info.n or lo[k] < 0:
                 bad = int(hi[k]) if hi[k] >= info.n else int(lo[k])
                 row = int(np.nonzero((self.file_of == k) & (self.indices == bad))[0][0])
-                raise InputError(f"{info.path}: particle {row} asks for image {bad + 1} (1-based) but the stack "
+                raise InputError(f"{info.path}: particle {row + 1} (1-based) asks for image {bad + 1} (1-based) but the stack "
                                  f"holds {info.n} images (index beyond the stack)")
         return int(first.nx)
 

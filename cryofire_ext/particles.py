@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from cryofire_ext.ctf import CTFParams
-from cryofire_ext.errors import InputError
+from cryofire_ext.errors import InputError, MissingImagesError
 from cryofire_ext.images import ImageSource
 
 
@@ -87,7 +87,7 @@ class ParticleStack:
         if self.images is None:
             listed = ", ".join(self.missing_stacks[:5]) or "(none named)"
             more = f" and {len(self.missing_stacks) - 5} more" if len(self.missing_stacks) > 5 else ""
-            raise InputError(f"the particle images are not available: missing stack files {listed}{more}. "
+            raise MissingImagesError(f"the particle images are not available: missing stack files {listed}{more}. "
                              "Pass --datadir with the folder that holds them.")
         return self.images
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cryofire_ext.errors import InputError
+from cryofire_ext.errors import InputError, brief
 from cryofire_ext.safe_io import atomic_path
 
 FORMAT = "cryofire-predictions"
@@ -62,8 +62,8 @@ class Predictions:
             with np.load(path, allow_pickle=False) as npz:
                 header = json.loads(str(npz["header"]))
                 arrays = {k: npz[k] for k in ("ids", "A", "shifts_A", "z", "loss")}
-        except (KeyError, ValueError, OSError) as exc:
-            raise InputError(f"{path}: not a cryofire predictions file ({exc})") from exc
+        except Exception as exc:  # zip, npy, JSON and key errors of a damaged or foreign file
+            raise InputError(f"{path}: not a cryofire predictions file ({brief(exc)})") from None
         if header.get("format") != FORMAT or header.get("version", 0) > FORMAT_VERSION:
             raise InputError(f"{path}: format {header.get('format')} v{header.get('version')} is not "
                              f"{FORMAT} v<={FORMAT_VERSION}")

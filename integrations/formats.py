@@ -79,6 +79,31 @@ def read_particles(path, datadir=None, require_images: bool = False) -> Particle
     return read_image_stack(path)
 
 
+def input_files(source, stack: ParticleStack | None = None, twins: bool = True) -> list[Path]:
+    """The files a command reads for its particles, which no output may replace: the metadata file, the
+    cryoSPARC passthrough joined to it, the image stacks and (`twins`) the same-named `.star`/`.cs` beside it
+    (the other half of a dataset written in both formats, e.g. by `cryofire simulate`)."""
+    files: list[Path] = []
+    if source is not None and not isinstance(source, ParticleStack):
+        files.append(Path(source))
+    passthrough = getattr(stack, "passthrough", None)
+    star_path = getattr(passthrough, "star_path", None)  # RelionTables
+    if star_path is not None:
+        files.append(Path(star_path))
+    for meta in list(files):
+        if meta.suffix.lower() == ".cs":
+            from integrations.cryosparc.cs import find_passthrough
+
+            pt = find_passthrough(meta)
+            if pt is not None:
+                files.append(pt)
+        if twins and meta.suffix.lower() in WRITE_SUFFIXES:
+            files += [meta.with_suffix(s) for s in WRITE_SUFFIXES if meta.with_suffix(s).exists()]
+    images = getattr(stack, "images", None)
+    files += [Path(p) for p in getattr(images, "unique_paths", [])]
+    return files
+
+
 def write_particles(stack: ParticleStack, path, z=None, force: bool = False) -> Path:
     """Write `stack` (and latent coordinates `z` `(n, d)`) as `.star` (RELION 3.1) or `.cs` (cryoSPARC) by suffix."""
     path = Path(path)
@@ -98,11 +123,14 @@ def convert_particles(src, dst, datadir=None, force: bool = False) -> tuple[Part
     Absent stacks are not an error here (exports often travel without them): they are logged and
     listed in `stack.missing_stacks`. The output is checked before reading so a refused overwrite costs nothing.
     """
+    from cryofire_ext.safe_io import check_not_inputs, check_writable
+
     src, dst = Path(src), Path(dst)
     _suffix(dst, WRITE_SUFFIXES, "writing")
-    if dst.exists() and not force:
-        raise InputError(f"{dst}: the output exists already. Choose another name or pass --force to overwrite it.")
+    check_not_inputs([dst], [src])
+    check_writable(dst, force)
     stack = read_particles(src, datadir=datadir, require_images=False)
+    check_not_inputs([dst], input_files(src, stack, twins=False))
     return stack, write_particles(stack, dst, force=force)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,13 +41,18 @@ class JobOutputs:
 
 
 def load_particles(particles, datadir=None) -> ParticleStack:
-    """A ParticleStack from a path (.star/.cs/.mrcs/.mrc/.txt) or as given; images required."""
+    """A ParticleStack from a path (.star/.cs/.mrcs/.mrc/.txt) or as given; images required, at least one particle."""
     if isinstance(particles, ParticleStack):
+        if len(particles) == 0:
+            raise InputError("no particles: the particle set is empty")
         particles.require_images()
         return particles
     from integrations.formats import read_particles
 
     stack = read_particles(particles, datadir=datadir, require_images=True)
+    if len(stack) == 0:
+        raise InputError(f"{particles}: the file has no particles (its particle table has no rows); expected at "
+                         "least one particle to train on or predict")
     if stack.ctf is not None and np.all(stack.ctf.defocus_u_A == 0) and np.all(stack.ctf.cs_mm == 0):
         log.warning("%s carries no CTF (bare image stack): training treats the images as CTF-free "
                     "(CTF = 1); give a STAR or .cs file to model the CTF", particles)
@@ -62,15 +68,29 @@ def run_training_job(particles, out_dir, config: TrainConfig, *, datadir=None,
     Refuses (before training) to overwrite existing exports unless `force` or `resume`.
     `n_clusters`: clusters of z for the maps (None: chosen by BIC, at most 10).
     """
-    from cryofire_ext.train.trainer import train
+    from integrations.run_folder import run_folder
 
     out = Path(out_dir)
     check_runtime(config)
-    stack = load_particles(particles, datadir)
     overwrite = force or resume
     for name in OUTPUT_FILES:
         check_writable(out / name, overwrite)
-    out.mkdir(parents=True, exist_ok=True)
+    if int(os.environ.get("RANK", "0")) != 0:  # torchrun: rank 0 holds the folder for the whole world
+        return _train_and_export(particles, out, config, datadir, should_stop, overwrite, argv, on_progress, resume,
+                                 n_clusters)
+    with run_folder(out, what="cryofire run"):
+        return _train_and_export(particles, out, config, datadir, should_stop, overwrite, argv, on_progress, resume,
+                                 n_clusters)
+
+
+def _train_and_export(particles, out: Path, config, datadir, should_stop, overwrite, argv, on_progress, resume,
+                      n_clusters) -> JobOutputs:
+    from cryofire_ext.train.trainer import train
+    from integrations.formats import input_files
+    from integrations.run_folder import check_inputs_kept
+
+    stack = load_particles(particles, datadir)
+    check_inputs_kept(out, input_files(particles, stack))
     train(stack, out, config, resume=resume, should_stop=should_stop, on_progress=on_progress, argv=argv)
     import torch.distributed as dist
 
@@ -86,6 +106,23 @@ def check_runtime(config: TrainConfig) -> None:
     from cryofire_ext.train.trainer import training_autocast
 
     training_autocast(config.precision, resolve_device(config.device))
+
+
+def predict_job(run_dir, particles, out_dir, *, datadir=None, force: bool = False, n_clusters: int | None = None,
+                polish_rounds: int | None = None, device: str | None = None) -> JobOutputs:
+    """`cryofire predict`: the run in `run_dir` over `particles` (path or stack), exported into `out_dir`
+    (locked while written; nothing left there when it fails; never over an input file)."""
+    from integrations.formats import input_files
+    from integrations.run_folder import check_inputs_kept, run_folder
+
+    out = Path(out_dir)
+    for name in OUTPUT_FILES[:3]:
+        check_writable(out / name, force)
+    with run_folder(out, what="cryofire predict", resumable=()):
+        stack = load_particles(particles, datadir)
+        check_inputs_kept(out, input_files(particles, stack))
+        return export_run(run_dir, stack, force=force, n_clusters=n_clusters, out_dir=out,
+                          polish_rounds=polish_rounds, device=device)
 
 
 def export_run(run_dir, stack: ParticleStack, *, force: bool = False, n_clusters: int | None = None,

@@ -21,11 +21,12 @@ import mrcfile
 import numpy as np
 
 from cryofire_ext import __version__
-from cryofire_ext.errors import InputError
+from cryofire_ext.ctf import check_pixel_size
+from cryofire_ext.errors import InputError, brief
 from cryofire_ext.images import write_mrc
 from cryofire_ext.particles import ParticleStack
 from cryofire_ext.phantom import phantom_maps
-from cryofire_ext.safe_io import atomic_path, check_writable
+from cryofire_ext.safe_io import atomic_path, check_output_folder, check_writable
 from cryofire_ext.simulate import STACK_NAME, SimulatedDataset, check_maps, simulate, simulate_states
 from integrations.cryosparc import write_cs
 from integrations.relion import write_star
@@ -81,7 +82,7 @@ def write_dataset(ds: SimulatedDataset, out_dir, *, map_names: list[str] | None 
 
     Returns the paths by role: images, star, cs, truth, maps (list).
     """
-    out = Path(out_dir)
+    out = check_output_folder(out_dir)
     K = ds.maps.shape[0]
     map_files = check_outputs(out, K, force)
     out.mkdir(parents=True, exist_ok=True)
@@ -114,7 +115,7 @@ def load_truth(path) -> dict:
     except FileNotFoundError as exc:
         raise InputError(f"{path}: truth file not found") from exc
     except Exception as exc:
-        raise InputError(f"{path}: not a readable .npz truth file ({exc})") from exc
+        raise InputError(f"{path}: not a readable .npz truth file ({brief(exc)})") from None
     if str(data.get("format", "")) != TRUTH_FORMAT:
         raise InputError(f"{path}: not a cryofire-ext simulated truth file (field 'format' is missing or different)")
     if int(data["version"]) > TRUTH_VERSION:
@@ -170,6 +171,8 @@ def run_simulate(cfg: SimulateConfig) -> dict[str, Path]:
                 raise InputError(f"--states {cfg.states} makes states from ONE map; got {len(maps)} maps")
             maps = simulate_states(maps[0], cfg.states)
             names = names * cfg.states
+    check_pixel_size(apix, lambda i: f"pixel size {apix:g} A (from --apix or the map header)")
+    check_output_folder(cfg.out_dir)
     check_outputs(cfg.out_dir, len(maps), cfg.force)  # before the (slow) simulation
     ds = simulate(maps, cfg.n, mix=cfg.mix, snr=cfg.snr, shift_px=cfg.shift_px, defocus_um=cfg.defocus_um,
                   pixel_size_A=apix, seed=cfg.seed)

@@ -313,7 +313,7 @@ def test_stack_without_image_references_cannot_become_a_cs(tmp_path):
 
 
 @pytest.mark.parametrize("field, value, match", [
-    ("blob/shape", np.array([64, 64], dtype=np.uint32), r"row 2 field blob/shape is \[64, 64\].*one square box"),
+    ("blob/shape", np.array([64, 64], dtype=np.uint32), r"row 3 field blob/shape is \[64, 64\].*one square box"),
     ("blob/psize_A", np.float32(1.0), r"blob/psize_A holds several values \(1 to 2\.95\)"),
 ])
 def test_mixed_box_or_pixel_size_is_an_input_error(tmp_path, field, value, match):

@@ -166,7 +166,7 @@ def test_truncated_stack(tmp_path):
 
 def test_index_beyond_and_negative(tmp_path):
     path = write_mrc(tmp_path / "s.mrcs", rand((3, 8, 8)))
-    with pytest.raises(InputError, match=r"particle 1 asks for image 4 \(1-based\) but the stack holds 3 images"):
+    with pytest.raises(InputError, match=r"particle 2 \(1-based\) asks for image 4 \(1-based\) but the stack holds 3 images"):
         MrcImages([path, path], [0, 3])
     with pytest.raises(InputError, match="beyond the stack"):
         MrcImages([path], [-1])

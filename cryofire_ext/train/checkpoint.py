@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from cryofire_ext.errors import InputError
+from cryofire_ext.errors import InputError, brief
 from cryofire_ext.safe_io import atomic_path
 
 FORMAT = "cryofire-checkpoint"
@@ -30,8 +30,8 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # truncated, not a torch file, unsafe pickle content
-        raise InputError(f"{path}: unreadable checkpoint ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
-                         "it may be truncated or not written by cryofire") from exc
+        raise InputError(f"{path}: unreadable checkpoint ({brief(exc)}); "
+                         "it may be truncated or not written by cryofire") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise InputError(f"{path}: not a cryofire checkpoint")
     if state.get("format_version", 0) > FORMAT_VERSION:

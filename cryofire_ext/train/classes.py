@@ -278,7 +278,7 @@ CLASS_ROUNDS = 2
 
 @torch.no_grad()
 def refine_warm_map(warm: WarmMap, images: torch.Tensor, ctf_params: torch.Tensor, pixel_size_A: float, *,
-                    rounds: int, n_classes: int, max_shift_px: float, seed: int) -> WarmMap:
+                    rounds: int, n_classes: int, max_shift_px: float, seed: int, callback=None) -> WarmMap:
     """Projection-matching rounds that lift the coarse warm map to the training box, then classes.
 
     images `(n, B, B)` normalised at the training box; pixel_size_A of these images; max_shift_px
@@ -288,13 +288,15 @@ def refine_warm_map(warm: WarmMap, images: torch.Tensor, ctf_params: torch.Tenso
     `CLASS_ROUNDS` rounds search over (class, rotation, shift), and the class maps are turned into one
     frame (`frames.class_frames`). Deterministic given `seed`.
     Returns the maps (one per class) at the training box, on a `RECONSTRUCT_PAD` times finer Fourier grid, for
-    `search`.
+    `search`. `callback()` (if given) is called between rounds (it may raise to stop, e.g. on an abort request).
     """
     box = images.shape[-1]
+    step = callback or (lambda: None)
     A, t, _ = search(warm, images, ctf_params)
     shifts = shift_grid(max_shift_px).to(images.device)
     labels = torch.zeros(images.shape[0], dtype=torch.long, device=images.device)
     for r in range(rounds):
+        step()
         V = reconstruct_classes(images, ctf_params, A, t, labels, 1, pixel_size_A, pad=RECONSTRUCT_PAD)
         A, t, _ = search(WarmMap(V, warm.rotations, shifts, box, pixel_size_A, 1.0), images, ctf_params)
         log.info("refinement round %d/%d at %d px", r + 1, rounds, box)
@@ -302,6 +304,7 @@ def refine_warm_map(warm: WarmMap, images: torch.Tensor, ctf_params: torch.Tenso
     if n_classes > 1:
         labels = classify(images, ctf_params, A, t, n_classes, pixel_size_A, seed)
         for _ in range(CLASS_ROUNDS):
+            step()
             V = reconstruct_classes(images, ctf_params, A, t, labels, n_classes, pixel_size_A, pad=RECONSTRUCT_PAD)
             A, t, labels = search(WarmMap(V, warm.rotations, shifts, box, pixel_size_A, 1.0), images, ctf_params)
         K = n_classes

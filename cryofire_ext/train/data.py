@@ -51,7 +51,7 @@ def scan_stack(stack: ParticleStack, train_box: int, chunk: int = 512) -> StackS
             paths = getattr(images, "paths", None)
             if paths is not None:
                 where = f" in {paths[bad]} (image {int(images.indices[bad]) + 1}, 1-based)"
-            raise InputError(f"particle {stack.ids[bad]!r} (row {bad}){where} has NaN or infinite pixels; "
+            raise InputError(f"particle '{stack.ids[bad]}' (particle {bad + 1}, 1-based){where} has NaN or infinite pixels; "
                              "remove it or fix the stack before training")
         x = crop(torch.from_numpy(raw), train_box).double()
         s1 += float(x.sum())
@@ -99,7 +99,7 @@ class TrainingImages:
         raw = torch.from_numpy(self.source.read(np.asarray(indices)))
         if not torch.isfinite(raw).all():
             bad = int(np.asarray(indices)[int(torch.nonzero(~torch.isfinite(raw).flatten(1).all(1))[0])])
-            raise InputError(f"particle {self.ids[bad]!r} (row {bad}) has NaN or infinite pixels")
+            raise InputError(f"particle '{self.ids[bad]}' (particle {bad + 1}, 1-based) has NaN or infinite pixels")
         img = (crop(raw, self.box) - self.stats.mean) / self.stats.std
         return img.float(), self.ctf[torch.as_tensor(np.asarray(indices))]
 

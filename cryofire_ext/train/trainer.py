@@ -35,11 +35,13 @@ log = logging.getLogger(__name__)
 
 
 class TrainingStopped(Exception):
-    """Raised when `should_stop()` returned True; the state was checkpointed to `checkpoint` first."""
+    """Raised when `should_stop()` returned True; the state was checkpointed to `checkpoint` first
+    (None when the stop came during the warm start, before the first checkpoint)."""
 
-    def __init__(self, checkpoint: Path):
-        super().__init__(f"training stopped on request; state saved to {checkpoint}")
-        self.checkpoint = Path(checkpoint)
+    def __init__(self, checkpoint: Path | None):
+        super().__init__(f"training stopped on request; state saved to {checkpoint}" if checkpoint is not None
+                         else "training stopped on request during the warm start (no checkpoint yet)")
+        self.checkpoint = Path(checkpoint) if checkpoint is not None else None
 
 
 def training_box(config: TrainConfig, stack: ParticleStack) -> int:
@@ -135,7 +137,7 @@ def train(stack: ParticleStack, run_dir, config: TrainConfig, *, resume: bool = 
         if state is not None and "warm" in state:
             warm = WarmMap.from_state(state["warm"])
         else:
-            warm = _warm_start(config, data, stack, box, env.device)
+            warm = _warm_start(config, data, stack, box, env.device, should_stop)
     searched = SearchCache(warm, n, state.get("searched") if state else None) if warm is not None else None
     codes = class_targets(warm, config.zdim, env.device)
     net = distributed.wrap(model, env)
@@ -244,8 +246,16 @@ def train(stack: ParticleStack, run_dir, config: TrainConfig, *, resume: bool = 
 FEW_PARTICLES = 1000
 
 
-def _warm_start(config: TrainConfig, data: TrainingImages, stack: ParticleStack, box: int, device) -> WarmMap:
-    """Build the coarse map from `warm_images` images (deterministic in `config.seed`)."""
+def _warm_start(config: TrainConfig, data: TrainingImages, stack: ParticleStack, box: int, device,
+                should_stop: Callable[[], bool] | None = None) -> WarmMap:
+    """Build the coarse map from `warm_images` images (deterministic in `config.seed`); `should_stop` is polled
+    between its steps (TrainingStopped without a checkpoint when it returns True)."""
+
+    def poll(*_):
+        if should_stop is not None and should_stop():
+            raise TrainingStopped(None)
+
+    poll()
     n = len(stack)
     k = min(n, config.warm_images)
     if n < FEW_PARTICLES:
@@ -259,13 +269,15 @@ def _warm_start(config: TrainConfig, data: TrainingImages, stack: ParticleStack,
     warm = build_warm_map_online(crop(img, wb).to(device), ctf.to(device), stack.pixel_size_A * stack.box / wb,
                                  n_rotations=config.warm_rotations, steps=config.warm_steps,
                                  max_shift_px=config.warm_max_shift_px * wb / stack.box, seed=config.seed,
-                                 batch=config.warm_batch)
+                                 batch=config.warm_batch, callback=poll)
     log.info("warm start: coarse map from %d images at %d px in %.1f s", k, wb, time.monotonic() - t)
+    poll()
     if config.warm_rounds > 0:
         t = time.monotonic()
         warm = refine_warm_map(warm, img.to(device), ctf.to(device), stack.pixel_size_A * stack.box / box,
                                rounds=config.warm_rounds, n_classes=config.warm_classes if config.zdim else 1,
-                               max_shift_px=config.warm_max_shift_px * box / stack.box, seed=config.seed)
+                               max_shift_px=config.warm_max_shift_px * box / stack.box, seed=config.seed,
+                               callback=poll)
         log.info("warm start: %d refinement rounds and %d class(es) at %d px in %.1f s", config.warm_rounds,
                  warm.n_classes, box, time.monotonic() - t)
     return warm

@@ -28,8 +28,8 @@ from pathlib import Path
 import numpy as np
 from cryosparc.dataset import Dataset
 
-from cryofire_ext.ctf import CTFParams
-from cryofire_ext.errors import InputError
+from cryofire_ext.ctf import CTFParams, check_ctf_values, check_pixel_size
+from cryofire_ext.errors import InputError, MissingImagesError, brief
 from cryofire_ext.images import MrcImages
 from cryofire_ext.particles import ParticleStack
 from cryofire_ext.poses import cryosparc_pose_to_matrix
@@ -51,7 +51,7 @@ def load_dataset(path: str | os.PathLike) -> Dataset:
     try:
         return Dataset.load(str(path))
     except Exception as exc:  # numpy/cryosparc raise many kinds for a bad file
-        raise InputError(f"{path}: not a readable cryoSPARC .cs file ({type(exc).__name__}: {exc})") from exc
+        raise InputError(f"{path}: not a readable cryoSPARC .cs file ({brief(exc)})") from None
 
 
 _JOB_FILE = re.compile(r"^(?:cryosparc_)?(?:(P\d+)_)?(J\d+)_(?:\d+_)?(.+)\.cs$")
@@ -105,7 +105,7 @@ def join_passthrough(main: Dataset, passthrough: Dataset, main_path, passthrough
         bad = int(np.nonzero(~found)[0][0])
         raise InputError(
             f"{passthrough_path}: the passthrough file lacks {int((~found).sum())} of the {len(main_uid)} particles of "
-            f"{main_path} (first: row {bad}, uid {main_uid[bad]}); the two files must come from the same cryoSPARC "
+            f"{main_path} (first: row {bad + 1}, uid {main_uid[bad]}); the two files must come from the same cryoSPARC "
             "job output. Pass the matching passthrough file or none.")
     rows = order[pos]
     out = main.copy()
@@ -129,6 +129,36 @@ def _resolve(raw: str, datadir, cs_dir: Path) -> tuple[str | None, list[Path]]:
     return None, tried
 
 
+#: What cryoSPARC stores in the fields we read (named in the error when a file holds something else).
+FIELD_DTYPES = {"uid": "uint64", "blob/idx": "uint32", "blob/shape": "uint32 (2 values)", "blob/psize_A": "float32",
+                "ctf/exp_group_id": "uint32", "alignments3D/split": "uint32", "alignments3D/class": "uint32"}
+_KIND_WORDS = {"S": "bytes (text)", "U": "text", "O": "Python objects (text)", "V": "raw records", "M": "dates",
+               "m": "time spans", "c": "complex numbers"}
+
+
+def numeric_field(dset: Dataset, name: str, source, dtype=np.float64) -> np.ndarray:
+    """Field `name` as a `dtype` array; InputError naming the field when it holds text/bytes (expected
+    dtype said) or, for floats, a value that is not finite (row 1-based)."""
+    raw = np.asarray(dset[name])
+    if raw.dtype.kind not in "biuf":
+        expected = FIELD_DTYPES.get(name, "float32")
+        raise InputError(f"{source}: field {name} holds {_KIND_WORDS.get(raw.dtype.kind, str(raw.dtype))} "
+                         f"(dtype {raw.dtype.str}); expected numbers ({expected}). Re-export the particles from "
+                         "cryoSPARC or repair the field.")
+    if raw.dtype.kind == "f":
+        finite = np.isfinite(raw).reshape(len(raw), -1).all(axis=1) if len(raw) else np.ones(0, bool)
+        if not finite.all():
+            row = int(np.flatnonzero(~finite)[0])
+            raise InputError(f"{source}: row {row + 1} field {name} = {_show(raw[row])}; expected a finite number")
+    return raw.astype(dtype)
+
+
+def _show(value) -> str:
+    """A value as plain text (no numpy reprs such as np.float32(...))."""
+    value = np.asarray(value)
+    return str(value.tolist()) if value.ndim else f"{value.item()!s}"
+
+
 def _single_value(values: np.ndarray, what: str, path, rtol: float = 1e-4) -> float:
     values = np.asarray(values, dtype=np.float64)
     lo, hi = float(values.min()), float(values.max())
@@ -138,21 +168,23 @@ def _single_value(values: np.ndarray, what: str, path, rtol: float = 1e-4) -> fl
     return float(np.median(values))
 
 
-def _slot_poses(dset: Dataset, slot: str, blob_psize_A: float):
+def _slot_poses(dset: Dataset, slot: str, blob_psize_A: float, source="<dataset>"):
     """(A, shifts_A, subset, class_id) of one alignment slot (2D slots: in-plane angle about z)."""
     fields = set(dset.fields())
-    pose = np.asarray(dset[f"{slot}/pose"], dtype=np.float64)
+    pose = numeric_field(dset, f"{slot}/pose", source)
     if slot == "alignments2D":
         pose = np.stack([np.zeros_like(pose), np.zeros_like(pose), pose.reshape(-1)], axis=1)
     A = cryosparc_pose_to_matrix(pose)
-    psize = (np.asarray(dset[f"{slot}/psize_A"], dtype=np.float64) if f"{slot}/psize_A" in fields
+    psize = (numeric_field(dset, f"{slot}/psize_A", source) if f"{slot}/psize_A" in fields
              else np.full(len(dset), blob_psize_A))
+    if f"{slot}/psize_A" in fields:
+        check_pixel_size(psize, lambda i: f"{source}: row {i + 1} field {slot}/psize_A = {_show(psize[i])}")
     if f"{slot}/shift" in fields:
-        shifts_A = np.asarray(dset[f"{slot}/shift"], dtype=np.float64).reshape(-1, 2) * psize[:, None]
+        shifts_A = numeric_field(dset, f"{slot}/shift", source).reshape(-1, 2) * psize[:, None]
     else:
         shifts_A = np.zeros((len(dset), 2))
-    subset = np.asarray(dset[f"{slot}/split"], dtype=np.int64) if f"{slot}/split" in fields else None
-    class_id = np.asarray(dset[f"{slot}/class"], dtype=np.int64) if f"{slot}/class" in fields else None
+    subset = numeric_field(dset, f"{slot}/split", source, np.int64) if f"{slot}/split" in fields else None
+    class_id = numeric_field(dset, f"{slot}/class", source, np.int64) if f"{slot}/class" in fields else None
     return A, shifts_A, subset, class_id
 
 
@@ -162,11 +194,11 @@ def _poses(dset: Dataset, path, blob_psize_A: float):
     `class_posterior`), class_id = K; else alignments2D; else Nones."""
     fields = set(dset.fields())
     if "alignments3D/pose" in fields:
-        return _slot_poses(dset, "alignments3D", blob_psize_A)
+        return _slot_poses(dset, "alignments3D", blob_psize_A, path)
     classes = sorted(int(m.group(1)) for f in fields if (m := re.fullmatch(r"alignments_class_(\d+)/pose", f)))
     if classes and all(f"alignments_class_{k}/class_posterior" in fields for k in classes):
-        per_class = [_slot_poses(dset, f"alignments_class_{k}", blob_psize_A) for k in classes]
-        post = np.stack([np.asarray(dset[f"alignments_class_{k}/class_posterior"], dtype=np.float64) for k in classes])
+        per_class = [_slot_poses(dset, f"alignments_class_{k}", blob_psize_A, path) for k in classes]
+        post = np.stack([numeric_field(dset, f"alignments_class_{k}/class_posterior", path) for k in classes])
         best = np.argmax(post, axis=0)
         rows = np.arange(len(dset))
         A = np.stack([p[0] for p in per_class])[best, rows]
@@ -176,7 +208,7 @@ def _poses(dset: Dataset, path, blob_psize_A: float):
                  path, classes[0], classes[-1])
         return A, shifts_A, subset, np.asarray(classes, dtype=np.int64)[best]
     if "alignments2D/pose" in fields:
-        return _slot_poses(dset, "alignments2D", blob_psize_A)
+        return _slot_poses(dset, "alignments2D", blob_psize_A, path)
     return None, None, None, None
 
 
@@ -189,13 +221,19 @@ def _ctf(dset: Dataset, path) -> CTFParams:
     n = len(dset)
 
     def get(name, default):
-        return np.asarray(dset[name], dtype=np.float64) if name in fields else np.full(n, default)
+        return numeric_field(dset, name, path) if name in fields else np.full(n, default)
 
-    return CTFParams(defocus_u_A=get("ctf/df1_A", 0), defocus_v_A=get("ctf/df2_A", 0),
+    ctf = CTFParams(defocus_u_A=get("ctf/df1_A", 0), defocus_v_A=get("ctf/df2_A", 0),
                      defocus_angle_rad=get("ctf/df_angle_rad", 0), voltage_kv=get("ctf/accel_kv", 0),
                      cs_mm=get("ctf/cs_mm", 0), amplitude_contrast=get("ctf/amp_contrast", 0),
                      phase_shift_rad=get("ctf/phase_shift_rad", 0.0), bfactor_A2=get("ctf/bfactor", 0.0),
                      scale=get("ctf/scale", 1.0))
+    names = {"defocus_u_A": "ctf/df1_A", "defocus_v_A": "ctf/df2_A", "defocus_angle_rad": "ctf/df_angle_rad",
+             "voltage_kv": "ctf/accel_kv", "cs_mm": "ctf/cs_mm", "amplitude_contrast": "ctf/amp_contrast",
+             "phase_shift_rad": "ctf/phase_shift_rad", "bfactor_A2": "ctf/bfactor", "scale": "ctf/scale"}
+    check_ctf_values(ctf, lambda name, i: f"{path}: row {i + 1} field {names[name]} = "
+                                          f"{_show(dset[names[name]][i])}")
+    return ctf
 
 
 def stack_from_dataset(dset: Dataset, datadir=None, require_images: bool = False,
@@ -217,17 +255,19 @@ def stack_from_dataset(dset: Dataset, datadir=None, require_images: bool = False
         raise InputError(f"{source}: no particle image fields {', '.join(missing)} (the blob slot). A particle .cs "
                          "must say where each image is; if this is a job output, pass its *_passthrough_*.cs file "
                          "(passthrough=...) or export the particles from cryoSPARC.")
-    shape = np.asarray(dset["blob/shape"]).reshape(n, -1)
+    shape = numeric_field(dset, "blob/shape", source, np.int64).reshape(n, -1)
     if np.any(shape[:, 0] != shape[:, -1]) or np.any(shape != shape[0]):
         bad = int(np.nonzero(np.any(shape != shape[0], axis=1) | (shape[:, 0] != shape[:, -1]))[0][0])
-        raise InputError(f"{source}: row {bad} field blob/shape is {shape[bad].tolist()} but row 0 has "
+        raise InputError(f"{source}: row {bad + 1} field blob/shape is {shape[bad].tolist()} but row 1 has "
                          f"{shape[0].tolist()}; all particles must share one square box size.")
     box = int(shape[0, 0])
-    pixel_size_A = _single_value(dset["blob/psize_A"], "blob/psize_A", source)
+    psize = numeric_field(dset, "blob/psize_A", source)
+    check_pixel_size(psize, lambda i: f"{source}: row {i + 1} field blob/psize_A = {_show(psize[i])}")
+    pixel_size_A = _single_value(psize, "blob/psize_A", source)
 
     raw_paths = np.asarray([str(p) for p in dset["blob/path"]], dtype=object)
     raw_paths = np.asarray([p[1:] if p.startswith(">") else p for p in raw_paths], dtype=object)
-    idx = np.asarray(dset["blob/idx"], dtype=np.int64)
+    idx = numeric_field(dset, "blob/idx", source, np.int64)
     unique, inverse = np.unique(raw_paths.astype(str), return_inverse=True)
     resolved, missing_stacks, tried_first = [], [], None
     for raw in unique:
@@ -247,7 +287,7 @@ def stack_from_dataset(dset: Dataset, datadir=None, require_images: bool = False
         msg = (f"{source}: {len(missing_stacks)} of {len(unique)} particle stacks not found (first: blob/path "
                f"'{raw}', tried {where})")
         if require_images:
-            raise InputError(msg + ". Pass --datadir with the cryoSPARC project folder that holds them.")
+            raise MissingImagesError(msg + ". Pass --datadir with the cryoSPARC project folder that holds them.")
         log.warning("%s; reading metadata only.", msg)
     else:
         images = MrcImages(names_paths, idx)
@@ -256,9 +296,9 @@ def stack_from_dataset(dset: Dataset, datadir=None, require_images: bool = False
                              f"{images.box} px images.")
 
     A, shifts_A, subset, class_id = _poses(dset, source, pixel_size_A)
-    optics = (np.asarray(dset["ctf/exp_group_id"], dtype=np.int64) if "ctf/exp_group_id" in fields
+    optics = (numeric_field(dset, "ctf/exp_group_id", source, np.int64) if "ctf/exp_group_id" in fields
               else np.zeros(n, dtype=np.int64))
-    return ParticleStack(ids=np.asarray(dset["uid"]).astype(np.uint64).astype(str), pixel_size_A=pixel_size_A,
+    return ParticleStack(ids=numeric_field(dset, "uid", source, np.uint64).astype(str), pixel_size_A=pixel_size_A,
                          box=box, ctf=_ctf(dset, source), images=images, A=A, shifts_A=shifts_A, class_id=class_id,
                          subset=subset, optics_group=optics, source_rows=np.arange(n), passthrough=dset,
                          missing_stacks=missing_stacks, image_names=image_names)
@@ -287,7 +327,7 @@ def read_latents(path) -> np.ndarray:
     dset = load_dataset(path)
     cols = []
     while f"components_mode_{len(cols)}/value" in dset.fields():
-        cols.append(np.asarray(dset[f"components_mode_{len(cols)}/value"], dtype=np.float32))
+        cols.append(numeric_field(dset, f"components_mode_{len(cols)}/value", path, np.float32))
     if not cols:
         raise InputError(f"{path}: no components_mode_0/value field; the file holds no latent coordinates.")
     return np.stack(cols, axis=1)

@@ -71,7 +71,7 @@ def _image_refs(stack: ParticleStack) -> tuple[np.ndarray, np.ndarray]:
             names = np.asarray(stack.ids).astype(str)
         bad = [k for k, s in enumerate(names) if "@" not in s or not s.split("@", 1)[0].strip().isdigit()]
         if bad:
-            raise InputError(f"particle {bad[0]} (id '{stack.ids[bad[0]]}') has no image file reference (expected "
+            raise InputError(f"particle {bad[0] + 1} (1-based; id '{stack.ids[bad[0]]}') has no image file reference (expected "
                              "'N@path'); a cryoSPARC .cs needs blob/path and blob/idx for every particle.")
         split = [s.split("@", 1) for s in names]
         idx = np.asarray([int(a) - 1 for a, _ in split], dtype=np.int64)

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 import numpy as np
 
-from cryofire_ext.errors import InputError
+from cryofire_ext.errors import InputError, brief
 from cryofire_ext.poses import matrix_to_cryosparc_pose
 from cryofire_ext.results import Predictions
 
@@ -79,19 +79,35 @@ def connect_cryosparc(url: str | None = None, *, email: str | None = None, passw
     from cryosparc.auth import InstanceAuthSessions
     from cryosparc.tools import CryoSPARC
 
+    shown = mask_url(url)
     if not (email and password) and InstanceAuthSessions.load().find(url, email) is None:
-        raise InputError(f"cryoSPARC: no credentials for {url}. Set CRYOSPARC_EMAIL and CRYOSPARC_PASSWORD in "
+        raise InputError(f"cryoSPARC: no credentials for {shown}. Set CRYOSPARC_EMAIL and CRYOSPARC_PASSWORD in "
                          "the environment, or log in once with `python -m cryosparc.tools login --url "
-                         f"{url}` (cryosparc-tools saves a session token).")
+                         f"{shown}` (cryosparc-tools saves a session token).")
     try:
         return CryoSPARC(url, host=None, base_port=None, email=email, password=password)
     except Exception as exc:  # connection, version or authentication failure
-        text = _scrub(str(exc), password)
-        raise InputError(f"cryoSPARC: could not connect to {url} as {email or 'the saved session user'}: "
+        text = _scrub(str(exc), password, url)
+        raise InputError(f"cryoSPARC: could not connect to {shown} as {email or 'the saved session user'}: "
                          f"{' '.join(text.split())}") from None
 
 
-def _scrub(text: str, secret: str | None) -> str:
+def mask_url(url: str) -> str:
+    """`url` with any `user:password@` part replaced by `***@` (for messages and logs)."""
+    scheme, sep, rest = str(url).rpartition("://")
+    host_part, slash, path = rest.partition("/")
+    if "@" in host_part:
+        host_part = "***@" + host_part.rpartition("@")[2]
+    return f"{scheme}{sep}{host_part}{slash}{path}"
+
+
+def _scrub(text: str, secret: str | None, url: str | None = None) -> str:
+    """`text` without the password nor the credentials of `url` (in any spelling that contains them)."""
+    if url:
+        text = text.replace(str(url), mask_url(url))
+        userinfo = str(url).rpartition("://")[2].partition("/")[0].rpartition("@")[0]
+        for part in filter(None, (userinfo, *userinfo.split(":", 1)[1:])):
+            text = text.replace(part, "***")
     return text.replace(secret, "***") if secret else text
 
 
@@ -179,18 +195,21 @@ def export_cs(run_dir: str | os.PathLike, like: str | os.PathLike, out: str | os
     """
     from cryosparc.dataset import Dataset
 
-    from cryofire_ext.safe_io import atomic_path, check_writable
+    from cryofire_ext.safe_io import atomic_path, check_not_inputs, check_writable
+    from integrations.formats import input_files
 
-    check_writable(out, force)
     run_dir = Path(run_dir)
-    preds = Predictions.load(run_dir / "predictions.npz" if run_dir.is_dir() else run_dir)
+    pred_path = run_dir / "predictions.npz" if run_dir.is_dir() else run_dir
+    check_not_inputs([out, Path(out).with_suffix(".csg")], [pred_path, *input_files(like, twins=False)])
+    check_writable(out, force)
+    preds = Predictions.load(pred_path)
     like = Path(like)
     if not like.is_file():
         raise InputError(f"{like}: particle .cs file not found (--like)")
     try:
         dset = Dataset.load(like)
     except Exception as exc:
-        raise InputError(f"{like}: not a cryoSPARC .cs dataset ({exc})") from exc
+        raise InputError(f"{like}: not a cryoSPARC .cs dataset ({brief(exc)})") from None
     if "uid" not in dset.fields() or "blob/psize_A" not in dset.fields():
         raise InputError(f"{like}: a particle .cs with uid and blob/psize_A fields is expected (a particle "
                          "output of a cryoSPARC extract, import or refinement job)")

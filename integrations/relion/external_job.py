@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from cryofire_ext.errors import InputError
+from cryofire_ext.errors import InputError, MissingImagesError
 
 logger = logging.getLogger(__name__)
 
@@ -308,6 +308,10 @@ def run_relion_external(argv: Sequence[str], *, project_dir: str | os.PathLike |
     except BaseException as exc:  # noqa: BLE001 - every failure must leave RELION's failure marker
         if isinstance(exc, InputError):
             message = str(exc)
+        elif isinstance(exc, OSError):
+            from cryofire_ext.safe_io import describe_os_error
+
+            message = describe_os_error(exc)
         elif isinstance(exc, KeyboardInterrupt):
             message = "interrupted (Ctrl-C or a signal) before the job finished"
         else:
@@ -345,9 +349,9 @@ def _run(args: RelionExternalArgs, project: Path, out_dir: Path,
                 args.threads)
     try:
         stack = read_star(star, datadir=project, require_images=True)
-    except InputError as exc:
-        raise InputError(f"{exc} RELION runs this job in the project directory {project}: image paths in "
-                         f"{args.in_parts} must be relative to it (or absolute).") from exc
+    except MissingImagesError as exc:  # the hint is about image paths: only for stacks not found
+        raise MissingImagesError(f"{exc} RELION runs this job in the project directory {project}: image paths in "
+                                 f"{args.in_parts} must be relative to it (or absolute).") from exc
     if stack.images is None:  # readers that do not raise themselves
         stack.require_images()
     from cryofire_ext.train.trainer import TrainingStopped
@@ -358,9 +362,10 @@ def _run(args: RelionExternalArgs, project: Path, out_dir: Path,
         outputs = run_training_job(stack, out_dir, config, should_stop=should_stop, force=True,
                                    argv=["cryofire", "relion-external", *args.argv], on_progress=on_progress,
                                    **job_params)
-    except TrainingStopped:
+    except TrainingStopped as stopped:
         if should_stop():
-            logger.info("RELION asked to abort (%s): training stopped after a checkpoint", ABORT_NOW)
+            logger.info("RELION asked to abort (%s): training stopped %s", ABORT_NOW,
+                        "after a checkpoint" if stopped.checkpoint is not None else "during the warm start")
             return "aborted"
         raise
     nodes: list[tuple[Path, int]] = [(_relative_to(Path(outputs.particles_star), project), NODE_PART_DATA)]

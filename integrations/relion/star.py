@@ -24,8 +24,8 @@ import numpy as np
 import pandas as pd
 import starfile
 
-from cryofire_ext.ctf import CTFParams
-from cryofire_ext.errors import InputError
+from cryofire_ext.ctf import CTFParams, check_ctf_values, check_pixel_size
+from cryofire_ext.errors import InputError, MissingImagesError
 from cryofire_ext.images import MrcImages
 from cryofire_ext.particles import ParticleStack
 from cryofire_ext.poses import relion_euler_to_matrix
@@ -70,10 +70,20 @@ def read_blocks(path) -> tuple[dict, str | None]:
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: STAR file not found")
+    check_utf8(path)
     try:
         blocks = starfile.read(path, always_dict=True, parse_as_string=STRING_LABELS)
     except Exception as exc:  # starfile/pandas raise many types for malformed text
+        bad = _first_bad_row(path)
+        if bad is not None:
+            raise InputError(bad) from exc
         raise InputError(f"{path}: not a readable STAR file ({type(exc).__name__}: {exc})") from exc
+    for name, table in blocks.items():
+        if isinstance(table, pd.DataFrame) and len(table) and len(table.columns) \
+                and table.iloc[:, -1].isna().any():  # a short row leaves its last fields empty
+            bad = _first_bad_row(path, name)
+            if bad is not None:
+                raise InputError(bad)
     version = None
     with open(path, "r", errors="replace") as fh:
         for line in fh:
@@ -84,6 +94,63 @@ def read_blocks(path) -> tuple[dict, str | None]:
             if line.startswith("loop_"):
                 break
     return blocks, version
+
+
+def check_utf8(path, chunk_bytes: int = 1 << 24) -> None:
+    """InputError naming the line and byte when the file is not UTF-8 text (read in chunks, no copy)."""
+    import codecs
+
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    lines = 0
+    with open(path, "rb") as fh:
+        while True:
+            data = fh.read(chunk_bytes)
+            try:
+                decoder.decode(data, final=not data)
+            except UnicodeDecodeError as exc:
+                start = max(exc.start, 0)
+                line_start = data.rfind(b"\n", 0, start) + 1
+                line_end = data.find(b"\n", start)
+                text = data[line_start:line_end if line_end >= 0 else len(data)].decode("utf-8", "replace")
+                lineno = lines + data.count(b"\n", 0, start) + 1
+                raise InputError(
+                    f"{path}: line {lineno} holds the byte 0x{data[start]:02x}, "
+                    f"which is not UTF-8 text (column {start - line_start + 1}: {text.strip()[:120]!r}). Convert the "
+                    "file to UTF-8 (e.g. `iconv -f latin1 -t utf-8`) and make the file names it holds match."
+                ) from None
+            if not data:
+                return
+            lines += data.count(b"\n")
+
+
+def _first_bad_row(path, block: str | None = None) -> str | None:
+    """A message naming the first loop row (in `data_<block>`, or any) whose field count differs from its
+    header's, or None. Read only when a table looks wrong, so well-formed files cost nothing extra."""
+    import shlex
+
+    current, labels, in_loop, row = None, 0, False, 0
+    with open(path, encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            text = line.strip()
+            if text.startswith("data_"):
+                current, labels, in_loop, row = text[5:], 0, False, 0
+            elif text.startswith("loop_"):
+                in_loop, labels, row = True, 0, 0
+            elif not in_loop or (block is not None and current != block) or not text or text.startswith("#"):
+                continue
+            elif text.startswith("_") and row == 0:
+                labels += 1
+            else:
+                row += 1
+                try:
+                    count = len(shlex.split(text.replace("'", '"'))) if '"' in text or "'" in text else len(text.split())
+                except ValueError:
+                    count = -1
+                if count != labels:
+                    cut = " (the file may be truncated)" if count < labels else ""
+                    return (f"{path}: row {row} of data_{current} (line {lineno}) has {max(count, 0)} fields but "
+                            f"the loop has {labels} labels{cut}; expected one value per label on every row")
+    return None
 
 
 def particle_block(blocks: dict, path) -> tuple[str, pd.DataFrame]:
@@ -107,13 +174,13 @@ def particle_block(blocks: dict, path) -> tuple[str, pd.DataFrame]:
 
 
 def numeric_column(table: pd.DataFrame, label: str, path, block: str, dtype=np.float64) -> np.ndarray:
-    """A column as numbers; InputError naming the first row that is not a number."""
+    """A column as numbers; InputError naming the first row that is not a finite number."""
     values = pd.to_numeric(table[label], errors="coerce")
-    bad = values.isna().to_numpy()
+    bad = ~np.isfinite(values.to_numpy(dtype=np.float64))
     if bad.any():
         row = int(np.flatnonzero(bad)[0])
         raise InputError(f"{path}: row {row + 1} of data_{block} has {label} = '{table[label].iloc[row]}'; "
-                         "expected a number")
+                         "expected a finite number")
     out = values.to_numpy(dtype=np.float64)
     if np.issubdtype(dtype, np.integer):
         if np.any(out != np.round(out)):
@@ -165,11 +232,13 @@ def _pixel_sizes(table, optics, rows, path, block) -> np.ndarray:
                 px = 1e4 * det / mag
     if px is None:
         return np.full(n, np.nan)
-    if np.any(~(px > 0)):
-        row = int(np.flatnonzero(~(px > 0))[0])
-        where = "data_optics" if optics is not None else f"row {row + 1} of data_{block}"
-        raise InputError(f"{path}: {where} gives a pixel size of {px[row]} A; expected a positive "
-                         "rlnImagePixelSize (or rlnDetectorPixelSize and rlnMagnification)")
+
+    def where(i):
+        row = f"row {rows[i] + 1} of data_optics" if optics is not None else f"row {i + 1} of data_{block}"
+        return (f"{path}: {row} gives a pixel size of {px[i]:g} A (rlnImagePixelSize, or 1e4 * "
+                "rlnDetectorPixelSize / rlnMagnification)")
+
+    check_pixel_size(px, where)
     return px
 
 
@@ -211,6 +280,22 @@ def _ctf(table, optics, rows, path, block) -> tuple[CTFParams, list[str]]:
                     amplitude_contrast=optics_values["rlnAmplitudeContrast"],
                     phase_shift_rad=np.deg2rad(col("rlnPhaseShift", 0.0)), bfactor_A2=col("rlnCtfBfactor", 0.0),
                     scale=col("rlnCtfScalefactor", 1.0))
+    labels = {"defocus_u_A": "rlnDefocusU", "defocus_v_A": "rlnDefocusV", "defocus_angle_rad": "rlnDefocusAngle",
+              "voltage_kv": "rlnVoltage", "cs_mm": "rlnSphericalAberration",
+              "amplitude_contrast": "rlnAmplitudeContrast", "phase_shift_rad": "rlnPhaseShift",
+              "bfactor_A2": "rlnCtfBfactor", "scale": "rlnCtfScalefactor"}
+
+    def where(name, i):
+        label = labels[name]
+        if name == "defocus_v_A" and label not in table.columns:
+            label = "rlnDefocusU"
+        if label in OPTICS_DEFAULTS and optics is not None:
+            source, row, blk = optics, int(rows[i]), OPTICS_BLOCK
+        else:
+            source, row, blk = table, i, block
+        return f"{path}: row {row + 1} of data_{blk} has {label} = '{source[label].iloc[row]}'"
+
+    check_ctf_values(ctf, where)
     return ctf, defaulted
 
 
@@ -331,7 +416,7 @@ def read_star(path, datadir=None, require_images: bool = False, *, pixel_size_A:
         msg = (f"{path}: {len(missing)} of {len(uniq_stacks)} particle stacks not found (first: rlnImageName stack "
                f"'{name}', tried {', '.join(map(str, tried))})")
         if require_images:
-            raise InputError(msg + ". Pass --datadir with the folder (RELION project) that holds them.")
+            raise MissingImagesError(msg + ". Pass --datadir with the folder (RELION project) that holds them.")
         log.warning("%s; reading metadata only.", msg)
     elif n:
         images = MrcImages(where_each, number - 1)
