@@ -41,9 +41,17 @@ def _progress():
             prog.stop()
 
 
+class _RunLog(logging.FileHandler):
+    """A FileHandler that makes its folder when it first writes (the demo logs before its run folder exists)."""
+
+    def _open(self):
+        Path(self.baseFilename).parent.mkdir(parents=True, exist_ok=True)
+        return super()._open()
+
+
 def _log_file(path: Path) -> logging.Handler:
     """train.log in the run folder, opened at the first record (a command refused early writes none)."""
-    handler = logging.FileHandler(path, delay=True)
+    handler = _RunLog(path, delay=True)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     handler.setLevel(logging.INFO)
     logging.getLogger().addHandler(handler)

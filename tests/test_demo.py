@@ -90,3 +90,18 @@ def test_demo_small_writes_scored_metrics(tmp_path):
     assert (tmp_path / "demo" / "data" / "truth.npz").stat().st_mtime_ns == before
     again = run_demo(tmp_path / "demo", DemoSettings(n=96, snr=1.0, config=dict(TINY, zdim=2)), force=True)
     assert again["median_rotation_error_deg"] == pytest.approx(m["median_rotation_error_deg"], abs=1e-6)
+
+
+def test_run_log_opens_in_a_folder_that_does_not_exist_yet(tmp_path):
+    """`cryofire demo -o NEW` logs (the simulation) before NEW exists: train.log must make its folder."""
+    import logging
+
+    from cli.train import _log_file
+
+    handler = _log_file(tmp_path / "new" / "train.log")
+    try:
+        handler.handle(logging.LogRecord("x", logging.INFO, __file__, 1, "simulated 96 particles", None, None))
+    finally:
+        logging.getLogger().removeHandler(handler)
+        handler.close()
+    assert "simulated 96 particles" in (tmp_path / "new" / "train.log").read_text()
