@@ -242,6 +242,14 @@ def _hard_em(read, n: int, A: torch.Tensor, shifts_px: torch.Tensor, labels: tor
         if fsc_weighted:  # each particle scored against the half maps it is not in (no pull of its own)
             V = class_maps_fsc(read, n, A, shifts_px, labels, n_classes, box, pixel_size_A, chunk,
                                max_radius=low_radius, half_maps=True)[0]
+            match = match_half_classes(V)
+            if match is not None:  # class k of the odd half is the even half's class match[k]: relabel, redo
+                odd = half == 1
+                labels[odd] = torch.as_tensor(match, device=device)[labels[odd]]
+                log.log(log_level, "classification at fixed poses: the odd half's classes renumbered %s to match "
+                        "the even half's", match.tolist())
+                V = class_maps_fsc(read, n, A, shifts_px, labels, n_classes, box, pixel_size_A, chunk,
+                                   max_radius=low_radius, half_maps=True)[0]
         else:
             V = class_maps(read, n, A, shifts_px, labels, n_classes, box, pixel_size_A, chunk)
         scores = torch.empty(n, n_classes, dtype=torch.float64, device=device)
@@ -270,6 +278,29 @@ def _hard_em(read, n: int, A: torch.Tensor, shifts_px: torch.Tensor, labels: tor
         if changed < CLASSIFY_TOL * n:
             break
     return labels, ll
+
+
+def match_half_classes(V: torch.Tensor) -> np.ndarray | None:
+    """Half maps `(K, 2, ...)` -> `(K,)` the even half's class for each odd-half class (the assignment that
+    maximises the summed correlation of matched maps), or None when class k already matches class k.
+
+    Each particle is scored against the other half's maps, so the classes must mean the same in both halves:
+    labels that are consistent within each half only (class 0 one state in the even half, the other state in
+    the odd half) otherwise swap every particle at every iteration."""
+    from scipy.optimize import linear_sum_assignment
+
+    K = V.shape[0]
+    if K < 2:
+        return None
+    even, odd = V[:, 0].reshape(K, -1), V[:, 1].reshape(K, -1)
+    even = even / torch.linalg.vector_norm(even, dim=1, keepdim=True).clamp_min(1e-30)
+    odd = odd / torch.linalg.vector_norm(odd, dim=1, keepdim=True).clamp_min(1e-30)
+    corr = (odd @ even.conj().T).real.double().cpu().numpy()  # corr[j, k]: odd class j vs even class k
+    rows, cols = linear_sum_assignment(-corr)
+    match = cols[np.argsort(rows)]
+    if np.array_equal(match, np.arange(K)) or corr[np.arange(K), match].sum() <= np.trace(corr) + 1e-9:
+        return None
+    return match
 
 
 #: search rounds over (class, rotation, shift) after the classification
