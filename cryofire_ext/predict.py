@@ -72,8 +72,9 @@ class TrainedModel:
                         ).astype(np.float32)
 
 
-def load_trained(run_dir, device: str = "cpu", checkpoint: str | Path | None = None) -> TrainedModel:
-    """Load `run_dir/checkpoints/last.pt` (or `checkpoint`) with weights_only=True."""
+def load_trained(run_dir, device: str | None = "cpu", checkpoint: str | Path | None = None) -> TrainedModel:
+    """Load `run_dir/checkpoints/last.pt` (or `checkpoint`) with weights_only=True onto `device`
+    (None: the device the run was trained with, its config's `device`)."""
     run_dir = Path(run_dir)
     path = Path(checkpoint) if checkpoint is not None else run_dir / "checkpoints" / "last.pt"
     if not run_dir.is_dir() and checkpoint is None:
@@ -88,7 +89,7 @@ def load_trained(run_dir, device: str = "cpu", checkpoint: str | Path | None = N
         model.load_state_dict(state["model"])
     except (KeyError, RuntimeError) as exc:
         raise InputError(f"{path}: checkpoint does not match this cryofire's model ({exc})") from exc
-    model.to(resolve_device(device)).eval()
+    model.to(resolve_device(config.device if device is None else device)).eval()
     warm = None
     if config.warm_start == "search" and config.search_candidates and "warm" in state:
         from cryofire_ext.train.warmstart import WarmMap

@@ -8,6 +8,7 @@ history.json, predictions.npz, particles.star (RELION 3.1 + cryofireZ*), particl
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -75,10 +76,8 @@ def run_training_job(particles, out_dir, config: TrainConfig, *, datadir=None,
     overwrite = force or resume
     for name in OUTPUT_FILES:
         check_writable(out / name, overwrite)
-    if int(os.environ.get("RANK", "0")) != 0:  # torchrun: rank 0 holds the folder for the whole world
-        return _train_and_export(particles, out, config, datadir, should_stop, overwrite, argv, on_progress, resume,
-                                 n_clusters)
-    with run_folder(out, what="cryofire run"):
+    main = int(os.environ.get("RANK", "0")) == 0  # torchrun: rank 0 holds the folder for the whole world
+    with run_folder(out, what="cryofire run") if main else contextlib.nullcontext(out):
         return _train_and_export(particles, out, config, datadir, should_stop, overwrite, argv, on_progress, resume,
                                  n_clusters)
 
@@ -138,7 +137,7 @@ def export_run(run_dir, stack: ParticleStack, *, force: bool = False, n_clusters
 
     run_dir = Path(run_dir)
     out = Path(out_dir) if out_dir is not None else run_dir
-    tm = load_trained(run_dir, device=device or _run_device(run_dir))
+    tm = load_trained(run_dir, device=device)
     preds = predict(tm, stack, polish_rounds=polish_rounds)
     pred_path = preds.save(out / "predictions.npz", force=force)
     posed = stack.with_poses(preds.A, preds.shifts_A)
@@ -159,12 +158,6 @@ def export_run(run_dir, stack: ParticleStack, *, force: bool = False, n_clusters
     maps = write_maps(tm, points, out / "maps", names, force=True)
     plot = loss_plot(run_dir, out / "loss.png", force=True)
     return JobOutputs(out, star, cs, pred_path, maps, plot, info)
-
-
-def _run_device(run_dir) -> str:
-    """The `device` field of the run's saved config ("auto" when the run has none)."""
-    path = Path(run_dir) / "config.json"
-    return TrainConfig.load(path).device if path.is_file() else "auto"
 
 
 def loss_plot(run_dir, path, force: bool = False) -> Path:
