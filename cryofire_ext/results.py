@@ -13,14 +13,16 @@ from cryofire_ext.errors import InputError, brief
 from cryofire_ext.safe_io import atomic_path
 
 FORMAT = "cryofire-predictions"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 
 @dataclass
 class Predictions:
     """ids `(n,)` str; A `(n, 3, 3)` RELION matrices (left-multiply xyz column vectors);
     shifts_A `(n, 2)` RELION-sign origins in Angstrom; z `(n, d)` (d may be 0);
-    loss `(n,)` per-particle loss; meta: JSON-able run facts (pixel_size_A, box, ...)."""
+    loss `(n,)` per-particle loss; class_id `(n,)` int64, each particle's class, 0-based (the refinement's
+    classes; all 0 for one class; None = all 0); meta: JSON-able run facts (pixel_size_A, box, ...).
+    Files of format version 1 (before classes) load with every particle in class 0."""
 
     ids: np.ndarray
     A: np.ndarray
@@ -28,11 +30,20 @@ class Predictions:
     z: np.ndarray
     loss: np.ndarray
     meta: dict = field(default_factory=dict)
+    class_id: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         n = len(self.ids)
         self.ids = np.asarray(self.ids).astype(str)
         self.z = np.asarray(self.z, dtype=np.float32).reshape(n, -1)
+        if self.class_id is None:
+            self.class_id = np.zeros(n, dtype=np.int64)
+        self.class_id = np.asarray(self.class_id)
+        if self.class_id.shape != (n,) or not np.issubdtype(self.class_id.dtype, np.integer) or (
+                n and self.class_id.min() < 0):
+            raise InputError(f"Predictions.class_id must be {n} integers >= 0 (0-based classes), got shape "
+                             f"{self.class_id.shape} of {self.class_id.dtype}")
+        self.class_id = self.class_id.astype(np.int64)
         for name, shape in (("A", (n, 3, 3)), ("shifts_A", (n, 2)), ("loss", (n,))):
             if np.shape(getattr(self, name)) != shape:
                 raise InputError(f"Predictions.{name} has shape {np.shape(getattr(self, name))}, expected {shape}")
@@ -44,13 +55,19 @@ class Predictions:
     def zdim(self) -> int:
         return int(self.z.shape[1])
 
+    @property
+    def n_classes(self) -> int:
+        """Number of classes: the largest class id + 1 (1 when empty)."""
+        return int(self.class_id.max()) + 1 if len(self.class_id) else 1
+
     def save(self, path: str | os.PathLike, force: bool = False) -> Path:
         """Write a versioned `.npz` (atomic; refuses to overwrite unless `force`)."""
         header = {"format": FORMAT, "version": FORMAT_VERSION, "meta": self.meta}
         with atomic_path(path, force=force) as tmp:
             with open(tmp, "wb") as fh:
                 np.savez(fh, header=np.array(json.dumps(header)), ids=self.ids.astype("U"), A=self.A,
-                         shifts_A=self.shifts_A, z=self.z, loss=self.loss)
+                         shifts_A=self.shifts_A, z=self.z, loss=self.loss,
+                         class_id=self.class_id)
         return Path(path)
 
     @classmethod
@@ -62,6 +79,7 @@ class Predictions:
             with np.load(path, allow_pickle=False) as npz:
                 header = json.loads(str(npz["header"]))
                 arrays = {k: npz[k] for k in ("ids", "A", "shifts_A", "z", "loss")}
+                arrays["class_id"] = npz["class_id"] if "class_id" in npz.files else None
         except Exception as exc:  # zip, npy, JSON and key errors of a damaged or foreign file
             raise InputError(f"{path}: not a cryofire predictions file ({brief(exc)})") from None
         if header.get("format") != FORMAT or header.get("version", 0) > FORMAT_VERSION:
