@@ -42,7 +42,8 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
-    from cryofire_ext import metrics, report
+    from cryofire_ext import metrics
+    from integrations import report
     from integrations.job import DEMO_CONFIG, _align_map
     from cryofire_ext.phantom import phantom_maps
     from cryofire_ext.predict import predict
@@ -72,7 +73,7 @@ def main() -> None:
               "reused_run": bool(args.reuse_run), "simulate_s": round(t1 - t0, 1),
               "median_rotation_error_deg": float(np.median(rot.errors_deg)), "hand_flipped": bool(rot.flipped),
               "pc1_abs_corr_state": metrics.pc1_correlation(pred.z, ds.state)}
-    from cryofire_ext.variability import variability
+    from cryofire_ext.analysis.variability import variability
 
     t3 = time.time()  # 3D variability at the run's poses (what `cryofire analyze` adds, independent of z)
     var = variability(ds.particles.images, pred.A, pred.shifts_A, ds.particles.ctf, apix, n_components=2,
@@ -81,7 +82,7 @@ def main() -> None:
                                                 for j in range(var.coords.shape[1])],
                              "resolution_A": var.resolution_A, "iterations": var.iterations,
                              "seconds": round(time.time() - t3, 1)}
-    from cryofire_ext.reconstruct import reconstruct
+    from cryofire_ext.recon.reconstruct import reconstruct
 
     posed = ds.particles.with_poses(pred.A, pred.shifts_A)  # predictions are in the stack's order
 

@@ -29,11 +29,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from cryofire_ext.metrics import clustering_error, rotation_error_deg, shift_error_px  # noqa: E402
 from cryofire_ext.phantom import phantom_maps  # noqa: E402
-from cryofire_ext.predict import load_trained, predict  # noqa: E402
+from cryofire_ext.pipeline import infer  # noqa: E402
+from cryofire_ext.predict import load_trained  # noqa: E402
+from cryofire_ext.refine.config import RefineConfig  # noqa: E402
 from cryofire_ext.simulate import simulate  # noqa: E402
 from cryofire_ext.train.checkpoint import load_checkpoint  # noqa: E402
 from cryofire_ext.train.config import TrainConfig  # noqa: E402
 from cryofire_ext.train.trainer import train  # noqa: E402
+from integrations.job import saved_refine_config  # noqa: E402
 
 PRESETS = {
     "search": {},
@@ -93,11 +96,11 @@ def score_checkpoints(run: Path, ds, n_eval: int, n_states: int, polish_last: bo
     for f, rounds in todo:
         st = load_checkpoint(f)
         tm = load_trained(run, checkpoint=f)
-        p = predict(tm, sub, device="cpu", polish_rounds=rounds)
+        p = infer(tm, sub, saved_refine_config(run) if rounds is None else RefineConfig(polish_rounds=rounds))
         rot = rotation_error_deg(p.A, ds.A[sel])
         sh, _ = shift_error_px(p.shifts_A / apix, ds.shifts_A[sel] / apix, p.A)
         point = {"checkpoint": Path(f).name, "images_seen": int(st["images"]), "wall_s": float(st["elapsed_s"]),
-                 "polish_rounds": p.meta["polish_rounds"],
+                 "polish_rounds": p.meta["refine"]["polish_rounds"],
                  "median_rotation_error_deg": float(np.median(rot.errors_deg)),
                  "median_shift_error_px": float(np.median(sh))}
         if p.zdim:

@@ -50,8 +50,8 @@ def main() -> None:
         raise SystemExit("RELION (relion_project, relion_reconstruct) is not installed")
 
     from cryofire_ext.phantom import phantom_maps
-    from cryofire_ext.projection import correlation
-    from cryofire_ext.reconstruct import fsc, reconstruct
+    from cryofire_ext.recon.projection import correlation
+    from cryofire_ext.recon.reconstruct import fsc, reconstruct
     from cryofire_ext.simulate import simulate
     from integrations.simulated import write_dataset
 

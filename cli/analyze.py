@@ -78,7 +78,7 @@ def _posed_particles(run_dir: Path, pred, what: str):
 def _member_map(run_dir: Path, pred):
     """A `report.MemberMap`: Wiener back-projection (`reconstruct`) of a cluster's particles at the poses and
     CTF of the run's particles.star; None (with a log line) when the run's particle images cannot be read."""
-    from cryofire_ext.reconstruct import reconstruct
+    from cryofire_ext.recon.reconstruct import reconstruct
 
     posed = _posed_particles(run_dir, pred, "back-projected cluster maps")
     if posed is None:
@@ -95,7 +95,7 @@ def _member_map(run_dir: Path, pred):
 def _particle_variability(run_dir: Path, pred):
     """A `report.ParticleVariability`: `variability.variability` of the run's particles.star (poses, CTF,
     stacks) in the predictions' order; None (with a log line) when the images cannot be read."""
-    from cryofire_ext.variability import variability
+    from cryofire_ext.analysis.variability import variability
 
     posed = _posed_particles(run_dir, pred, "3D variability")
     if posed is None:
@@ -134,7 +134,8 @@ def register(app: typer.Typer) -> None:
         force: bool = typer.Option(False, "--force", help="Overwrite existing outputs."),
     ) -> None:
         """PCA and clustering of the latent space, maps, per-cluster subsets, plots and an HTML report."""
-        from cryofire_ext import analysis, report
+        from cryofire_ext import analysis
+        from integrations import report
 
         cfg = report.AnalyzeConfig(n_clusters=clusters, method=method, k_max=k_max, n_pcs=pcs, traversal_steps=steps,
                                    maps=maps, subsets=subsets, seed=seed, device=device,

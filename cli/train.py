@@ -84,27 +84,37 @@ def register(app: typer.Typer) -> None:
                                                         "(default 2; 1 = none; ignored for --zdim 0)."),
         polish_rounds: Optional[int] = typer.Option(None, "--polish-rounds",
                                                     help="Rounds of per-particle refinement of pose, shift and class "
-                                                         "after training (default 3; 0 = the model's own)."),
+                                                         "after training (default 3, or the run's on --resume; 0 = the "
+                                                         "model's own)."),
+        polish_global_search: Optional[bool] = typer.Option(
+            None, "--polish-global-search/--no-polish-global-search",
+            help="Search every particle globally in the first and last refinement round (default on)."),
         force: bool = typer.Option(False, "--force", help="Overwrite existing exports in --out."),
     ) -> None:
         """Train cryoFIRE on particles with no poses; write poses, z, maps and STAR/.cs files into --out."""
         from cryofire_ext.safe_io import check_output_folder
         from cryofire_ext.train.config import TrainConfig
-        from integrations.job import run_training_job
+        from cryofire_ext.refine.config import RefineConfig
+        from integrations.job import job_config_fields, run_training_job, saved_refine_config
 
         cfg = TrainConfig.load(config) if config else TrainConfig()
         if resume and config is None and (out / "config.json").is_file():
             cfg = TrainConfig.load(out / "config.json")
         overrides = {"zdim": zdim, "epochs": epochs, "max_minutes": max_minutes, "batch_size": batch_size,
                      "seed": seed, "device": device, "precision": precision, "train_box": train_box, "warm_start": warm_start,
-                     "warm_classes": warm_classes, "polish_rounds": polish_rounds}
+                     "warm_classes": warm_classes}
         cfg = TrainConfig.from_dict({**cfg.to_dict(), **{k: v for k, v in overrides.items() if v is not None}})
+        refine = saved_refine_config(out if resume else None)
+        if config:  # a --config file may hold refinement fields beside the training ones
+            refine = refine.replace(**RefineConfig.fields_in(job_config_fields(config)))
+        refine = refine.replace(polish_rounds=polish_rounds, polish_global_search=polish_global_search)
         check_output_folder(out)
         handler = _log_file(out / "train.log")
         try:
             with _progress() as on_progress:
                 job = run_training_job(particles, out, cfg, datadir=datadir, resume=resume, force=force,
-                                       argv=["cryofire", *sys.argv[1:]], on_progress=on_progress)
+                                       argv=["cryofire", *sys.argv[1:]], on_progress=on_progress,
+                                       refine=refine)
         finally:
             logging.getLogger().removeHandler(handler)
             handler.close()
@@ -118,16 +128,18 @@ def register(app: typer.Typer) -> None:
         out: Path = typer.Option(..., "-o", "--out", help="Output folder."),
         datadir: Optional[Path] = typer.Option(None, "--datadir", help="Folder holding the image stacks."),
         force: bool = typer.Option(False, "--force", help="Overwrite existing outputs."),
-        clusters: Optional[int] = typer.Option(None, "--clusters", help="Clusters of z for maps (default: BIC)."),
         polish_rounds: Optional[int] = typer.Option(None, "--polish-rounds",
                                                     help="Pose refinement rounds (default: the run's; 0 = none)."),
+        polish_global_search: Optional[bool] = typer.Option(
+            None, "--polish-global-search/--no-polish-global-search",
+            help="Global search in the first and last refinement round (default: the run's)."),
         device: Optional[str] = typer.Option(None, "--device", help="auto, cpu or cuda (default: the run's)."),
     ) -> None:
         """Run a trained model over any particles (new images included): predictions, STAR, .cs and maps."""
-        from integrations.job import predict_job
+        from integrations.job import predict_job, saved_refine_config
 
-        job = predict_job(run, particles, out, datadir=datadir, force=force, n_clusters=clusters,
-                          polish_rounds=polish_rounds, device=device)
+        refine = saved_refine_config(run).replace(polish_rounds=polish_rounds, polish_global_search=polish_global_search)
+        job = predict_job(run, particles, out, datadir=datadir, force=force, refine=refine, device=device)
         typer.echo(f"wrote {job.predictions}, {job.particles_star}, {job.particles_cs}")
 
     @app.command("demo")

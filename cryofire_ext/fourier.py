@@ -1,4 +1,4 @@
-"""Centred Fourier and Hartley transforms, the slice lattice, masks, phase shifts, cropping.
+"""Centred Fourier transforms, the slice lattice, masks, phase shifts, cropping.
 
 Conventions (checked on RELION-simulated images, see ../shared/CONVENTIONS.md):
 
@@ -9,8 +9,7 @@ Conventions (checked on RELION-simulated images, see ../shared/CONVENTIONS.md):
   `[-1, 1)` for an even box; cycles/pixel = `k / 2`; spatial frequency in 1/A is
   `s = k / (2 * pixel_size_A)`.
 - Arrays are `(..., y, x)`; lattice points carry `(kx, ky, 0)`.
-- The Hartley transform is `H = Re F - Im F`. For a real image `F(-k) = conj F(k)`,
-  so `H(k) = Re F(k) - Im F(k)` and `H(-k) = Re F(k) + Im F(k)`.
+- For a real image `F(-k) = conj F(k)`.
 - `-k` on the centred lattice is the index `(2*(box//2) - j) mod box`: for an
   even box the row/column at `k = -1` is its own partner (it wraps).
 
@@ -54,24 +53,6 @@ def ifft3_centered(F: torch.Tensor) -> torch.Tensor:
     return _centered(torch.fft.ifftn, F, _DIMS3)
 
 
-def hartley2_centered(img: torch.Tensor) -> torch.Tensor:
-    """Centred 2D Hartley transform, real `(..., h, w)` -> real `(..., h, w)`: `Re F - Im F` of `fft2_centered`."""
-    F = fft2_centered(img)
-    return F.real - F.imag
-
-
-def ihartley2_centered(H: torch.Tensor) -> torch.Tensor:
-    """Inverse of `hartley2_centered`: the Hartley transform is its own inverse up to `1/(h*w)`."""
-    H = torch.as_tensor(H)
-    h, w = H.shape[-2:]
-    return hartley2_centered(H) / (h * w)
-
-
-def hartley_from_fourier(F: torch.Tensor) -> torch.Tensor:
-    """`H = Re F - Im F`, complex `(..., h, w)` -> real `(..., h, w)`."""
-    return F.real - F.imag
-
-
 def negate_centered(x: torch.Tensor, ndim: int = 2) -> torch.Tensor:
     """`x(-k)` on the centred lattice over the last `ndim` dims, `(..., h, w)` -> same shape.
 
@@ -85,16 +66,6 @@ def negate_centered(x: torch.Tensor, ndim: int = 2) -> torch.Tensor:
     if even:  # j -> n-j (mod n) for even n
         x = x.roll((1,) * len(even), even)
     return x
-
-
-def fourier_from_hartley(H: torch.Tensor) -> torch.Tensor:
-    """Complex `F` of a real image from its centred Hartley transform `(..., h, w)`.
-
-    `F(k) = (H(k) + H(-k))/2 - i (H(k) - H(-k))/2`.
-    """
-    H = torch.as_tensor(H)
-    Hn = negate_centered(H)
-    return torch.complex(0.5 * (H + Hn), -0.5 * (H - Hn))
 
 
 def _axis_k(box: int, device=None, dtype=None) -> torch.Tensor:
@@ -201,22 +172,6 @@ def _phase(h: int, w: int, shifts_px: torch.Tensor, dtype, device) -> torch.Tens
     tx = t[..., 0, None, None]
     ty = t[..., 1, None, None]
     return math.pi * (kx[None, :] * tx + ky[:, None] * ty)
-
-
-def phase_shift_hartley(H: torch.Tensor, shifts_px: torch.Tensor) -> torch.Tensor:
-    """`phase_shift_centered` in the Hartley domain: the Hartley transform of the re-centred image.
-
-    H: `(..., h, w)` real centred Hartley transform; shifts_px: `(..., 2)` `(x, y)` RELION origin.
-    With `E = (H(k) + H(-k))/2`, `O = (H(k) - H(-k))/2`, `phi = pi k.t`:
-    `H'(k) = E (cos phi + sin phi) + O (cos phi - sin phi)`.
-    """
-    H = torch.as_tensor(H)
-    shifts_px = torch.as_tensor(shifts_px, device=H.device)
-    Hn = negate_centered(H)
-    E, O = 0.5 * (H + Hn), 0.5 * (H - Hn)
-    phi = _phase(H.shape[-2], H.shape[-1], shifts_px, H.dtype, H.device)
-    c, s = torch.cos(phi), torch.sin(phi)
-    return E * (c + s) + O * (c - s)
 
 
 def fourier_crop(img: torch.Tensor, new_box: int) -> torch.Tensor:

@@ -78,10 +78,6 @@ class ParticleStack:
     def __len__(self) -> int:
         return len(self.ids)
 
-    @property
-    def has_poses(self) -> bool:
-        return self.A is not None
-
     def require_images(self) -> ImageSource:
         """The image source, or an InputError listing the stacks that could not be found."""
         if self.images is None:

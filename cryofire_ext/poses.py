@@ -70,13 +70,17 @@ def sixd_to_matrix(d6: torch.Tensor) -> torch.Tensor:
     return torch.stack((b1, b2, b3), dim=-1)
 
 
-def matrix_to_sixd(R: torch.Tensor) -> torch.Tensor:
-    """Rotation `(..., 3, 3)` -> 6D representation `(..., 6)` (its first two columns)."""
-    return torch.cat((R[..., :, 0], R[..., :, 1]), dim=-1)
-
-
 def random_rotations(n: int, rng: np.random.Generator) -> np.ndarray:
     """`n` rotations uniform on SO(3), `(n, 3, 3)`, from the given generator."""
     q = rng.standard_normal((n, 4))
     q /= np.linalg.norm(q, axis=1, keepdims=True)
     return Rotation.from_quat(q).as_matrix()
+def axis_angle_matrix(v: torch.Tensor) -> torch.Tensor:
+    """Rotation matrices `(..., 3, 3)` of rotation vectors `v` `(..., 3)` (axis times angle in radians; Rodrigues)."""
+    theta = torch.linalg.vector_norm(v, dim=-1, keepdim=True).clamp_min(1e-12)
+    k = v / theta
+    K = torch.zeros(*v.shape[:-1], 3, 3, dtype=v.dtype, device=v.device)
+    K[..., 0, 1], K[..., 0, 2], K[..., 1, 2] = -k[..., 2], k[..., 1], -k[..., 0]
+    K = K - K.transpose(-1, -2)
+    th = theta[..., None]
+    return torch.eye(3, dtype=v.dtype, device=v.device) + torch.sin(th) * K + (1 - torch.cos(th)) * K @ K

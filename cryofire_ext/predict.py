@@ -1,8 +1,8 @@
-"""Final inference pass: every particle through the trained encoder (and the forward model, for the loss).
+"""The model pass: every particle through the trained encoder (and the forward model, for the loss).
 
-Not the values recorded during training: `predict` runs the model in evaluation mode
-over any stack with the training run's box and pixel size (new images included) and
-returns `Predictions` (poses as RELION matrices, shifts in Angstrom, z, loss). Each particle's pose,
+Not the values recorded during training: `model_pass` runs the model in evaluation mode over any stack with the
+training run's box and pixel size (new images included) and returns `Predictions` (poses as RELION matrices,
+shifts in Angstrom, z, class, loss). The refinement after it is `pipeline.infer`'s. Each particle's pose,
 shift and z are those of the winning candidate: the encoder's heads at the encoder's z, and with a
 search warm start the searched pose (at each warm class's z when there are classes).
 """
@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from cryofire_ext import run_layout
 from cryofire_ext.errors import InputError
 from cryofire_ext.model.cryofire import CryoFIRE
 from cryofire_ext.particles import ParticleStack
@@ -23,6 +24,8 @@ from cryofire_ext.results import Predictions
 from cryofire_ext.train.checkpoint import load_checkpoint
 from cryofire_ext.train.config import TrainConfig
 from cryofire_ext.train.data import StackStats, TrainingImages, stack_fingerprint
+from cryofire_ext.refine.search import WarmMap
+from cryofire_ext.train.candidates import SearchCache, candidates_at_codes, class_targets
 from cryofire_ext.train.distributed import resolve_device
 
 log = logging.getLogger(__name__)
@@ -46,7 +49,7 @@ class TrainedModel:
     run_dir: Path
     epoch: int
     images_seen: int
-    warm: object = None
+    warm: WarmMap | None = None
     #: the training particles' searched poses (trainer's SearchCache state) and their fingerprint
     searched: dict | None = None
     particles_fingerprint: str | None = None
@@ -76,7 +79,7 @@ def load_trained(run_dir, device: str | None = "cpu", checkpoint: str | Path | N
     """Load `run_dir/checkpoints/last.pt` (or `checkpoint`) with weights_only=True onto `device`
     (None: the device the run was trained with, its config's `device`)."""
     run_dir = Path(run_dir)
-    path = Path(checkpoint) if checkpoint is not None else run_dir / "checkpoints" / "last.pt"
+    path = Path(checkpoint) if checkpoint is not None else run_dir / run_layout.LAST_CHECKPOINT
     if not run_dir.is_dir() and checkpoint is None:
         raise InputError(f"{run_dir}: not a training run folder (it does not exist)")
     state = load_checkpoint(path)
@@ -92,8 +95,6 @@ def load_trained(run_dir, device: str | None = "cpu", checkpoint: str | Path | N
     model.to(resolve_device(config.device if device is None else device)).eval()
     warm = None
     if config.warm_start == "search" and config.search_candidates and "warm" in state:
-        from cryofire_ext.train.warmstart import WarmMap
-
         warm = WarmMap.from_state(state["warm"])
     return TrainedModel(model, config, box, psize, int(state["input_box"]), float(state["input_pixel_size_A"]),
                         StackStats(*[float(v) for v in state["stats"]]), run_dir, int(state["epoch"]),
@@ -102,22 +103,14 @@ def load_trained(run_dir, device: str | None = "cpu", checkpoint: str | Path | N
 
 
 @torch.no_grad()
-def predict(run_dir, stack: ParticleStack, *, batch_size: int = 256, device: str = "auto",
-            polish_rounds: int | None = None) -> Predictions:
-    """Poses, shifts, z and loss for every particle of `stack` from the trained run in `run_dir`.
+def model_pass(tm: TrainedModel, stack: ParticleStack, *, batch_size: int = 256) -> Predictions:
+    """Poses, shifts, z, class and loss of every particle of `stack` from the trained model alone (no refinement).
 
-    The stack must have the training particles' box and pixel size (within 0.5%). Then
-    `polish_rounds` (None: the run's `config.polish_rounds`) rounds of per-particle refinement
-    of pose, shift and class against the particles' back-projected class maps (`train.polish`);
-    a particle whose class changes gets that class's z. `loss` stays the model's loss.
+    The stack must have the training particles' box and pixel size (within 0.5%). With a search warm start the
+    searched pose competes at each warm class's z (the training particles' searches are reused); a particle's
+    class is the warm class whose z code is nearest its winning z (0 without classes).
     """
-    if polish_rounds is not None and (not isinstance(polish_rounds, int) or polish_rounds < 0):
-        raise InputError(f"polish rounds {polish_rounds!r}: expected an integer >= 0 (0 = no pose refinement)")
-    tm = run_dir if isinstance(run_dir, TrainedModel) else load_trained(run_dir, device=device)
-    if stack.box != tm.input_box or abs(stack.pixel_size_A / tm.input_pixel_size_A - 1) > 5e-3:
-        raise InputError(f"particles are {stack.box} px at {stack.pixel_size_A:.4g} A/px but the run in "
-                         f"{tm.run_dir} was trained on {tm.input_box} px at {tm.input_pixel_size_A:.4g} A/px; "
-                         "re-extract or rescale them to match")
+    check_matches_run(tm, stack)
     data = TrainingImages(stack, tm.box, tm.stats)
     dev = tm.model.k_half.device
     n = len(stack)
@@ -125,11 +118,8 @@ def predict(run_dir, stack: ParticleStack, *, batch_size: int = 256, device: str
     shifts_A = np.empty((n, 2))
     z = np.empty((n, tm.zdim), np.float32)
     loss = np.empty(n)
+    codes = class_targets(tm.warm, tm.zdim, dev)
     if tm.warm is not None:
-        from cryofire_ext.train.trainer import SearchCache, candidates_at_codes
-        from cryofire_ext.train.classes import class_targets
-
-        codes = class_targets(tm.warm, tm.zdim, dev)
         searched = SearchCache(tm.warm, n, _training_search(tm, stack))
     for s in range(0, n, batch_size):
         idx = np.arange(s, min(n, s + batch_size))
@@ -146,13 +136,27 @@ def predict(run_dir, stack: ParticleStack, *, batch_size: int = 256, device: str
         shifts_A[idx] = out.shift_px.double().cpu().numpy() * tm.pixel_size_A
         z[idx] = out.z_win.float().cpu().numpy()
         loss[idx] = out.loss.double().cpu().numpy()
-    rounds = tm.config.polish_rounds if polish_rounds is None else polish_rounds
-    if rounds > 0:
-        A, shifts_A, z = _polish(tm, data, A, shifts_A, z, rounds)
-    meta = {"polish_rounds": rounds, "pixel_size_A": stack.pixel_size_A, "box": stack.box, "model_box": tm.box,
+    meta = {"pixel_size_A": stack.pixel_size_A, "box": stack.box, "model_box": tm.box,
             "model_pixel_size_A": tm.pixel_size_A, "zdim": tm.zdim, "run_dir": str(tm.run_dir),
             "epoch": tm.epoch, "images_seen": tm.images_seen}
-    return Predictions(ids=stack.ids, A=A, shifts_A=shifts_A, z=z, loss=loss, meta=meta)
+    return Predictions(ids=stack.ids, A=A, shifts_A=shifts_A, z=z, loss=loss, meta=meta,
+                       class_id=nearest_class(z, codes))
+
+
+def nearest_class(z: np.ndarray, codes: torch.Tensor | None) -> np.ndarray:
+    """Class `(n,)` int64 of each z `(n, d)`: the index of the nearest class code `(K, d)` (all 0 for None)."""
+    if codes is None:
+        return np.zeros(len(z), dtype=np.int64)
+    c = codes.cpu().numpy()
+    return ((z[:, None, :] - c[None]) ** 2).sum(-1).argmin(1).astype(np.int64)
+
+
+def check_matches_run(tm: TrainedModel, stack: ParticleStack) -> None:
+    """Refuse particles of another box or pixel size (beyond 0.5%) than the run's training particles."""
+    if stack.box != tm.input_box or abs(stack.pixel_size_A / tm.input_pixel_size_A - 1) > 5e-3:
+        raise InputError(f"particles are {stack.box} px at {stack.pixel_size_A:.4g} A/px but the run in "
+                         f"{tm.run_dir} was trained on {tm.input_box} px at {tm.input_pixel_size_A:.4g} A/px; "
+                         "re-extract or rescale them to match")
 
 
 def _training_search(tm: TrainedModel, stack: ParticleStack) -> dict | None:
@@ -164,29 +168,3 @@ def _training_search(tm: TrainedModel, stack: ParticleStack) -> dict | None:
         return None
     log.info("reusing the training search for %d of %d particles", int(tm.searched["known"].sum()), len(stack))
     return tm.searched
-
-
-def _polish(tm: TrainedModel, data: TrainingImages, A: np.ndarray, shifts_A: np.ndarray, z: np.ndarray, rounds: int):
-    """`train.polish` on the model's predictions; classes from z's nearest class code."""
-    from cryofire_ext.train.polish import polish
-    from cryofire_ext.train.classes import class_targets
-
-    dev = tm.model.k_half.device
-    codes = class_targets(tm.warm, tm.zdim, "cpu")
-    if codes is None:
-        labels, K = np.zeros(len(A), dtype=np.int64), 1
-    else:
-        codes = codes.numpy()
-        labels, K = ((z[:, None, :] - codes[None]) ** 2).sum(-1).argmin(1), len(codes)
-    grid = None  # the warm start's global grid, its shifts in pixels of the model box
-    if tm.config.polish_global_search and tm.warm is not None:
-        grid = (tm.warm.rotations.to(dev), tm.warm.shifts_px.to(dev) * (tm.box / tm.warm.box))
-    A_t, t_t, lab_t = polish(data.read, len(A), torch.as_tensor(A, device=dev), torch.as_tensor(shifts_A / tm.pixel_size_A,
-                             device=dev), torch.as_tensor(labels, device=dev), K, tm.box, tm.pixel_size_A, rounds,
-                             global_grid=grid)
-    new = lab_t.cpu().numpy()
-    z = z.copy()
-    if codes is not None:
-        moved = new != labels
-        z[moved] = codes[new[moved]]
-    return A_t.double().cpu().numpy(), t_t.double().cpu().numpy() * tm.pixel_size_A, z

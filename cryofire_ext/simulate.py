@@ -27,7 +27,7 @@ from cryofire_ext.errors import InputError
 from cryofire_ext.images import ArrayImages
 from cryofire_ext.particles import ParticleStack
 from cryofire_ext.poses import random_rotations
-from cryofire_ext.projection import Projector
+from cryofire_ext.recon.projection import Projector
 
 log = logging.getLogger(__name__)
 

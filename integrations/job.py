@@ -1,9 +1,10 @@
 """A training job end to end: read particles -> train -> predict -> export (STAR, .cs, maps, plot).
 
 Also the demo: simulate the bundled two-state phantom, run the job, score it against the truth.
-Run folder layout (`out_dir`): config.json, checkpoints/last.pt (+ epoch_NNNN.pt),
-history.json, predictions.npz, particles.star (RELION 3.1 + cryofireZ*), particles.cs
-(alignments3D + components_mode_K), maps/*.mrc (mean z and cluster centres), loss.png.
+Run folder layout (`out_dir`, names owned by `run_folder`): config.json, refine.json, checkpoints/last.pt
+(+ epoch_NNNN.pt), history.json, predictions.npz, particles.star (RELION 3.1 + cryofireZ*, rlnClassNumber ours),
+particles.cs (alignments3D with our class + components_mode_K), classes.json, maps/*.mrc (mean z and each class's
+mean z, numbered as rlnClassNumber), loss.png.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
@@ -23,11 +24,15 @@ from cryofire_ext.errors import InputError
 from cryofire_ext.particles import ParticleStack
 from cryofire_ext.results import Predictions
 from cryofire_ext.safe_io import atomic_path, check_writable
+from cryofire_ext.refine.config import RefineConfig
 from cryofire_ext.train.config import TrainConfig
+
+if TYPE_CHECKING:
+    from cryofire_ext.predict import TrainedModel
 
 log = logging.getLogger(__name__)
 
-OUTPUT_FILES = ("predictions.npz", "particles.star", "particles.cs", "loss.png")
+OUTPUT_FILES = ("predictions.npz", "particles.star", "particles.cs", "loss.png", "classes.json", "refine.json")
 
 
 @dataclass
@@ -38,7 +43,7 @@ class JobOutputs:
     predictions: Path
     maps: list[Path]
     loss_plot: Path
-    clustering: dict = field(default_factory=dict)
+    classes: dict = field(default_factory=dict)
 
 
 def load_particles(particles, datadir=None) -> ParticleStack:
@@ -63,40 +68,51 @@ def load_particles(particles, datadir=None) -> ParticleStack:
 def run_training_job(particles, out_dir, config: TrainConfig, *, datadir=None,
                      should_stop: Callable[[], bool] | None = None, force: bool = False,
                      argv: list[str] | None = None, on_progress: Callable[[dict], None] | None = None,
-                     resume: bool = False, n_clusters: int | None = None) -> JobOutputs:
-    """Train on `particles`, then predict every particle and export; returns the outputs' paths.
+                     resume: bool = False, refine: RefineConfig | None = None) -> JobOutputs:
+    """Train on `particles`, then predict and refine every particle and export; returns the outputs' paths.
 
-    Refuses (before training) to overwrite existing exports unless `force` or `resume`.
-    `n_clusters`: clusters of z for the maps (None: chosen by BIC, at most 10).
+    Refuses (before training) to overwrite existing exports unless `force` or `resume`. `refine`: the refinement
+    after training (None: the run's saved `refine.json` on a resume, else the defaults); saved as `refine.json`.
     """
     from integrations.run_folder import run_folder
 
     out = Path(out_dir)
     check_runtime(config)
     overwrite = force or resume
-    for name in OUTPUT_FILES:
-        check_writable(out / name, overwrite)
+    check_outputs(out, overwrite)
+    refine = refine or saved_refine_config(out if resume else None)
     main = int(os.environ.get("RANK", "0")) == 0  # torchrun: rank 0 holds the folder for the whole world
     with run_folder(out, what="cryofire run") if main else contextlib.nullcontext(out):
-        return _train_and_export(particles, out, config, datadir, should_stop, overwrite, argv, on_progress, resume,
-                                 n_clusters)
+        return _train_and_export(particles, out, config, refine, datadir, should_stop, overwrite, argv, on_progress,
+                                 resume)
 
 
-def _train_and_export(particles, out: Path, config, datadir, should_stop, overwrite, argv, on_progress, resume,
-                      n_clusters) -> JobOutputs:
-    from cryofire_ext.train.trainer import train
+def _train_and_export(particles, out: Path, config, refine, datadir, should_stop, overwrite, argv, on_progress,
+                      resume) -> JobOutputs:
+    from cryofire_ext.pipeline import run
     from integrations.formats import input_files
     from integrations.run_folder import check_inputs_kept
 
     stack = load_particles(particles, datadir)
     check_inputs_kept(out, input_files(particles, stack))
-    train(stack, out, config, resume=resume, should_stop=should_stop, on_progress=on_progress, argv=argv)
-    import torch.distributed as dist
-
-    if dist.is_initialized() and dist.get_rank() != 0:  # under torchrun only rank 0 predicts and exports
+    preds = run(stack, out, config, refine, resume=resume, should_stop=should_stop, on_progress=on_progress,
+                argv=argv)
+    if preds is None:  # under torchrun only rank 0 predicts and exports
         return JobOutputs(out, out / "particles.star", out / "particles.cs", out / "predictions.npz", [],
                           out / "loss.png")
-    return export_run(out, stack, force=overwrite, n_clusters=n_clusters, seed=config.seed)
+    from cryofire_ext.predict import load_trained
+
+    return export_predictions(preds, load_trained(out, device=None), stack, out, refine, force=overwrite)
+
+
+def check_outputs(out: Path, force: bool) -> None:
+    """Refuse, before anything runs, to replace a job's exports in `out` (OUTPUT_FILES, maps/*.mrc) unless `force`."""
+    for name in OUTPUT_FILES:
+        check_writable(out / name, force)
+    maps = sorted((out / "maps").glob("*.mrc")) if (out / "maps").is_dir() else []
+    if maps and not force:
+        raise InputError(f"{out / 'maps'} already holds maps ({maps[0].name}, ...); pass --force to replace them or "
+                         "choose another output folder")
 
 
 def check_runtime(config: TrainConfig) -> None:
@@ -107,63 +123,91 @@ def check_runtime(config: TrainConfig) -> None:
     training_autocast(config.precision, resolve_device(config.device))
 
 
-def predict_job(run_dir, particles, out_dir, *, datadir=None, force: bool = False, n_clusters: int | None = None,
-                polish_rounds: int | None = None, device: str | None = None) -> JobOutputs:
+def saved_refine_config(run_dir) -> RefineConfig:
+    """The refinement settings saved in `run_dir` (`refine.json`; for runs made before it, the `polish_*` fields of
+    `config.json`), or the defaults when `run_dir` is None or holds neither."""
+    if run_dir is None:
+        return RefineConfig()
+    run_dir = Path(run_dir)
+    if (run_dir / "refine.json").is_file():
+        return RefineConfig.load(run_dir / "refine.json")
+    return RefineConfig(**RefineConfig.fields_in(job_config_fields(run_dir / "config.json")))
+
+
+def job_config_fields(path) -> dict:
+    """The fields of a JSON config file (a saved `TrainConfig` or a plain object), {} when unreadable or absent;
+    a job config file may hold the refinement fields beside the training ones."""
+    try:
+        payload = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return {}
+    payload = payload.get("config", payload) if isinstance(payload, dict) else {}
+    return payload if isinstance(payload, dict) else {}
+
+
+def predict_job(run_dir, particles, out_dir, *, datadir=None, force: bool = False,
+                refine: RefineConfig | None = None, device: str | None = None) -> JobOutputs:
     """`cryofire predict`: the run in `run_dir` over `particles` (path or stack), exported into `out_dir`
-    (locked while written; nothing left there when it fails; never over an input file)."""
+    (locked while written; nothing left there when it fails; never over an input file). `refine` None: the run's
+    saved refinement settings."""
+    from cryofire_ext.pipeline import infer
+    from cryofire_ext.predict import load_trained
     from integrations.formats import input_files
     from integrations.run_folder import check_inputs_kept, run_folder
 
     out = Path(out_dir)
-    for name in OUTPUT_FILES[:3]:
-        check_writable(out / name, force)
+    check_outputs(out, force)
+    refine = refine or saved_refine_config(run_dir)
     with run_folder(out, what="cryofire predict", resumable=()):
         stack = load_particles(particles, datadir)
         check_inputs_kept(out, input_files(particles, stack))
-        return export_run(run_dir, stack, force=force, n_clusters=n_clusters, out_dir=out,
-                          polish_rounds=polish_rounds, device=device)
+        tm = load_trained(run_dir, device=device)
+        return export_predictions(infer(tm, stack, refine), tm, stack, out, refine, force=force)
 
 
-def export_run(run_dir, stack: ParticleStack, *, force: bool = False, n_clusters: int | None = None,
-               seed: int = 0, out_dir=None, polish_rounds: int | None = None, device: str | None = None) -> JobOutputs:
-    """Final inference pass over `stack` with the run in `run_dir`, written to `out_dir` (default run_dir).
-
-    `polish_rounds`: pose refinement rounds after the model's pass (None: the run's config).
-    `device`: where the pass and the refinement run (None: the run's config `device`, "auto" = CUDA when present)."""
-    from cryofire_ext.analysis import cluster, write_maps
-    from cryofire_ext.predict import load_trained, predict
+def export_predictions(preds: Predictions, tm: "TrainedModel", stack: ParticleStack, out: Path, refine: RefineConfig,
+                       *, force: bool = False) -> JobOutputs:
+    """Write `preds` of `stack` (made with the trained run `tm` and the settings `refine`) into `out`:
+    predictions.npz, particles.star (rlnClassNumber = class + 1), particles.cs (alignments3D/class = class),
+    refine.json, classes.json, the decoder's maps (maps/mean_z.mrc and maps/class_NN.mrc at each class's mean z,
+    NN = rlnClassNumber; maps/consensus.mrc without z) and loss.png."""
+    from cryofire_ext.analysis import write_maps
     from integrations.cryosparc import write_cs
     from integrations.relion import write_star
 
-    run_dir = Path(run_dir)
-    out = Path(out_dir) if out_dir is not None else run_dir
-    tm = load_trained(run_dir, device=device)
-    preds = predict(tm, stack, polish_rounds=polish_rounds)
+    out = Path(out)
     pred_path = preds.save(out / "predictions.npz", force=force)
     posed = stack.with_poses(preds.A, preds.shifts_A)
     z = preds.z if preds.zdim else None
-    star = write_star(posed, out / "particles.star", z=z, force=force)
-    cs = write_cs(posed, out / "particles.cs", z=z, force=force)
-    info: dict = {}
+    star = write_star(posed, out / "particles.star", z=z, classes=preds.class_id, force=force)
+    cs = write_cs(posed, out / "particles.cs", z=z, classes=preds.class_id, force=force)
+    refine.save(out / "refine.json", force=force)
+    K = preds.n_classes
+    counts = np.bincount(preds.class_id, minlength=K)
+    info = {"k": K, "labels": preds.class_id}
     if preds.zdim:
-        cl = cluster(preds.z, k=n_clusters, method="kmeans", seed=seed)
-        points = np.concatenate([preds.z.mean(0, keepdims=True), cl.centres])
-        names = ["mean_z"] + [f"cluster_{j:02d}" for j in range(len(cl.centres))]
-        info = {"k": int(len(cl.centres)), "labels": cl.labels, "centres": cl.centres}
-        with atomic_path(out / "clusters.json", force=True) as tmp:
-            tmp.write_text(json.dumps({"k": info["k"], "centres": cl.centres.tolist(),
-                                       "counts": np.bincount(cl.labels, minlength=info["k"]).tolist()}))
+        centres = np.stack([preds.z[preds.class_id == k].mean(0) if counts[k] else np.full(preds.zdim, np.nan)
+                            for k in range(K)]).astype(np.float32)
+        points = np.concatenate([preds.z.mean(0, keepdims=True), centres[counts > 0]])
+        names = ["mean_z"] + [f"class_{k + 1:02d}" for k in range(K) if counts[k]]
+        if K == 1:
+            points, names = points[:1], names[:1]
+        info["centres"] = centres
     else:
         points, names = np.zeros((1, 0), np.float32), ["consensus"]
-    maps = write_maps(tm, points, out / "maps", names, force=True)
-    plot = loss_plot(run_dir, out / "loss.png", force=True)
+    with atomic_path(out / "classes.json", force=force) as tmp:
+        tmp.write_text(json.dumps({"k": K, "numbering": "rlnClassNumber (1-based) = alignments3D/class + 1",
+                                   "counts": counts.tolist(),
+                                   "mean_z": info["centres"].tolist() if preds.zdim else None}, default=float))
+    maps = write_maps(tm, points, out / "maps", names, force=force)
+    plot = loss_plot(tm.run_dir, out / "loss.png", force=force)
     return JobOutputs(out, star, cs, pred_path, maps, plot, info)
 
 
 def loss_plot(run_dir, path, force: bool = False) -> Path:
     """PNG of the training loss against images seen, from `run_dir/history.json` (empty axes when none)."""
     from cryofire_ext.analysis import loss_history
-    from cryofire_ext.plots import loss_curve
+    from cryofire_ext.analysis.plots import loss_curve
 
     x, y, xlabel = loss_history(Path(run_dir)) or (np.zeros(0), np.zeros(0), "images seen")
     return loss_curve(x, y, path, xlabel=xlabel, force=force)
@@ -193,7 +237,7 @@ def run_demo(out_dir, settings: DemoSettings | None = None, *, force: bool = Fal
     """Simulate the two-state phantom into `out_dir/data`, train into `out_dir/run`, score against the truth.
 
     Returns (and writes to `out_dir/metrics.json`) median rotation error (deg, after global
-    alignment, either hand), median shift error (px), clustering error, FSC of each cluster map
+    alignment, either hand), median shift error (px), clustering error, FSC of each class map
     to its matched true state, and the run's wall time.
     """
     import time
@@ -220,7 +264,7 @@ def run_demo(out_dir, settings: DemoSettings | None = None, *, force: bool = Fal
     # the images stay in memory; the run's particles.star / .cs name the written stack by absolute path so they
     # resolve from the run folder (relion_reconstruct, `cryofire analyze`'s back-projected maps)
     job = run_training_job(with_absolute_names(ds, out / "data"), out / "run", cfg, force=force,
-                           on_progress=on_progress, argv=argv, n_clusters=len(s.mix))
+                           on_progress=on_progress, argv=argv)
     wall = time.monotonic() - t0
     metrics = score_run(job, ds)
     metrics.update({"wall_s": wall, "n": s.n, "box": s.box, "snr": s.snr, "pixel_size_A": apix,
@@ -241,18 +285,18 @@ def score_run(job: JobOutputs, ds) -> dict:
     sh, _ = shift_error_px(preds.shifts_A / px, ds.shifts_A / px, preds.A)
     m = {"median_rotation_error_deg": float(np.median(rot.errors_deg)), "hand_flipped": bool(rot.flipped),
          "median_shift_error_px": float(np.median(sh))}
-    if job.clustering:
-        labels = job.clustering["labels"]
+    if preds.n_classes > 1:
+        labels = preds.class_id
         m["clustering_error"] = clustering_error(labels, ds.state)
         fsc = {}
         import mrcfile
 
-        for j in range(job.clustering["k"]):
+        for j in range(preds.n_classes):
             members = ds.state[labels == j]
             if len(members) == 0:
                 continue
             true_state = int(np.bincount(members).argmax())
-            with mrcfile.open(job.out_dir / "maps" / f"cluster_{j:02d}.mrc") as mrc:
+            with mrcfile.open(job.out_dir / "maps" / f"class_{j + 1:02d}.mrc") as mrc:
                 vol = np.asarray(mrc.data, dtype=np.float64)
             truth = ds.maps[true_state]
             if rot.flipped:  # the run found the mirror image: compare with the mirrored truth (z -> -z)
@@ -260,7 +304,7 @@ def score_run(job: JobOutputs, ds) -> dict:
             freq, curve = map_fsc(_align_map(vol, rot.global_rotation), truth, px)
             below = np.nonzero(curve < 0.5)[0]
             res = float(1.0 / freq[below[0]]) if len(below) and freq[below[0]] > 0 else float(2 * px)
-            fsc[f"cluster_{j:02d}"] = {"true_state": true_state, "fsc05_resolution_A": res,
+            fsc[f"class_{j + 1:02d}"] = {"true_state": true_state, "fsc05_resolution_A": res,
                                        "members": int((labels == j).sum())}
         m["maps_fsc"] = fsc
     return m

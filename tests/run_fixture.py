@@ -20,7 +20,7 @@ from cryofire_ext.images import ArrayImages
 from cryofire_ext.particles import ParticleStack
 from cryofire_ext.phantom import phantom_maps
 from cryofire_ext.poses import random_rotations
-from cryofire_ext.projection import project
+from cryofire_ext.recon.projection import project
 from tests.conftest import TEST_DEVICE
 
 
@@ -58,7 +58,7 @@ def simulated_stack(n: int = 256, box: int = 32, snr: float = 0.1, seed: int = 0
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory) -> Path:
     """A tiny trained run folder on simulated phantom data (built once, well under a minute)."""
-    from cryofire_ext.predict import predict
+    from cryofire_ext.pipeline import infer
     from cryofire_ext.train.config import TrainConfig
     from cryofire_ext.train.trainer import train
 
@@ -68,5 +68,5 @@ def trained_run(tmp_path_factory) -> Path:
     cfg = TrainConfig(zdim=2, epochs=2, batch_size=32, hidden=32, dec_hidden=32, dec_layers=2, enc_channels=(4, 8, 16, 32, 32),
                       warm_start="none", pose_only_images=96, lr_warmup_images=0, num_workers=1, device=TEST_DEVICE)
     train(stack, run, cfg)
-    predict(run, stack).save(run / "predictions.npz")
+    infer(run, stack).save(run / "predictions.npz")
     return run

@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 
 from cryofire_ext.images import write_mrc
-from cryofire_ext import analysis, plots, report
+from cryofire_ext import analysis
+from cryofire_ext.analysis import plots
+from integrations import report
 from cryofire_ext.errors import InputError
 from cryofire_ext.metrics import clustering_error, pc1_correlation
 from cryofire_ext.poses import random_rotations

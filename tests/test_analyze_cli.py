@@ -253,8 +253,8 @@ def test_backprojected_cluster_maps_match_their_own_state(tmp_path):
     """Each cluster's map back-projected from its particles (at the run's poses, here the true ones)
     correlates best with its own state's truth and better than the full set's map does."""
     from cli.analyze import _member_map
-    from cryofire_ext import report
-    from cryofire_ext.reconstruct import reconstruct
+    from integrations import report
+    from cryofire_ext.recon.reconstruct import reconstruct
     from integrations.relion import read_star
 
     run, state, maps = simulated_run(tmp_path, n=300, snr=3.0)

@@ -84,7 +84,7 @@ def test_batched_lattice_and_bad_shape():
 def test_sign_angle_and_phase_shift_match_relion_project(tmp_path):
     """relion_project --ctf images: our CTF beats its sign flip, a mirrored astigmatism angle and a negated phase shift."""
     from cryofire_ext.poses import random_rotations
-    from cryofire_ext.projection import correlation, project
+    from cryofire_ext.recon.projection import correlation, project
     from tests.conftest import require_relion
     from tests.test_projection import relion_project_images
 

@@ -14,10 +14,10 @@ import torch
 
 from cryofire_ext.metrics import geodesic_deg
 from cryofire_ext.phantom import phantom_maps
-from cryofire_ext.train.classes import class_maps
-from cryofire_ext.train.frames import class_frames, register, rotate_map, turn_poses, turned
-from cryofire_ext.train.polish import polish
-from cryofire_ext.train.warmstart import _axis_angle
+from cryofire_ext.recon.classmaps import class_maps
+from cryofire_ext.refine.frames import class_frames, register, rotate_map, turn_poses, turned
+from cryofire_ext.refine.polish import polish
+from cryofire_ext.poses import axis_angle_matrix
 from tests.conftest import phantom_training_set
 
 torch.set_num_threads(2)
@@ -26,7 +26,7 @@ N = 400
 
 def _rotation(deg: float, axis=(0.3, -0.5, 0.8)) -> torch.Tensor:
     v = torch.tensor(axis, dtype=torch.float32)
-    return _axis_angle(v / v.norm() * np.radians(deg))
+    return axis_angle_matrix(v / v.norm() * np.radians(deg))
 
 
 def _angle_deg(R: torch.Tensor, Q: torch.Tensor) -> float:

@@ -42,7 +42,7 @@ def test_mirrored_copy_is_recognised_exactly():
 def test_mirror_rule_holds_for_projections():
     """The z-mirrored map at poses M A M gives the same images as the map at A (why `flipped` is a hand flip)."""
     from cryofire_ext.phantom import phantom_maps
-    from cryofire_ext.projection import correlation, project
+    from cryofire_ext.recon.projection import correlation, project
 
     maps, _ = phantom_maps(32)
     vol = torch.from_numpy(maps[0])

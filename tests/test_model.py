@@ -15,7 +15,7 @@ from cryofire_ext.model.decoder import NeuralField
 from cryofire_ext.model.encoder import Encoder
 from cryofire_ext.phantom import phantom_maps
 from cryofire_ext.poses import random_rotations
-from cryofire_ext.projection import project
+from cryofire_ext.recon.projection import project
 
 torch.set_num_threads(2)
 SMALL = dict(enc_channels=(8, 16, 16, 32, 32), hidden=32, dec_hidden=32)

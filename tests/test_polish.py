@@ -15,11 +15,14 @@ import torch
 from cryofire_ext.ctf import evaluate_ctf
 from cryofire_ext.metrics import clustering_error, geodesic_deg
 from cryofire_ext.model.losses import undo_shift
-from cryofire_ext.train.polish import MIN_PARTICLES_PER_CLASS, polish
-from cryofire_ext.train.classes import (RECONSTRUCT_PAD, class_maps, class_maps_fsc, classify_at_poses,
-                                       fsc_resolution_A, on_box_lattice, reconstruct_classes)
+from cryofire_ext.refine.polish import MIN_PARTICLES_PER_CLASS, polish
+from cryofire_ext.recon.classmaps import (RECONSTRUCT_PAD, class_maps, class_maps_fsc, fsc_resolution_A,
+                                         on_box_lattice, reconstruct_classes)
+from cryofire_ext.refine.classify import classify_at_poses
 from cryofire_ext.poses import random_rotations
-from cryofire_ext.train.warmstart import _Lattice, _axis_angle, _slices, shift_grid
+from cryofire_ext.poses import axis_angle_matrix
+from cryofire_ext.recon.lattice import Lattice, slices
+from cryofire_ext.refine.search import shift_grid
 from tests.conftest import phantom_training_set
 
 torch.set_num_threads(2)
@@ -34,7 +37,7 @@ def two_states():
 def _perturbed(ds, apix, deg=6.0, shift_px=0.7, flip=0.15, seed=0):
     g = torch.Generator().manual_seed(seed)
     axes = torch.nn.functional.normalize(torch.randn(N, 3, generator=g, dtype=torch.float64), dim=-1)
-    A = (_axis_angle(axes * np.radians(deg)) @ torch.as_tensor(ds.A)).float()
+    A = (axis_angle_matrix(axes * np.radians(deg)) @ torch.as_tensor(ds.A)).float()
     ang = torch.rand(N, generator=g, dtype=torch.float64) * 2 * np.pi
     t = torch.as_tensor(ds.shifts_A / apix) + shift_px * torch.stack((ang.cos(), ang.sin()), 1)
     labels = torch.tensor(ds.state, dtype=torch.long)  # a copy: the truth stays as it is
@@ -112,7 +115,7 @@ def test_classification_finds_a_ten_percent_state_from_a_random_split():
     g = torch.Generator().manual_seed(0)
     axes = torch.nn.functional.normalize(torch.randn(n, 3, generator=g, dtype=torch.float64), dim=-1)
     deg = torch.where(torch.as_tensor(ds.state) == 1, 8.0, 2.5).double()
-    A = (_axis_angle(axes * torch.deg2rad(deg)[:, None]) @ torch.as_tensor(ds.A)).float()
+    A = (axis_angle_matrix(axes * torch.deg2rad(deg)[:, None]) @ torch.as_tensor(ds.A)).float()
     t = torch.as_tensor(ds.shifts_A / apix).float()
     lab0 = torch.randint(0, 2, (n,), generator=torch.Generator().manual_seed(1))
     assert clustering_error(lab0.numpy(), ds.state) > 0.4
@@ -148,7 +151,7 @@ def test_padded_class_maps_predict_the_images_better(two_states):
     ds, _, apix = two_states
     _, clean, _ = phantom_training_set(N, seed=2, snr=float("inf"))
     A, t, lab = _perturbed(ds, apix, deg=0.0, shift_px=0.0, flip=0.0)
-    lat = _Lattice(32, apix, "cpu")
+    lat = Lattice(32, apix, "cpu")
     idx = np.arange(64)
     img, ctf = clean.read(idx)
     Y, C = lat.observe(img), evaluate_ctf(ctf.double(), lat.freqs).float()
@@ -156,7 +159,7 @@ def test_padded_class_maps_predict_the_images_better(two_states):
     for pad in (1, 2):
         V = class_maps(clean.read, N, A, t, lab, 2, 32, apix, reg=1e-3, pad=pad)
         assert V.shape[-1] == 32 * pad + 1
-        S = torch.stack([_slices(V[int(lab[i])], (lat.k @ A[i].float())[None])[0] for i in idx])  # (64, m)
+        S = torch.stack([slices(V[int(lab[i])], (lat.k @ A[i].float())[None])[0] for i in idx])  # (64, m)
         resid = undo_shift(Y, lat.k[:, :2], t[idx][:, None].float())[:, 0] - C * S
         misfit[pad] = float(resid.abs().square().sum() / Y.abs().square().sum())
     assert misfit[2] < 0.25 * misfit[1] and misfit[2] < 0.02, misfit  # measured: 0.075 unpadded, 0.008 padded

@@ -13,7 +13,7 @@ from cryofire_ext.ctf import CTFParams
 from cryofire_ext.errors import InputError
 from cryofire_ext.phantom import phantom_maps
 from cryofire_ext.poses import random_rotations, relion_euler_to_matrix
-from cryofire_ext.projection import Projector, correlation, project
+from cryofire_ext.recon.projection import Projector, correlation, project
 from tests.conftest import require_relion, shared_fixture
 
 torch.set_num_threads(2)

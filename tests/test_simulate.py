@@ -10,8 +10,8 @@ import torch
 from cli.main import main
 from cryofire_ext.errors import InputError
 from cryofire_ext.phantom import phantom_maps
-from cryofire_ext.projection import correlation, project
-from cryofire_ext.reconstruct import fsc, reconstruct
+from cryofire_ext.recon.projection import correlation, project
+from cryofire_ext.recon.reconstruct import fsc, reconstruct
 from cryofire_ext.simulate import simulate, simulate_states
 from integrations.simulated import load_truth, write_dataset
 from tests.conftest import require_relion

@@ -1,4 +1,4 @@
-"""3D variability at fixed poses (cryofire_ext.variability): physics on the phantom's states."""
+"""3D variability at fixed poses (cryofire_ext.analysis.variability): physics on the phantom's states."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from cryofire_ext.errors import InputError
 from cryofire_ext.images import ArrayImages
 from cryofire_ext.phantom import phantom_maps
 from cryofire_ext.simulate import simulate
-from cryofire_ext.variability import variability
+from cryofire_ext.analysis.variability import variability
 
 torch.set_num_threads(2)
 

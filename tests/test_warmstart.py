@@ -16,8 +16,11 @@ from cryofire_ext.phantom import phantom_maps
 from cryofire_ext.poses import random_rotations
 from cryofire_ext.simulate import simulate
 from cryofire_ext.train.data import StackStats, TrainingImages
-from cryofire_ext.train.classes import class_codes, classify, reconstruct_classes, refine_warm_map
-from cryofire_ext.train.warmstart import WarmMap, build_warm_map_online, search, shift_grid
+from cryofire_ext.recon.classmaps import reconstruct_classes
+from cryofire_ext.refine.classify import classify
+from cryofire_ext.refine.search import WarmMap, search, shift_grid
+from cryofire_ext.refine.warmstart import build_warm_map_online, refine_warm_map
+from cryofire_ext.train.candidates import class_codes
 
 torch.set_num_threads(2)
 

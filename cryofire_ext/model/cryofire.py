@@ -22,6 +22,7 @@ from cryofire_ext.ctf import evaluate_ctf
 from cryofire_ext.model.decoder import NeuralField
 from cryofire_ext.model.encoder import Encoder
 from cryofire_ext.model.losses import candidate_losses, winner_take_all
+from cryofire_ext.recon.lattice import Lattice
 
 RZ_PI = torch.diag(torch.tensor([-1.0, -1.0, 1.0]))
 
@@ -44,16 +45,15 @@ class StepOutput:
 class CryoFIRE(nn.Module):
     def __init__(self, box: int, pixel_size_A: float, zdim: int, *, enc_channels=(32, 64, 128, 256, 256),
                  hidden: int = 256, dec_hidden: int = 256, dec_layers: int = 4, pe_freqs: int | None = None,
-                 pe_sigma: float = 0.5, n_pose_heads: int = 1, symmetric: bool = True, seed: int = 0):
+                 pe_sigma: float = 0.15, n_pose_heads: int = 1, symmetric: bool = True, seed: int = 0):
         super().__init__()
         self.box, self.zdim, self.symmetric = int(box), int(zdim), bool(symmetric)
         self.encoder = Encoder(box, zdim, enc_channels, hidden, n_pose_heads)
         self.decoder = NeuralField(box, zdim, dec_hidden, dec_layers, pe_freqs, pe_sigma, seed)
-        half = fourier.half_plane_mask(box, 1.0 - 1e-3)
-        k = fourier.slice_lattice(box, dtype=torch.float32)
-        self.register_buffer("half_idx", torch.nonzero(half.reshape(-1)).squeeze(-1))
-        self.register_buffer("k_half", k.reshape(-1, 3)[self.half_idx].contiguous())
-        self.register_buffer("k_radius", torch.linalg.vector_norm(self.k_half[:, :2], dim=-1))
+        lat = Lattice(box, pixel_size_A, "cpu")  # the engine's half lattice, as buffers that follow the device
+        self.register_buffer("half_idx", lat.idx)
+        self.register_buffer("k_half", lat.k.contiguous())
+        self.register_buffer("k_radius", lat.r)
         self.register_buffer("pixel_size_A", torch.tensor(float(pixel_size_A), dtype=torch.float64))
         self.register_buffer("img_scale", torch.tensor(1.0))  # std of raw pixels, set before training
 

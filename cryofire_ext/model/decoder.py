@@ -4,7 +4,7 @@
 it is encoded with `n_freqs` random Gaussian frequencies (a fixed buffer drawn from
 a seeded generator), concatenated with `z`, and passed through `layers` hidden
 layers of `hidden` units to 2 outputs read as the real and imaginary parts of the
-transform. The Hartley value is `real - imaginary`.
+transform.
 
 Hermitian symmetry is built in: points with `k_z < 0` are evaluated at `-k` and
 conjugated, so `V(-k, z) = conj V(k, z)` exactly and the map is real.
@@ -73,8 +73,3 @@ class NeuralField(nn.Module):
             if isinstance(m, nn.Linear):
                 n += 2 * m.in_features * m.out_features
         return n
-
-
-def hartley(F: torch.Tensor) -> torch.Tensor:
-    """`(..., 2)` (real, imaginary) -> Hartley value `(...,)` = real - imaginary."""
-    return F[..., 0] - F[..., 1]

@@ -7,78 +7,62 @@ format and names unknown fields.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from cryofire_ext.configfile import ConfigFile
 from cryofire_ext.errors import InputError
-from cryofire_ext.safe_io import atomic_path
-
-FORMAT = "cryofire-train-config"
-FORMAT_VERSION = 1
 
 # fields a resumed run may change (they do not alter what has been trained so far)
-RESUMABLE_FIELDS = ("epochs", "max_minutes", "device", "precision", "num_workers", "log_every", "polish_rounds",
-                    "polish_global_search")
+RESUMABLE_FIELDS = ("epochs", "max_minutes", "device", "precision", "num_workers", "log_every")
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(ConfigFile):
     """A training run's settings (units in names; images counted in particles seen).
 
     Model (seed cryoFIRE, Fig. S1/S2): `zdim` conformation dims (0 = homogeneous);
     `enc_channels` CNN widths, one 3x3 conv + BatchNorm + ReLU + 2x2 max-pool per level
     (5 levels -> `(D/32)^2` cells of the last width, 256); `hidden` MLP width;
     `dec_layers` x `dec_hidden` neural field with `pe_freqs` (None = D/2) Gaussian
-    frequencies of scale `pe_sigma` (in cycles per unit of k times D/2; 0.15 fitted the
-    phantom map to correlation 0.82 in 150 steps where 0.5 reached 0.19).
+    frequencies of scale `pe_sigma` (in cycles per unit of k times D/2).
     `n_pose_heads` > 1 gives a winner-take-all multi-head encoder (cryoSPIN).
     `symmetric`: the image and its copy rotated 180 deg in-plane are both encoded;
     the smaller loss wins.
 
     Schedule: `pose_only_images` with random z before the encoder's z is used;
     frequency marching from `march_start` (units of Nyquist) to 1 over `march_images`;
-    Adam `lr` with linear warm-up over `lr_warmup_images`.
+    Adam `lr` with linear warm-up over `lr_warmup_images`; `z_l2` an L2 penalty on z.
 
-    Warm start (`warm_start="search"`, the default because the plain recipe learns no
-    poses on CPU budgets, see benchmarks/): an online hard-assignment EM (`warm_steps`
-    minibatches of `warm_batch` images, global search over `warm_rotations` rotations
-    and a 3x3 shift grid) on `warm_images` images Fourier-cropped to `warm_box` builds
-    a low-resolution map; `warm_rounds` projection-matching rounds on the same images then
-    lift it to the training box (back-project at the current poses, search again: global grid
-    and a local refinement of rotation and shift), and with `zdim` > 0 and `warm_classes` K > 1
-    a hard-EM classification at fixed poses splits them into K class maps. Each training
-    particle's searched (pose, shift, class) is computed once, when it is first seen. The
-    class gives the encoder's z a target (the K vertices of a simplex in z, `class_codes`),
-    taught like the poses (`distill_images`) while the decoder learns each class from its
-    target z; afterwards, with `search_candidates`, the searched pose is a candidate once at
-    every class's z and the decoder's loss picks the class (in training and in `predict`). The
-    encoder is then
-    taught the searched poses of each training batch for `distill_images` images (weight
-    decaying to 0 over the same number again) while the decoder learns from them.
-    While the distillation weight is 1 the reconstruction uses the searched pose only (the
-    decoder learns from clean poses). With `search_candidates` the searched pose (refined locally) is also a candidate in the
-    winner-take-all loss, in training and in `predict` (semi-amortized: on CPU budgets the
-    encoder's own pose heads learn slowly; the loss picks whichever explains the image best).
-    `warm_start="none"` is the seed's plain recipe.
+    Warm start (`refine.warmstart`; `warm_start="search"`, the default, because the plain recipe learns no
+    poses on CPU budgets; `"none"` is the seed's plain recipe): an online hard-assignment EM (`warm_steps`
+    minibatches of `warm_batch` images, global search over `warm_rotations` rotations and a 3x3 shift grid
+    up to `warm_max_shift_px`) on `warm_images` images Fourier-cropped to `warm_box` builds a low-resolution
+    map; `warm_rounds` projection-matching rounds lift it to the training box, and with `zdim` > 0 and
+    `warm_classes` K > 1 a hard-EM classification at fixed poses splits it into K class maps.
+    Each training particle's searched (pose, shift, class) is computed once, when it is first seen
+    (`train.candidates.SearchCache`). For `distill_images` images (then decaying to 0 over as many again)
+    the encoder is taught the searched poses and the class's z target (a vertex of a simplex in z,
+    `class_codes`) while the decoder learns from the searched poses only. With `search_candidates` the
+    searched pose is also a candidate in the winner-take-all loss, once at every class's z, in training and
+    in the model pass after it.
 
-    `polish_rounds`: rounds of per-particle refinement of pose, shift and class in `predict`
-    against class maps back-projected from the particles themselves (`train.polish`; 0 = the
-    model's own predictions). With `polish_global_search` (and a search warm start), the first and the
-    last round first search every particle over the warm start's rotation and shift grid against the
-    round's maps and keep the searched pose where it explains the image better
-    (`polish.global_research`): 20k images, 64 px, SNR 0.1: particles > 15 deg off 2.3% -> 1.2%,
-    clustering 0.024 -> 0.021, +7.5 min on 2 cores.
+    The refinement after training has its own config (`refine.config.RefineConfig`), saved apart.
 
-    `train_box`: Fourier-crop the images to this box for training (None = keep).
+    `train_box`: Fourier-crop the images to this box for training (None = keep; a multiple of 32 px).
 
     `precision`: the training step's arithmetic. "auto" = bf16 autocast on CUDA and fp32 on the
     CPU; "bf16" = bf16 autocast (CUDA only; refused on the CPU, where torch's bf16 kernels are not
     the fast path); "fp32" = full float32 everywhere. Inference (`predict`, the refinement) is float32.
     """
+
+    FORMAT = "cryofire-train-config"
+    KIND = "training config"
+    #: the refinement settings of runs made before `RefineConfig` (read into it by `refine_config_of_run`)
+    RETIRED_FIELDS = ("polish_rounds", "polish_global_search")
 
     zdim: int = 8
     epochs: int = 20
@@ -116,9 +100,6 @@ class TrainConfig:
     warm_classes: int = 2
     distill_images: int = 10000
     search_candidates: bool = True
-    # after training
-    polish_rounds: int = 3
-    polish_global_search: bool = True
     # runtime
     num_workers: int = 2
     log_every: int = 50
@@ -157,64 +138,29 @@ class TrainConfig:
             bad("warm_start", "'search' or 'none'")
         if not 0 < self.march_start <= 1:
             bad("march_start", "a radius in (0, 1] (units of Nyquist)")
-        if self.train_box is not None and (self.train_box < 32 or self.train_box % 2):
-            bad("train_box", "an even box of at least 32 px (the encoder pools 5 times)")
+        if self.train_box is not None and (self.train_box < 32 or self.train_box % 32):
+            bad("train_box", "a multiple of 32 px (the encoder pools 5 times by 2), e.g. 32, 64 or 128")
         if self.warm_box < 8 or self.warm_box % 2:
             bad("warm_box", "an even box of at least 8 px")
         if not isinstance(self.warm_rounds, int) or self.warm_rounds < 0:
             bad("warm_rounds", "an integer >= 0 (refinement rounds at the training box)")
         if not isinstance(self.warm_classes, int) or self.warm_classes < 1:
             bad("warm_classes", "an integer >= 1 (classes of the warm start; 1 = none)")
-        if not isinstance(self.polish_rounds, int) or self.polish_rounds < 0:
-            bad("polish_rounds", "an integer >= 0 (pose refinement rounds after training; 0 = none)")
-        if not isinstance(self.polish_global_search, bool):
-            bad("polish_global_search", "true or false (a global search of every particle in the last refinement round)")
 
-    # ---- persistence
+    # ---- persistence (`ConfigFile`: save, load, from_dict)
     def to_dict(self) -> dict:
         d = asdict(self)
         d["enc_channels"] = list(self.enc_channels)
         return d
 
     def save(self, path: str | os.PathLike, force: bool = True, argv: list[str] | None = None) -> Path:
-        """Write JSON with format, version, time and command line (atomic)."""
+        """Write the versioned JSON, stamped with the package version, the time and the command line (atomic)."""
         from cryofire_ext import __version__
 
         self.version = __version__
         self.created = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         self.command_line = list(argv if argv is not None else (self.command_line or sys.argv))
-        payload = {"format": FORMAT, "format_version": FORMAT_VERSION, "config": self.to_dict()}
-        with atomic_path(path, force=force) as tmp:
-            tmp.write_text(json.dumps(payload, indent=2) + "\n")
-        return Path(path)
-
-    @classmethod
-    def from_dict(cls, d: dict, source: str = "config") -> "TrainConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise InputError(f"{source}: unknown training config field(s) {', '.join(unknown)}; "
-                             f"known fields: {', '.join(sorted(known))}")
-        return cls(**d)
-
-    @classmethod
-    def load(cls, path: str | os.PathLike) -> "TrainConfig":
-        """Read a file written by `save` (or a plain JSON object of fields)."""
-        path = Path(path)
-        try:
-            payload = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise InputError(f"{path}: config file not found") from None
-        except (OSError, ValueError) as exc:
-            raise InputError(f"{path}: not a readable JSON config ({exc})") from exc
-        if not isinstance(payload, dict):
-            raise InputError(f"{path}: expected a JSON object of config fields")
-        if "config" in payload:
-            if payload.get("format") != FORMAT or payload.get("format_version", 0) > FORMAT_VERSION:
-                raise InputError(f"{path}: format {payload.get('format')} v{payload.get('format_version')} "
-                                 f"is not {FORMAT} v<={FORMAT_VERSION}")
-            payload = payload["config"]
-        return cls.from_dict(payload, source=str(path))
+        return super().save(path, force=force)
 
     def training_fields(self) -> dict:
         """The fields that define what is trained (all but provenance and RESUMABLE_FIELDS)."""

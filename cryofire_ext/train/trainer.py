@@ -18,6 +18,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from cryofire_ext import run_layout
 from cryofire_ext.errors import InputError
 from cryofire_ext.model.cryofire import build_model
 from cryofire_ext.model.losses import chordal_pose_loss
@@ -25,11 +26,12 @@ from cryofire_ext.particles import ParticleStack
 from cryofire_ext.safe_io import atomic_path
 from cryofire_ext.train import distributed, schedules
 from cryofire_ext.train.checkpoint import load_checkpoint, save_checkpoint
-from cryofire_ext.train.config import TrainConfig
-from cryofire_ext.train.data import (PrefetchLoader, StackStats, TrainingImages, crop, epoch_batches, scan_stack,
+from cryofire_ext.train.config import RESUMABLE_FIELDS, TrainConfig
+from cryofire_ext.train.data import (PrefetchLoader, StackStats, TrainingImages, epoch_batches, scan_stack,
                                      stack_fingerprint)
-from cryofire_ext.train.classes import class_targets, refine_warm_map
-from cryofire_ext.train.warmstart import WarmMap, build_warm_map_online, search
+from cryofire_ext.refine.search import WarmMap
+from cryofire_ext.refine.warmstart import warm_start
+from cryofire_ext.train.candidates import SearchCache, candidates_at_codes, class_targets
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +74,12 @@ def training_autocast(precision: str, device: torch.device):
     return contextlib.nullcontext()
 
 
+def _stop_if_asked(should_stop: Callable[[], bool] | None) -> None:
+    """Raise TrainingStopped (no checkpoint yet) when `should_stop()` says so: the warm start's poll."""
+    if should_stop is not None and should_stop():
+        raise TrainingStopped(None)
+
+
 def _batch_generator(seed: int, epoch: int, batch: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(seed) * 1_000_003 + int(epoch) * 10_007 + int(batch))
 
@@ -82,7 +90,7 @@ def train(stack: ParticleStack, run_dir, config: TrainConfig, *, resume: bool = 
     """Train cryoFIRE on `stack`, writing `run_dir/config.json` and `run_dir/checkpoints/`.
 
     Returns the last checkpoint's path. `resume` continues from `checkpoints/last.pt` (the
-    training fields of `config` must match the saved ones; `epochs`/`max_minutes`/`device`
+    training fields of `config` must match the saved ones; those in `config.RESUMABLE_FIELDS`
     may change). Stops early (checkpointed, no error) after `config.max_minutes`; raises
     `TrainingStopped` (checkpointed) when `should_stop()` returns True. `on_progress` gets a
     dict (epoch, batch, images, loss, lr, radius, time_s) every `log_every` steps.
@@ -94,8 +102,8 @@ def train(stack: ParticleStack, run_dir, config: TrainConfig, *, resume: bool = 
     stack.require_images()
     box = training_box(config, stack)
     n = len(stack)
-    ckdir = run_dir / "checkpoints"
-    last = ckdir / "last.pt"
+    ckdir = run_dir / run_layout.CHECKPOINTS
+    last = run_dir / run_layout.LAST_CHECKPOINT
     state = None
     if resume:
         if not last.is_file():
@@ -105,7 +113,8 @@ def train(stack: ParticleStack, run_dir, config: TrainConfig, *, resume: bool = 
         diffs = saved.differences(config)
         if diffs:
             raise InputError(f"{run_dir}: --resume with a changed config ({'; '.join(diffs)}); only "
-                             "epochs, max_minutes and device may change. Nothing was modified.")
+                             f"{', '.join(RESUMABLE_FIELDS)} may change (and the refinement settings, which are not "
+                             "training's). Nothing was modified.")
         if int(state["n_particles"]) != n or int(state["input_box"]) != stack.box:
             raise InputError(f"{run_dir}: the checkpoint was trained on {state['n_particles']} particles of "
                              f"{state['input_box']} px, not {n} of {stack.box} px; resume with the same particles")
@@ -130,14 +139,14 @@ def train(stack: ParticleStack, run_dir, config: TrainConfig, *, resume: bool = 
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
     if env.is_main:
-        cfg_path = run_dir / "config.json"
+        cfg_path = run_dir / run_layout.CONFIG
         config.save(cfg_path, force=True, argv=argv)
     warm = None
     if config.warm_start == "search":
         if state is not None and "warm" in state:
             warm = WarmMap.from_state(state["warm"])
         else:
-            warm = _warm_start(config, data, stack, box, env.device, should_stop)
+            warm = warm_start(config, data, stack, box, env.device, poll=lambda: _stop_if_asked(should_stop))
     searched = SearchCache(warm, n, state.get("searched") if state else None) if warm is not None else None
     codes = class_targets(warm, config.zdim, env.device)
     net = distributed.wrap(model, env)
@@ -168,7 +177,7 @@ def train(stack: ParticleStack, run_dir, config: TrainConfig, *, resume: bool = 
             save_checkpoint(last, s)
             if epoch_file:
                 save_checkpoint(ckdir / f"epoch_{epoch:04d}.pt", {k: v for k, v in s.items() if k != "optimizer"})
-            with atomic_path(run_dir / "history.json", force=True) as tmp:
+            with atomic_path(run_dir / run_layout.HISTORY, force=True) as tmp:
                 tmp.write_text(json.dumps(history))
         distributed.barrier(env)
         return last
@@ -240,82 +249,3 @@ def train(stack: ParticleStack, run_dir, config: TrainConfig, *, resume: bool = 
     if not last.exists():
         checkpoint(epoch0, batch0)
     return last
-
-
-#: below this many particles the warm start is not reliable (benchmarks/results/demo_small_n.json)
-FEW_PARTICLES = 1000
-
-
-def _warm_start(config: TrainConfig, data: TrainingImages, stack: ParticleStack, box: int, device,
-                should_stop: Callable[[], bool] | None = None) -> WarmMap:
-    """Build the coarse map from `warm_images` images (deterministic in `config.seed`); `should_stop` is polled
-    between its steps (TrainingStopped without a checkpoint when it returns True)."""
-
-    def poll(*_):
-        if should_stop is not None and should_stop():
-            raise TrainingStopped(None)
-
-    poll()
-    n = len(stack)
-    k = min(n, config.warm_images)
-    if n < FEW_PARTICLES:
-        log.warning("only %d particles: below about %d the search warm start can fail to find poses (the demo's "
-                    "phantom at 300 particles failed with one seed of two); check the maps, and if they are blobs "
-                    "train again with another --seed", n, FEW_PARTICLES)
-    pick = np.sort(np.random.default_rng([config.seed, 99]).choice(n, size=k, replace=False))
-    img, ctf = data.read(pick)
-    wb = min(config.warm_box, box)
-    t = time.monotonic()
-    warm = build_warm_map_online(crop(img, wb).to(device), ctf.to(device), stack.pixel_size_A * stack.box / wb,
-                                 n_rotations=config.warm_rotations, steps=config.warm_steps,
-                                 max_shift_px=config.warm_max_shift_px * wb / stack.box, seed=config.seed,
-                                 batch=config.warm_batch, callback=poll)
-    log.info("warm start: coarse map from %d images at %d px in %.1f s", k, wb, time.monotonic() - t)
-    poll()
-    if config.warm_rounds > 0:
-        t = time.monotonic()
-        warm = refine_warm_map(warm, img.to(device), ctf.to(device), stack.pixel_size_A * stack.box / box,
-                               rounds=config.warm_rounds, n_classes=config.warm_classes if config.zdim else 1,
-                               max_shift_px=config.warm_max_shift_px * box / stack.box, seed=config.seed,
-                               callback=poll)
-        log.info("warm start: %d refinement rounds and %d class(es) at %d px in %.1f s", config.warm_rounds,
-                 warm.n_classes, box, time.monotonic() - t)
-    return warm
-
-
-def candidates_at_codes(A: torch.Tensor, t: torch.Tensor, codes: torch.Tensor):
-    """The searched pose `A` `(n, 3, 3)` and shift `t` `(n, 2)` once per class code `(K, d)` ->
-    ((A `(n, K, 3, 3)`, t `(n, K, 2)`), z `(n, K, d)`): the decoder then picks the class (winner-take-all)."""
-    n, K = A.shape[0], codes.shape[0]
-    return (A[:, None].expand(-1, K, -1, -1), t[:, None].expand(-1, K, -1)), codes[None].expand(n, -1, -1)
-
-
-class SearchCache:
-    """Each particle's searched (pose, shift, class) against the fixed warm maps, computed when the
-    particle is first seen and kept (checkpointed, so a resumed run reuses the same values).
-
-    `get(idx, img, ctf)`: particle indices `(n,)` and their training images -> A `(n, 3, 3)`,
-    shifts `(n, 2)` px of the training box, class `(n,)`.
-    """
-
-    def __init__(self, warm: WarmMap, n: int, saved: dict | None = None):
-        self.warm = warm
-        self.A = torch.zeros(n, 3, 3)
-        self.t = torch.zeros(n, 2)
-        self.cls = torch.zeros(n, dtype=torch.long)
-        self.known = torch.zeros(n, dtype=torch.bool)
-        if saved is not None:
-            self.A, self.t, self.cls, self.known = saved["A"], saved["t"], saved["cls"], saved["known"]
-
-    def get(self, idx, img: torch.Tensor, ctf: torch.Tensor):
-        idx = torch.as_tensor(np.asarray(idx), dtype=torch.long)
-        todo = torch.nonzero(~self.known[idx]).squeeze(-1)
-        if len(todo):
-            A, t, c = search(self.warm, img[todo.to(img.device)], ctf[todo.to(ctf.device)])
-            j = idx[todo]
-            self.A[j], self.t[j] = A.cpu(), t.cpu()
-            self.cls[j], self.known[j] = c.cpu(), True
-        return self.A[idx].to(img.device), self.t[idx].to(img.device), self.cls[idx].to(img.device)
-
-    def state(self) -> dict:
-        return {"A": self.A, "t": self.t, "cls": self.cls, "known": self.known}

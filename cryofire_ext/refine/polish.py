@@ -15,7 +15,7 @@ first and the last round first search every particle over it (`global_research`)
 model or the class maps put too far from their pose for local steps. On the demo (2,000
 images, 32 px, SNR 1) three rounds took the median rotation error from 5.1 to 4.3 deg and the
 clustering error from 0.025 to 0.0165 in about 25 s on 2 cores; with the class frames, 2.8 deg; with
-class maps filtered by their half-set FSC (`classes.class_maps_fsc`, as RELION's gold-standard
+class maps filtered by their half-set FSC (`recon.classmaps.class_maps_fsc`, as RELION's gold-standard
 refinement weights its references), 2.7 deg and 0.014 (from the model's 4.0 deg and 0.034); with those maps
 reconstructed on a 2x oversampled Fourier grid (`classes.RECONSTRUCT_PAD`), 2.2 deg and 0.007.
 """
@@ -30,10 +30,11 @@ import numpy as np
 import torch
 
 from cryofire_ext.ctf import evaluate_ctf
-from cryofire_ext.train.classes import (class_maps_fsc, class_scores, classify_at_poses, fsc_resolution_A,
-                                       low_resolution, on_box_lattice)
-from cryofire_ext.train.frames import REGISTER_BOX, one_frame
-from cryofire_ext.train.warmstart import WarmMap, _Lattice, _Sub, best_class, refine_local, search
+from cryofire_ext.recon.classmaps import class_maps_fsc, fsc_resolution_A, on_box_lattice
+from cryofire_ext.recon.lattice import Lattice, SubLattice
+from cryofire_ext.refine.classify import class_scores, classify_at_poses, low_resolution
+from cryofire_ext.refine.frames import REGISTER_BOX, one_frame
+from cryofire_ext.refine.search import WarmMap, best_class, refine_local, search
 
 log = logging.getLogger(__name__)
 
@@ -49,16 +50,16 @@ Reader = Callable[[np.ndarray], tuple[torch.Tensor, torch.Tensor]]
 def polish(read: Reader, n: int, A: torch.Tensor, shifts_px: torch.Tensor, labels: torch.Tensor, n_classes: int,
            box: int, pixel_size_A: float, rounds: int, chunk: int = 256,
            global_grid: tuple[torch.Tensor, torch.Tensor] | None = None):
-    """`rounds` of (back-project class maps filtered by their half-set FSC (`classes.class_maps_fsc`), turn
+    """`rounds` of (back-project class maps filtered by their half-set FSC (`recon.classmaps.class_maps_fsc`), turn
     them into one frame (`frames.class_frames`), refine every particle's pose and shift against each class
-    map, keep the class that explains it best up to `classes.CLASSIFY_RESOLUTION_A`, then, with classes,
-    hard-EM classification at the refined poses (`classes.classify_at_poses`)). With classes the first round
+    map, keep the class that explains it best up to `classify.CLASSIFY_RESOLUTION_A`, then, with classes,
+    hard-EM classification at the refined poses (`classify.classify_at_poses`)). With classes the first round
     refines against one consensus map of all particles instead (the classes, in one frame, kept until its
     classification): `labels` are then only where the classification starts. A `(n, 3, 3)` RELION
     matrices, shifts_px `(n, 2)` pixels of `box` (RELION origin sign), labels `(n,)` int64 in `[0, n_classes)`.
 
     With `global_grid` (rotations `(M, 3, 3)`, shifts `(S, 2)` px of `box`), the first and the last round
-    first search every particle over that grid against the round's maps (`warmstart.search`) and keep the
+    first search every particle over that grid against the round's maps (`search.search`) and keep the
     searched pose and class where they explain the image better than the current ones (`global_research`):
     this rescues particles that the model put far from their pose, which local steps cannot reach, before
     they seed the first classes.
@@ -74,9 +75,9 @@ def polish(read: Reader, n: int, A: torch.Tensor, shifts_px: torch.Tensor, label
         return A, shifts_px, labels
     device = A.device
     A, shifts_px, labels = A.float().clone(), shifts_px.float().clone(), labels.long().clone()
-    lat = _Lattice(box, pixel_size_A, device)
+    lat = Lattice(box, pixel_size_A, device)
     low = low_resolution(lat, pixel_size_A)
-    sub = _Sub(lat, low)
+    sub = SubLattice(lat, low)
     for r in range(rounds):
         t0 = time.perf_counter()
         # the first round refines every particle against one consensus map: the classes it starts from are a
@@ -126,7 +127,7 @@ def polish(read: Reader, n: int, A: torch.Tensor, shifts_px: torch.Tensor, label
 
 
 def global_research(V: torch.Tensor, img: torch.Tensor, ctf: torch.Tensor, Y: torch.Tensor, C: torch.Tensor,
-                    lat: _Lattice, A: torch.Tensor, shifts_px: torch.Tensor, labels: torch.Tensor,
+                    lat: Lattice, A: torch.Tensor, shifts_px: torch.Tensor, labels: torch.Tensor,
                     grid: tuple[torch.Tensor, torch.Tensor], pixel_size_A: float):
     """Search images `img` `(n, box, box)` (observed `Y`, CTF `C` on `lat`) over `grid` (rotations `(M, 3, 3)`,
     shifts `(S, 2)` px) against class maps `V` `(K, G, G, G)`, then keep, per image, whichever of the searched

@@ -21,6 +21,7 @@ import torch
 from cryofire_ext import fourier
 from cryofire_ext.ctf import ctf_on_lattice
 from cryofire_ext.errors import InputError
+from cryofire_ext.recon.lattice import sample_trilinear
 
 
 def _check_volume(volume: torch.Tensor) -> torch.Tensor:
@@ -58,8 +59,8 @@ class Projector:
         s = P // 2 - D // 2
         padded[s:s + D, s:s + D, s:s + D] = volume
         F = fourier.fft3_centered(padded)
-        # (1, 2, P, P, P) real/imag channels for grid_sample
-        self._grid_data = torch.stack((F.real, F.imag))[None].to(dtype)
+        # (2, P, P, P) real/imag channels for `lattice.sample_trilinear`
+        self._grid_data = torch.stack((F.real, F.imag)).to(dtype)
         self.device = volume.device
 
     def slice(self, A: torch.Tensor) -> torch.Tensor:
@@ -76,9 +77,7 @@ class Projector:
         q = (k @ A) * (D / 2 * self.pad)  # (n, D*D, 3) as (x, y, z)
         idx = q + P // 2
         grid = 2.0 * idx / (P - 1) - 1.0  # align_corners=True normalisation
-        out = torch.nn.functional.grid_sample(self._grid_data, grid[None, :, :, None, :],
-                                              mode="bilinear", padding_mode="zeros", align_corners=True)
-        vals = out[0, :, :, :, 0]  # (2, n, D*D)
+        vals = sample_trilinear(self._grid_data, grid)  # (2, n, D*D)
         F = torch.complex(vals[0], vals[1]) * mask
         return F.reshape(-1, D, D)
 

@@ -2,7 +2,7 @@
 
 Each image's centred transform, with its origin undone (`fourier.phase_shift_centered`),
 is multiplied by its CTF and added into a 2x-padded 3D Fourier grid at `A^T (kx, ky, 0)`
-(one half of each Hermitian pair, the grid mirrored at the end) with trilinear weights (the transpose of `projection.Projector`'s sampling); the CTF^2
+(one half of each Hermitian pair, the grid mirrored at the end) with trilinear weights (`lattice.insert_trilinear`, the transpose of `projection.Projector`'s sampling); the CTF^2
 weights go into a second grid. The estimate is `sum(c F) / (sum(c^2) + wiener)`,
 then the inverse transform, the central `D^3` crop, and the gridding correction.
 The map's amplitude follows `projection.project` (an image is the sum of voxels along z).
@@ -18,7 +18,8 @@ import torch
 from cryofire_ext import fourier
 from cryofire_ext.ctf import ctf_on_lattice
 from cryofire_ext.errors import InputError
-from cryofire_ext.projection import gridding_correction
+from cryofire_ext.recon.lattice import insert_trilinear
+from cryofire_ext.recon.projection import gridding_correction
 
 log = logging.getLogger(__name__)
 
@@ -27,22 +28,6 @@ def _as_tensor(x, dtype=torch.float64, device=None) -> torch.Tensor:
     if torch.is_tensor(x):
         return x.to(device=device, dtype=dtype)
     return torch.as_tensor(np.asarray(x), dtype=dtype, device=device)
-
-
-def _splat(grid: torch.Tensor, idx: torch.Tensor, values: torch.Tensor) -> None:
-    """Trilinear scatter-add of `values` `(m, c)` at fractional grid indices `idx` `(m, 3)` (x, y, z) into `grid` `(P, P, P, c)`."""
-    P = grid.shape[0]
-    base = torch.floor(idx)
-    frac = (idx - base).to(values.dtype)
-    base = base.long()
-    offs = torch.tensor([[dx, dy, dz] for dz in (0, 1) for dy in (0, 1) for dx in (0, 1)], device=idx.device)
-    corner = base[:, None, :] + offs[None]  # (m, 8, 3)
-    w = torch.where(offs[None].bool(), frac[:, None, :], 1.0 - frac[:, None, :]).prod(-1)  # (m, 8)
-    w = w * ((corner >= 0) & (corner < P)).all(-1)
-    corner = corner.clamp(0, P - 1)
-    flat = ((corner[..., 2] * P + corner[..., 1]) * P + corner[..., 0]).reshape(-1)
-    contrib = (values[:, None, :] * w[..., None]).reshape(-1, values.shape[-1])
-    grid.view(-1, grid.shape[-1]).index_add_(0, flat, contrib.to(grid.dtype))
 
 
 def reconstruct(images, A, shifts_A=None, ctf_params=None, pixel_size_A: float = 1.0, *,
@@ -96,7 +81,7 @@ def reconstruct(images, A, shifts_A=None, ctf_params=None, pixel_size_A: float =
         F = (F * c).reshape(F.shape[0], -1)[:, inside] * share
         w = (c * c).reshape(c.shape[0], -1)[:, inside] * share
         q = (k @ A[sl]) * (D / 2 * pad) + P // 2  # (b, m, 3) fractional indices (x, y, z)
-        _splat(acc, q.reshape(-1, 3), torch.stack((F.real, F.imag, w), -1).reshape(-1, 3).float())
+        insert_trilinear(acc, q.reshape(-1, 3), torch.stack((F.real, F.imag, w), -1).reshape(-1, 3).float())
     acc = acc.permute(3, 0, 1, 2)
     mirror = fourier.negate_centered(acc, ndim=3)  # F(-k) = conj F(k)
     re, im, wt = acc[0] + mirror[0], acc[1] - mirror[1], acc[2] + mirror[2]

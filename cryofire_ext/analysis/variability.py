@@ -34,7 +34,7 @@ from cryofire_ext.ctf import evaluate_ctf
 from cryofire_ext.errors import InputError
 from cryofire_ext.model.losses import undo_shift
 from cryofire_ext.safe_io import atomic_path
-from cryofire_ext.train.warmstart import _Lattice, _slices, _solve, _splat
+from cryofire_ext.recon.lattice import Lattice, insert, slices, solve
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +96,7 @@ def variability(images, A, shifts_A, ctf, pixel_size_A: float, *, n_components: 
     apix = pixel_size_A * images.box / box
     t = (torch.zeros(n, 2) if shifts_A is None
          else torch.as_tensor(np.asarray(shifts_A), dtype=torch.float32).reshape(n, 2) / apix)
-    lat = _Lattice(box, apix, "cpu")
+    lat = Lattice(box, apix, "cpu")
     Y = torch.empty(n, len(lat.r), dtype=torch.complex64)
     for s in range(0, n, chunk):
         idx = np.arange(s, min(n, s + chunk))
@@ -108,11 +108,11 @@ def variability(images, A, shifts_A, ctf, pixel_size_A: float, *, n_components: 
     G = box + 1
     acc = torch.zeros(G, G, G, 3)
     YC = Y * C
-    _splat(acc, pts, torch.stack((YC.real, YC.imag, C * C), -1).reshape(-1, 3))
-    V0 = _solve(acc, reg)
+    insert(acc, pts, torch.stack((YC.real, YC.imag, C * C), -1).reshape(-1, 3))
+    V0 = solve(acc, reg)
     W = acc[..., 2]
     lam = reg * W[W > 0].mean()
-    pred = C * _slices(V0, coords)
+    pred = C * slices(V0, coords)
     scale = (Y.conj() * pred).real.sum(1) / pred.abs().square().sum(1).clamp_min(1e-12)  # per-particle scale
     R = Y - scale[:, None] * pred  # residuals (n, m)
     u0 = V0 / V0.abs().square().sum().sqrt()
@@ -124,18 +124,18 @@ def variability(images, A, shifts_A, ctf, pixel_size_A: float, *, n_components: 
     for it in range(1, iters + 1):
         new = torch.empty_like(V)
         for j in range(block):
-            P = C * _slices(V[j], coords)
+            P = C * slices(V[j], coords)
             a = (R.conj() * P).real.sum(1)  # (n,) correlation of each residual with the component
             vals = R * C * a[:, None]
             acc_j = torch.zeros(G, G, G, 3)
-            _splat(acc_j, pts, torch.stack((vals.real, vals.imag, torch.zeros_like(C)), -1).reshape(-1, 3))
+            insert(acc_j, pts, torch.stack((vals.real, vals.imag, torch.zeros_like(C)), -1).reshape(-1, 3))
             new[j] = torch.complex(acc_j[..., 0], acc_j[..., 1]) / (W + lam)
         new = _orthonormal(new, u0)
         change = float(1.0 - torch.linalg.svdvals(_flat(new).conj() @ _flat(V).T).abs().min().clamp(max=1.0))
         V = new
         if change < tol:
             break
-    P = torch.stack([C * _slices(V[j], coords) for j in range(block)], 1)  # (n, block, m)
+    P = torch.stack([C * slices(V[j], coords) for j in range(block)], 1)  # (n, block, m)
     gram = torch.einsum("ncm,ndm->ncd", P.conj(), P).real + 1e-6 * torch.eye(block)
     rhs = torch.einsum("ncm,nm->nc", P.conj(), R).real
     a = torch.linalg.solve(gram, rhs)  # (n, block)

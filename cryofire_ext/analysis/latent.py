@@ -1,7 +1,6 @@
-"""Latent-space analysis: PCA and clustering of z, maps at points of z, FSC between maps.
+"""Latent-space analysis: PCA and clustering of z.
 
-The front doors are verbs: `pca`, `cluster`, `pc_traversal`, `write_maps`,
-`map_fsc`, `load_run`, `analyze_run`, `eval_volumes`, `cluster_members`. Cluster
+The front doors are verbs: `pca`, `cluster`, `pc_traversal`, `cluster_members`. Cluster
 labels are 0-based inside the library; users see 1-based cluster numbers
 (`cluster 1` is label 0) in file names, plots, the report and `cryofire select`.
 
@@ -16,13 +15,11 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol, Sequence
+from typing import Sequence
 
 import numpy as np
 
 from cryofire_ext.errors import InputError, brief
-from cryofire_ext.images import write_mrc
-from cryofire_ext.results import Predictions
 from cryofire_ext.safe_io import atomic_path
 
 log = logging.getLogger(__name__)
@@ -290,149 +287,3 @@ def parse_cluster_numbers(text: str, k: int) -> list[int]:
 def cluster_members(labels: np.ndarray, clusters: Sequence[int]) -> np.ndarray:
     """Indices (sorted, 0-based rows of the predictions) of the particles whose label is in `clusters` (0-based)."""
     return np.nonzero(np.isin(labels, np.asarray(list(clusters))))[0]
-
-
-# ------------------------------------------------------------------------- maps
-class VolumeSource(Protocol):
-    """What makes maps from latent points (the trained model: `cryofire_ext.predict.TrainedModel`)."""
-
-    pixel_size_A: float
-
-    def volumes(self, z: np.ndarray) -> np.ndarray:
-        """`(m, d)` -> `(m, D, D, D)` float32 maps."""
-
-
-def write_maps(source: VolumeSource, z: np.ndarray, out_dir: str | os.PathLike, names: Sequence[str],
-               force: bool = False, batch: int = 4) -> list[Path]:
-    """Maps at latent points `z` `(m, d)` written as `out_dir/<name>.mrc` with the model's voxel size."""
-    z = np.asarray(z, dtype=np.float32).reshape(len(names), -1)
-    out_dir = Path(out_dir)
-    paths = []
-    for start in range(0, len(z), batch):
-        vols = np.asarray(source.volumes(z[start:start + batch]))
-        for j, vol in enumerate(vols):
-            paths.append(write_mrc(out_dir / f"{names[start + j]}.mrc", vol, source.pixel_size_A, force=force))
-    return paths
-
-
-def map_fsc(a: np.ndarray, b: np.ndarray, pixel_size_A: float) -> tuple[np.ndarray, np.ndarray]:
-    """FSC between two `(D, D, D)` maps (`cryofire_ext.reconstruct.fsc`, shells of one Fourier voxel):
-    (frequency_per_A `(D//2 + 1,)` up to Nyquist, fsc `(D//2 + 1,)`)."""
-    from cryofire_ext.reconstruct import fsc
-
-    freq, values = fsc(a, b, pixel_size_A)
-    return np.asarray(freq), np.asarray(values)
-
-
-# --------------------------------------------------------------------- run folders
-@dataclass
-class Run:
-    """What `analyze` reads from a training run folder.
-
-    path: the run folder; predictions: its `predictions.npz`; particle_files: the run's
-    `particles.star` / `particles.cs` that exist (subsets are written in the same formats);
-    loss_history: (x `(m,)`, loss `(m,)`, x label) or None when the run kept none.
-    """
-
-    path: Path
-    predictions: Predictions
-    particle_files: list[Path]
-    loss_history: tuple[np.ndarray, np.ndarray, str] | None = None
-
-    @property
-    def pixel_size_A(self) -> float | None:
-        v = self.predictions.meta.get("pixel_size_A")
-        return None if v is None else float(v)
-
-
-def loss_history(run_dir: Path) -> tuple[np.ndarray, np.ndarray, str] | None:
-    """The training loss curve from `run_dir/history.json` (the trainer's list of records with `loss` and
-    `images` seen, or `epoch`/`step`), or None when the run kept none."""
-    path = run_dir / "history.json"
-    if not path.is_file():
-        return None
-    try:
-        records = json.loads(path.read_text())
-    except (OSError, ValueError):
-        log.warning("%s: not readable JSON; no loss curve", path)
-        return None
-    if isinstance(records, dict):
-        records = records.get("history", [])
-    records = [r for r in records if isinstance(r, dict) and "loss" in r] if isinstance(records, list) else []
-    if not records:
-        return None
-    xkey = next((k for k in ("images", "step", "epoch") if all(k in r for r in records)), None)
-    x = np.array([r[xkey] for r in records], dtype=np.float64) if xkey else np.arange(1, len(records) + 1.0)
-    label = {"images": "images seen", None: "record"}.get(xkey, xkey)
-    return x, np.array([r["loss"] for r in records], dtype=np.float64), label
-
-
-def load_run(run_dir: str | os.PathLike) -> Run:
-    """Read a run folder: `predictions.npz` (required), the particle files and the loss curve."""
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise InputError(f"{run_dir}: run folder not found (expected the output folder of `cryofire train`)")
-    pred_path = run_dir / "predictions.npz"
-    if not pred_path.is_file():
-        raise InputError(f"{run_dir}: no predictions.npz in this run folder; it is written at the end of "
-                         "`cryofire train` (or by `cryofire predict`). Give the folder of a finished run.")
-    predictions = Predictions.load(pred_path)
-    files = [run_dir / name for name in ("particles.star", "particles.cs") if (run_dir / name).is_file()]
-    return Run(path=run_dir, predictions=predictions, particle_files=files, loss_history=loss_history(run_dir))
-
-
-def load_volume_source(run_dir: str | os.PathLike, device: str = "cpu") -> VolumeSource:
-    """The trained model of a run, as a `VolumeSource` (`cryofire_ext.predict.load_trained`)."""
-    from cryofire_ext.predict import load_trained
-
-    try:
-        return load_trained(run_dir, device=device)
-    except FileNotFoundError as exc:
-        raise InputError(f"{run_dir}: no trained model to make maps with ({exc}); give the folder of a finished "
-                         "`cryofire train` run, or pass --no-maps") from exc
-
-
-def read_z_points(text: str | None = None, path: str | os.PathLike | None = None,
-                  zdim: int | None = None) -> np.ndarray:
-    """Latent points `(m, zdim)` from `text` ("0.1,0.2;0.3,-1": points separated by ';', values by ','
-    or spaces) or from a file (`.npy`, or text with one point per line); checks the dimension."""
-    if (text is None) == (path is None):
-        raise InputError("give exactly one of --z \"z1,z2,...\" and --z-file FILE")
-    where = "--z" if text is not None else str(path)
-    if text is not None:
-        try:
-            rows = [[float(v) for v in row.replace(",", " ").split()] for row in text.split(";") if row.strip()]
-        except ValueError:
-            raise InputError(f"--z {text!r}: expected numbers separated by commas, points separated by ';'") from None
-        if not rows or len({len(r) for r in rows}) != 1:
-            raise InputError(f"--z {text!r}: every point must have the same number of values")
-        z = np.array(rows, dtype=np.float64)
-    else:
-        path = Path(path)
-        if not path.is_file():
-            raise InputError(f"{path}: z file not found")
-        try:
-            z = np.load(path, allow_pickle=False) if path.suffix == ".npy" else np.loadtxt(path, ndmin=2, comments="#")
-        except (ValueError, OSError) as exc:
-            raise InputError(f"{path}: not a z file (.npy, or text with one point per line): {exc}") from exc
-        z = np.atleast_2d(np.asarray(z, dtype=np.float64))
-    if z.ndim != 2:
-        raise InputError(f"{where}: latent points must be a 2D table (points x {zdim}), got shape {z.shape}")
-    if zdim is not None and z.shape[1] != zdim:
-        raise InputError(f"{where}: points have {z.shape[1]} values each but the model's latent space has "
-                         f"dimension {zdim}; give {zdim} values per point")
-    if not np.all(np.isfinite(z)):
-        raise InputError(f"{where}: latent points must be finite numbers")
-    return z
-
-
-def eval_volumes(run_dir: str | os.PathLike, z: np.ndarray, out_dir: str | os.PathLike, force: bool = False,
-                 source: VolumeSource | None = None, prefix: str = "vol") -> list[Path]:
-    """Maps of a run's model at latent points `z` `(m, d)`: `out_dir/<prefix>_001.mrc`, ... (1-based)."""
-    source = source if source is not None else load_volume_source(run_dir)
-    zdim = getattr(source, "zdim", None)
-    if zdim is not None and np.shape(z)[1] != zdim:
-        raise InputError(f"latent points have {np.shape(z)[1]} values each but the model of {run_dir} has "
-                         f"zdim {zdim}")
-    names = [f"{prefix}_{i + 1:03d}" for i in range(len(z))]
-    return write_maps(source, z, out_dir, names, force=force)

@@ -18,12 +18,13 @@ from typing import Callable
 
 import numpy as np
 
-from cryofire_ext import analysis, plots
+from cryofire_ext import analysis
+from cryofire_ext.analysis import plots
 from cryofire_ext.errors import InputError
 from cryofire_ext.images import write_mrc
 from cryofire_ext.poses import matrix_to_relion_euler
 from cryofire_ext.safe_io import atomic_path
-from cryofire_ext.variability import Variability, save_variability
+from cryofire_ext.analysis.variability import Variability, save_variability
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ The registration is trimmed least squares in real space at `REGISTER_BOX` px at 
 out the `TRIM` fraction of those voxels that the fit explains worst (the moving part) and fit again.
 On the phantom's true maps it finds the core's frame (0.08 deg from the truth) where the untrimmed fit
 is 5.0 deg off. Rotations: `v_k(R x)` in real space is `V_k(R q)` in Fourier space, so a particle's
-pose `A` in class k's old frame becomes `A R` (RELION matrices, `warmstart`'s conventions).
+pose `A` in class k's old frame becomes `A R` (RELION matrices, `recon.lattice`'s conventions).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import torch.nn.functional as Fn
 
 from cryofire_ext import fourier
 from cryofire_ext.metrics import geodesic_deg
-from cryofire_ext.train.warmstart import _axis_angle
+from cryofire_ext.poses import axis_angle_matrix
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +94,7 @@ def register(v_ref: torch.Tensor, v: torch.Tensor, *, trim: float = TRIM, trim_r
         for step in STEPS_RAD:
             for _ in range(MAX_MOVES):
                 axes = Fn.normalize(torch.randn(n_dir, 3, generator=gen), dim=-1)
-                cands = _axis_angle(torch.cat((axes, -axes)) * step) @ R
+                cands = axis_angle_matrix(torch.cat((axes, -axes)) * step) @ R
                 score = corr(cands)
                 j = int(score.argmax())
                 if not bool(score[j] > best):

@@ -1,0 +1,83 @@
+"""The reconstruction in the order it runs, each stage in its one home:
+
+warm start (`refine.warmstart`: ab initio maps, classes) -> training (`train.trainer`: the amortized model learns
+poses, shifts and z, with the warm start's searched poses as targets and candidates) -> the model pass
+(`predict.model_pass`) -> per-particle refinement of pose, shift and class against the particles' own class maps
+(`refine.polish`, settings in `RefineConfig`) -> `Predictions` (with each particle's class).
+
+`run` (train, then infer) and `infer` (a trained run over any particles) are the entry points; the integrations' jobs call them and write the files.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from cryofire_ext.particles import ParticleStack
+from cryofire_ext.predict import TrainedModel, load_trained, model_pass
+from cryofire_ext.refine.config import RefineConfig
+from cryofire_ext.refine.polish import polish
+from cryofire_ext.results import Predictions
+from cryofire_ext.train.candidates import class_targets
+from cryofire_ext.train.config import TrainConfig
+from cryofire_ext.train.data import TrainingImages
+from cryofire_ext.train.trainer import train
+
+log = logging.getLogger(__name__)
+
+
+def run(stack: ParticleStack, run_dir, config: TrainConfig, refine: RefineConfig | None = None, *,
+        resume: bool = False, should_stop: Callable[[], bool] | None = None,
+        on_progress: Callable[[dict], None] | None = None, argv: list[str] | None = None) -> Predictions | None:
+    """Warm start and training into `run_dir` (`train.trainer.train`: config.json, checkpoints/, history.json),
+    then `infer` on the same particles with the run's device. Under `torchrun` every rank trains and only rank 0
+    infers (the others return None)."""
+    train(stack, run_dir, config, resume=resume, should_stop=should_stop, on_progress=on_progress, argv=argv)
+    import torch.distributed as dist
+
+    if dist.is_initialized() and dist.get_rank() != 0:
+        return None
+    return infer(run_dir, stack, refine, device=None)
+
+
+@torch.no_grad()
+def infer(run: "TrainedModel | str | Path", stack: ParticleStack, refine: RefineConfig | None = None, *,
+          batch_size: int = 256, device: str | None = "auto") -> Predictions:
+    """Poses, shifts, z and classes of every particle of `stack` from a trained run (a folder or a loaded
+    `TrainedModel`): the model pass, then `refine.polish_rounds` rounds of per-particle refinement of pose, shift
+    and class against class maps back-projected from these particles (a particle whose class changes gets that
+    class's z code). `loss` stays the model's. `refine` None: `RefineConfig()` defaults. The settings that ran are
+    in the result's meta (`refine`)."""
+    refine = refine or RefineConfig()
+    tm = run if isinstance(run, TrainedModel) else load_trained(run, device=device)
+    preds = model_pass(tm, stack, batch_size=batch_size)
+    if refine.polish_rounds > 0:
+        preds = _refine(tm, stack, preds, refine)
+    preds.meta["refine"] = refine.to_dict()
+    return preds
+
+
+def _refine(tm: TrainedModel, stack: ParticleStack, preds: Predictions, refine: RefineConfig) -> Predictions:
+    """`refine.polish` on the model's predictions, starting from their classes."""
+    dev = tm.model.k_half.device
+    codes = class_targets(tm.warm, tm.zdim, "cpu")
+    K = 1 if codes is None else len(codes)
+    data = TrainingImages(stack, tm.box, tm.stats)
+    grid = None  # the warm start's global grid, its shifts in pixels of the model box
+    if refine.polish_global_search and tm.warm is not None:
+        grid = (tm.warm.rotations.to(dev), tm.warm.shifts_px.to(dev) * (tm.box / tm.warm.box))
+    A, t, labels = polish(data.read, len(preds), torch.as_tensor(preds.A, device=dev),
+                          torch.as_tensor(preds.shifts_A / tm.pixel_size_A, device=dev),
+                          torch.as_tensor(preds.class_id, device=dev), K, tm.box, tm.pixel_size_A,
+                          refine.polish_rounds, global_grid=grid)
+    labels = labels.cpu().numpy().astype(np.int64)
+    z = preds.z.copy()
+    if codes is not None:
+        moved = labels != preds.class_id
+        z[moved] = codes.numpy()[labels[moved]]
+    return Predictions(ids=preds.ids, A=A.double().cpu().numpy(), shifts_A=t.double().cpu().numpy() * tm.pixel_size_A,
+                       z=z, loss=preds.loss, meta=preds.meta, class_id=labels)

@@ -1,0 +1,118 @@
+"""The Fourier-grid engine every stage runs: a slice lattice, trilinear slices of a 3D Fourier map, trilinear
+insertion (back-projection) with Hermitian mates, the Wiener-like solve, and the Gaussian log-likelihood of
+images under slices.
+
+Units: lattice `k` in Nyquist units of its box, `(kx, ky, kz)`; shifts in that box's pixels (RELION origin
+sign). A map is a complex Fourier grid `(G, G, G)`, `G = box + 1` (or `pad * box + 1` for a grid `pad` times
+finer over the same frequencies), index `[kz, ky, kx]`, `k = 2 j / (G - 1) - 1`. Poses are RELION matrices `A`
+(left-multiply xyz column vectors); an image's slice samples the map at `A^T (kx, ky, 0)`, i.e. `k @ A`.
+The RELION-checked projector and reconstructor (`projection`, `reconstruct`) use the same trilinear
+insertion (`insert_trilinear`) and sampling (`sample_trilinear`).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as Fn
+
+from cryofire_ext import fourier
+from cryofire_ext.model.losses import undo_shift
+
+
+class Lattice:
+    """The half-plane slice lattice of `box` (one point of each Hermitian pair, inside the Nyquist circle).
+
+    k `(m, 3)` Nyquist units; r `(m,)` radius; freqs `(m, 2)` float64 1/A (for the CTF); `observe(img)` the
+    images' centred transforms on it."""
+
+    def __init__(self, box: int, pixel_size_A: float, device):
+        half = fourier.half_plane_mask(box, 1.0 - 1e-3)
+        k = fourier.slice_lattice(box, dtype=torch.float32).reshape(-1, 3)
+        self.idx = torch.nonzero(half.reshape(-1)).squeeze(-1).to(device)
+        self.k = k[self.idx.cpu()].to(device)
+        self.r = torch.linalg.vector_norm(self.k[:, :2], dim=-1)
+        self.freqs = self.k[:, :2].double() / (2.0 * pixel_size_A)
+        self.box = box
+
+    def observe(self, img: torch.Tensor) -> torch.Tensor:
+        """Images `(n, box, box)` -> their centred transforms on the lattice `(n, m)` complex64 (scaled 1/box)."""
+        F = fourier.fft2_centered(img.float()) / self.box
+        return F.reshape(F.shape[0], -1)[:, self.idx]
+
+
+class SubLattice:
+    """A lattice restricted to `mask` `(m,)` (for scoring a subset of points, e.g. the low shells)."""
+
+    def __init__(self, lat: Lattice, mask: torch.Tensor):
+        self.k, self.r = lat.k[mask], lat.r[mask]
+
+
+def sample_trilinear(grid: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
+    """Trilinear samples of `grid` `(C, G, G, G)` (index [z, y, x]) at `coords` `(..., 3)` in `[-1, 1]` (x, y, z;
+    -1 and 1 are the first and last voxels' centres), zero outside -> `(C, ...)`."""
+    out = Fn.grid_sample(grid[None], coords.reshape(1, 1, -1, 1, 3), mode="bilinear", padding_mode="zeros",
+                         align_corners=True)
+    return out.reshape(grid.shape[0], *coords.shape[:-1])
+
+
+def slices(V: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
+    """Trilinear samples of the complex map V `(G, G, G)` at coords `(M, m, 3)` (Nyquist units, (kx, ky, kz))
+    -> `(M, m)` complex."""
+    out = sample_trilinear(torch.stack((V.real, V.imag)), coords.float())
+    return torch.complex(out[0], out[1])
+
+
+def insert_trilinear(acc: torch.Tensor, idx: torch.Tensor, values: torch.Tensor) -> None:
+    """Add `values` `(P, c)` at fractional voxel indices `idx` `(P, 3)` (x, y, z) trilinearly into `acc`
+    `(G, G, G, c)` (index [z, y, x]); weights falling outside the grid are dropped."""
+    G = acc.shape[0]
+    j0 = torch.floor(idx)
+    f = idx - j0
+    j0 = j0.long()
+    flat, vals = [], []
+    for dx in (0, 1):
+        for dy in (0, 1):
+            for dz in (0, 1):
+                ix, iy, iz = j0[:, 0] + dx, j0[:, 1] + dy, j0[:, 2] + dz
+                w = ((f[:, 0] if dx else 1 - f[:, 0]) * (f[:, 1] if dy else 1 - f[:, 1])
+                     * (f[:, 2] if dz else 1 - f[:, 2]))
+                ok = (ix >= 0) & (ix < G) & (iy >= 0) & (iy < G) & (iz >= 0) & (iz < G)
+                flat.append(((iz * G + iy) * G + ix)[ok])
+                vals.append(values[ok] * w[ok, None].to(values.dtype))
+    acc.view(-1, acc.shape[-1]).index_add_(0, torch.cat(flat), torch.cat(vals).to(acc.dtype))
+
+
+def insert(acc: torch.Tensor, coords: torch.Tensor, values: torch.Tensor) -> None:
+    """Back-project: add real `values` `(P, 3)` = (Re, Im, weight) at coords `(P, 3)` (Nyquist units)
+    trilinearly into `acc` `(G, G, G, 3)`, and their Hermitian mates (-k, conjugate) too."""
+    G = acc.shape[0]
+    mate = values * torch.tensor([1.0, -1.0, 1.0], device=values.device)
+    coords = torch.cat((coords, -coords))
+    insert_trilinear(acc, (coords + 1.0) * (G - 1) / 2.0, torch.cat((values, mate)))
+
+
+def solve(acc: torch.Tensor, reg: float) -> torch.Tensor:
+    """Wiener-like division of the inserted numerator `acc[..., :2]` by its weights `acc[..., 2]` plus `reg`
+    times their mean over the filled voxels -> complex map `acc.shape[:-1]`."""
+    den = acc[..., 2]
+    lam = reg * den[den > 0].mean() if bool((den > 0).any()) else 1.0
+    return torch.complex(acc[..., 0], acc[..., 1]) / (den + lam + 1e-6)
+
+
+def grid_scores(Y: torch.Tensor, C: torch.Tensor, S: torch.Tensor, lat: "Lattice | SubLattice",
+                shifts: torch.Tensor) -> torch.Tensor:
+    """Log-likelihood up to a constant `(n, S, M)` of images `Y` `(n, m)` (CTF `C` `(n, m)`) under every slice
+    `S` `(M, m)` at every shift `shifts` `(S, 2)` px: `2 Re<Y_s C, S_m> - <C^2, |S_m|^2>` on the points of
+    `lat` (restrict the lattice, e.g. with `SubLattice`, to score fewer shells)."""
+    Ys = undo_shift(Y, lat.k[:, :2], shifts[None].expand(Y.shape[0], -1, -1))  # (n, S, m)
+    YC = Ys * C[:, None, :]
+    cross = YC.real @ S.real.T + YC.imag @ S.imag.T  # (n, S, M)
+    quad = (C * C) @ (S.abs().square()).T  # (n, M)
+    return 2.0 * cross - quad[:, None, :]
+
+
+def score_at(Y: torch.Tensor, C: torch.Tensor, k_xy: torch.Tensor, S: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """Log-likelihood up to a constant of images `Y` `(n, m)` (CTF `C`, lattice `k_xy` `(m, 2)`) under their own
+    slices `S` `(n, c, m)` at shifts `t` `(n, c, 2)` px -> `(n, c)`."""
+    Ys = undo_shift(Y, k_xy, t)
+    return 2.0 * (Ys * C[:, None]).conj().mul(S).real.sum(-1) - ((C * C)[:, None] * S.abs().square()).sum(-1)

@@ -1,0 +1,45 @@
+"""RefineConfig: the per-particle refinement after the model's pass (`refine.polish`), typed and saved apart from
+the training config, because it may change without retraining: a resumed run or a `predict` runs the settings it
+is given and records them (`refine.json` beside the predictions, and the predictions' meta)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from dataclasses import fields as dataclass_fields
+
+from cryofire_ext.configfile import ConfigFile
+from cryofire_ext.errors import InputError
+
+
+@dataclass
+class RefineConfig(ConfigFile):
+    """`polish_rounds`: rounds of per-particle refinement of pose, shift and class against class maps
+    back-projected from the particles themselves (0 = the model's own predictions). With
+    `polish_global_search` (and a run with a search warm start) the first and the last round first search every
+    particle over the warm start's rotation and shift grid against the round's maps and keep the searched pose
+    where it explains the image better (`polish.global_research`)."""
+
+    FORMAT = "cryofire-refine-config"
+    KIND = "refinement config"
+
+    polish_rounds: int = 3
+    polish_global_search: bool = True
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.polish_rounds, int) or isinstance(self.polish_rounds, bool) or self.polish_rounds < 0:
+            raise InputError(f"refinement config field polish_rounds={self.polish_rounds!r}: expected an integer >= 0 "
+                             "(pose refinement rounds after training; 0 = none)")
+        if not isinstance(self.polish_global_search, bool):
+            raise InputError(f"refinement config field polish_global_search={self.polish_global_search!r}: expected "
+                             "true or false")
+
+    @classmethod
+    def fields_in(cls, d: dict) -> dict:
+        """The refinement fields of a mapping that may hold other settings too (a job's config file, a training
+        config.json of a run made before RefineConfig, a RELION job's parameters)."""
+        names = {f.name for f in dataclass_fields(cls)}
+        return {k: v for k, v in d.items() if k in names}
+
+    def replace(self, **changes) -> "RefineConfig":
+        """A copy with the fields in `changes` that are not None replaced."""
+        return RefineConfig(**{**self.to_dict(), **{k: v for k, v in changes.items() if v is not None}})
