@@ -24,6 +24,18 @@ import numpy as np
 import torch
 
 
+def neighbour_state_agreement(z: np.ndarray, state: np.ndarray, k: int = 50, sample: int = 2000) -> float:
+    """Fraction of particles (a random `sample` of them) whose `k` nearest neighbours in z have a mean state
+    within one state of their own (issue 20's locality measure)."""
+    rng = np.random.default_rng(0)
+    idx = rng.choice(len(z), size=min(sample, len(z)), replace=False)
+    zs = (z - z.mean(0)) / np.maximum(z.std(0), 1e-12)
+    d = ((zs[idx, None, :] - zs[None, :, :]) ** 2).sum(-1)
+    d[np.arange(len(idx)), idx] = np.inf
+    nn = np.argpartition(d, k, axis=1)[:, :k]
+    return float(np.mean(np.abs(state[nn].mean(1) - state[idx]) <= 1.0))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("-o", "--out", type=Path, required=True)
@@ -34,6 +46,8 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=None, help="default: the demo's")
     ap.add_argument("--zdim", type=int, default=None, help="default: the demo's")
     ap.add_argument("--warm-classes", type=int, default=None, help="default: the demo's (2)")
+    ap.add_argument("--z-mode", default=None, help="classes or continuous (default: the demo's)")
+    ap.add_argument("--z-l2", type=float, default=None, help="L2 penalty on z (default: the demo's)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--seed", type=int, default=0)
@@ -46,7 +60,7 @@ def main() -> None:
     from integrations import report
     from integrations.job import DEMO_CONFIG, _align_map
     from cryofire_ext.phantom import phantom_maps
-    from cryofire_ext.predict import predict
+    from cryofire_ext.pipeline import infer
     from cryofire_ext.simulate import simulate
     from cryofire_ext.train.config import TrainConfig
     from cryofire_ext.train.trainer import train
@@ -55,13 +69,13 @@ def main() -> None:
     maps, apix = phantom_maps(args.box, states=args.states)  # the arm swings over 40 deg through the states
     ds = simulate(maps, args.n, snr=args.snr, shift_px=2.0, pixel_size_A=apix, seed=args.seed)
     run = args.out / "run"
-    over = {k: v for k, v in (("zdim", args.zdim), ("epochs", args.epochs), ("warm_classes", args.warm_classes))
-            if v is not None}
+    over = {k: v for k, v in (("zdim", args.zdim), ("epochs", args.epochs), ("warm_classes", args.warm_classes),
+                              ("z_mode", args.z_mode), ("z_l2", args.z_l2)) if v is not None}
     cfg = TrainConfig(**{**DEMO_CONFIG, "device": args.device, "seed": args.seed, **over})
     t1 = time.time()
     if not (args.reuse_run and (run / "predictions.npz").is_file()):
         train(ds.particles, run, cfg)
-        predict(run, ds.particles).save(run / "predictions.npz")
+        infer(run, ds.particles).save(run / "predictions.npz")
     t2 = time.time()
     from cryofire_ext.results import Predictions
 
@@ -72,7 +86,9 @@ def main() -> None:
               "zdim": cfg.zdim, "warm_classes": cfg.warm_classes, "train_s": round(t2 - t1, 1),
               "reused_run": bool(args.reuse_run), "simulate_s": round(t1 - t0, 1),
               "median_rotation_error_deg": float(np.median(rot.errors_deg)), "hand_flipped": bool(rot.flipped),
-              "pc1_abs_corr_state": metrics.pc1_correlation(pred.z, ds.state)}
+              "z_mode": cfg.z_mode, "z_l2": cfg.z_l2,
+              "pc1_abs_corr_state": metrics.pc1_correlation(pred.z, ds.state),
+              "neighbours_within_one_state": neighbour_state_agreement(pred.z, ds.state)}
     from cryofire_ext.analysis.variability import variability
 
     t3 = time.time()  # 3D variability at the run's poses (what `cryofire analyze` adds, independent of z)

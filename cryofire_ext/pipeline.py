@@ -49,8 +49,8 @@ def infer(run: "TrainedModel | str | Path", stack: ParticleStack, refine: Refine
           batch_size: int = 256, device: str | None = "auto") -> Predictions:
     """Poses, shifts, z and classes of every particle of `stack` from a trained run (a folder or a loaded
     `TrainedModel`): the model pass, then `refine.polish_rounds` rounds of per-particle refinement of pose, shift
-    and class against class maps back-projected from these particles (a particle whose class changes gets that
-    class's z code). `loss` stays the model's. `refine` None: `RefineConfig()` defaults. The settings that ran are
+    and class against class maps back-projected from these particles (with `z_mode` "classes" a particle whose
+    class changes gets that class's z code; a continuous z stays the encoder's). `loss` stays the model's. `refine` None: `RefineConfig()` defaults. The settings that ran are
     in the result's meta (`refine`)."""
     refine = refine or RefineConfig()
     tm = run if isinstance(run, TrainedModel) else load_trained(run, device=device)
@@ -76,7 +76,7 @@ def _refine(tm: TrainedModel, stack: ParticleStack, preds: Predictions, refine: 
                           refine.polish_rounds, global_grid=grid)
     labels = labels.cpu().numpy().astype(np.int64)
     z = preds.z.copy()
-    if codes is not None:
+    if codes is not None and tm.config.z_mode == "classes":  # z is the class label: it follows the class
         moved = labels != preds.class_id
         z[moved] = codes.numpy()[labels[moved]]
     return Predictions(ids=preds.ids, A=A.double().cpu().numpy(), shifts_A=t.double().cpu().numpy() * tm.pixel_size_A,

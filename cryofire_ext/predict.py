@@ -107,8 +107,9 @@ def model_pass(tm: TrainedModel, stack: ParticleStack, *, batch_size: int = 256)
     """Poses, shifts, z, class and loss of every particle of `stack` from the trained model alone (no refinement).
 
     The stack must have the training particles' box and pixel size (within 0.5%). With a search warm start the
-    searched pose competes at each warm class's z (the training particles' searches are reused); a particle's
-    class is the warm class whose z code is nearest its winning z (0 without classes).
+    searched pose competes at each warm class's z (`z_mode` "classes") or at the encoder's z ("continuous"; the
+    training particles' searches are reused); a particle's class is the warm class whose z code is nearest its
+    z (0 without classes).
     """
     check_matches_run(tm, stack)
     data = TrainingImages(stack, tm.box, tm.stats)
@@ -129,12 +130,12 @@ def model_pass(tm: TrainedModel, stack: ParticleStack, *, batch_size: int = 256)
         if tm.warm is not None:
             A_s, t_s, _ = searched.get(idx, img, ctf)
             extra = (A_s[:, None], t_s[:, None])
-            if codes is not None:  # the searched pose at each class's z (the decoder picks)
+            if codes is not None and tm.config.z_mode == "classes":  # at each class's z (the decoder picks)
                 extra, ez = candidates_at_codes(A_s, t_s, codes)
         out = tm.model(img, ctf, 1.0, None, *extra, extra_z=ez)
         A[idx] = out.R.double().cpu().numpy()
         shifts_A[idx] = out.shift_px.double().cpu().numpy() * tm.pixel_size_A
-        z[idx] = out.z_win.float().cpu().numpy()
+        z[idx] = (out.z_win if tm.config.z_mode == "classes" else out.z).float().cpu().numpy()
         loss[idx] = out.loss.double().cpu().numpy()
     meta = {"pixel_size_A": stack.pixel_size_A, "box": stack.box, "model_box": tm.box,
             "model_pixel_size_A": tm.pixel_size_A, "zdim": tm.zdim, "run_dir": str(tm.run_dir),

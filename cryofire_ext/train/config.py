@@ -47,8 +47,10 @@ class TrainConfig(ConfigFile):
     (`train.candidates.SearchCache`). For `distill_images` images (then decaying to 0 over as many again)
     the encoder is taught the searched poses and the class's z target (a vertex of a simplex in z,
     `class_codes`) while the decoder learns from the searched poses only. With `search_candidates` the
-    searched pose is also a candidate in the winner-take-all loss, once at every class's z, in training and
-    in the model pass after it.
+    searched pose is also a candidate in the winner-take-all loss, in training and in the model pass after it:
+    with `z_mode="classes"` once at every class's z code (z is then a class label), with `"continuous"` at the
+    encoder's own z once the distillation is over (z is each particle's coordinate, free to move from its
+    class's code; the class is the nearest code).
 
     The refinement after training has its own config (`refine.config.RefineConfig`), saved apart.
 
@@ -88,6 +90,7 @@ class TrainConfig(ConfigFile):
     march_start: float = 0.25
     march_images: int = 20000
     z_l2: float = 0.0
+    z_mode: str = "classes"
     # warm start
     warm_start: str = "search"
     warm_images: int = 1000
@@ -134,6 +137,8 @@ class TrainConfig(ConfigFile):
             bad("enc_channels", "5 channel widths (5 levels of 2x2 pooling down to D/32)")
         if self.n_pose_heads < 1:
             bad("n_pose_heads", "an integer >= 1")
+        if self.z_mode not in ("classes", "continuous"):
+            bad("z_mode", "'classes' (z is the class code of the searched class) or 'continuous' (the encoder's z)")
         if self.warm_start not in ("search", "none"):
             bad("warm_start", "'search' or 'none'")
         if not 0 < self.march_start <= 1:

@@ -218,8 +218,10 @@ def train(stack: ParticleStack, run_dir, config: TrainConfig, *, resume: bool = 
                     z_t = codes[c_t]
                     if dw >= 1.0:  # the decoder learns each class from its searched class's z
                         z_rand = z_t
-                    elif config.search_candidates:  # then the searched pose at every class's z competes
+                    elif config.search_candidates and config.z_mode == "classes":  # at every class's z
                         extra, ez = candidates_at_codes(A_t, t_t, codes)
+                    # z_mode "continuous": the searched pose competes at the encoder's own z, which the
+                    # reconstruction then moves freely (the class code taught it where to start)
             with autocast:
                 out = net(img, ctf, radius, z_rand, *extra, extra[0] is not None and dw >= 1.0, ez)
             loss = out.loss.mean()
