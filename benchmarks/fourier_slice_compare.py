@@ -3,8 +3,8 @@
     python benchmarks/fourier_slice_compare.py --boxes 32 64 128 -o benchmarks/results/fourier_slice_compare.json
 
 Engines compared (all trilinear interpolation in Fourier space):
-  ours_projector   cryofire_ext.projection.Projector(pad=2) / reconstruct.reconstruct (pad 2, gridding-corrected, Wiener)
-  ours_stage       cryofire_ext.train.warmstart._slices / _splat / _solve (the refinement stages' engine; slices on
+  ours_projector   cryofire_ext.recon.projection.Projector(pad=2) / reconstruct.reconstruct (pad 2, gridding-corrected, Wiener)
+  ours_stage       cryofire_ext.recon.lattice.slices / insert / solve (the refinement stages' engine; slices on
                    a G = box+1 grid (pad 1) as the search uses, reconstruction on a 2x grid as classes.RECONSTRUCT_PAD,
                    no gridding correction)
   tfs              torch_fourier_slice.project_3d_to_2d / extract_central_slices_rfft_3d / backproject_2d_to_3d /
@@ -21,7 +21,7 @@ on neither library.
   (a) projection: per-image Pearson correlation and relative L2 error of each engine's real-space projections
       to the analytic ones, over --n-proj random poses.
   (b) reconstruction: each engine reconstructs from --n-rec analytic (noiseless, no CTF) projections at known
-      poses; FSC to the sampled true map (cryofire_ext.reconstruct.fsc).
+      poses; FSC to the sampled true map (cryofire_ext.recon.reconstruct.fsc).
   (c) speed: images/s for a batch of --batch poses (median of --repeats after one warm-up), torch threads = --threads.
 """
 
@@ -46,9 +46,9 @@ sys.path.insert(0, str(REPO))
 
 from cryofire_ext import fourier  # noqa: E402
 from cryofire_ext.poses import random_rotations  # noqa: E402
-from cryofire_ext.projection import Projector, project  # noqa: E402
-from cryofire_ext.reconstruct import fsc, reconstruct  # noqa: E402
-from cryofire_ext.train.warmstart import _Lattice, _slices, _solve, _splat  # noqa: E402
+from cryofire_ext.recon.projection import Projector, project  # noqa: E402
+from cryofire_ext.recon.reconstruct import fsc, reconstruct  # noqa: E402
+from cryofire_ext.recon.lattice import Lattice, insert, slices, solve  # noqa: E402
 
 import torch_fourier_slice as tfs  # noqa: E402
 from torch_fourier_slice.volume_utils import separable_sinc2_correction  # noqa: E402
@@ -133,18 +133,18 @@ def stage_grid(vol: torch.Tensor, pad: int) -> torch.Tensor:
     return F.to(torch.complex64)
 
 
-def stage_project(V: torch.Tensor, A: torch.Tensor, box: int, lat: _Lattice) -> torch.Tensor:
+def stage_project(V: torch.Tensor, A: torch.Tensor, box: int, lat: Lattice) -> torch.Tensor:
     coords = torch.einsum("mi,nij->nmj", lat.k, A.float())
-    S = _slices(V, coords)
+    S = slices(V, coords)
     full = fourier.expand_half(S, box, 1.0 - 1e-3)
     return fourier.ifft2_centered(full).real * box
 
 
 def stage_reconstruct(images: torch.Tensor, A: torch.Tensor, pad: int = 2, reg: float = 0.05,
                       batch: int = 256) -> torch.Tensor:
-    """classes._back_project + _solve (no CTF, no shifts), then the map on the box lattice in real space."""
+    """classmaps.back_project + solve (no CTF, no shifts), then the map on the box lattice in real space."""
     box = images.shape[-1]
-    lat = _Lattice(pad * box, 1.0, images.device)
+    lat = Lattice(pad * box, 1.0, images.device)
     keep = lat.r <= 1.0 + 2.0 / (pad * box)
     kp = lat.k[keep]
     G = pad * box + 1
@@ -155,8 +155,8 @@ def stage_reconstruct(images: torch.Tensor, A: torch.Tensor, pad: int = 2, reg: 
         Y = lat.observe(img)[:, keep] * pad
         coords = torch.einsum("mi,nij->nmj", kp, A[s:s + batch].float())
         vals = torch.stack((Y.real, Y.imag, torch.ones_like(Y.real)), -1)
-        _splat(acc, coords.reshape(-1, 3), vals.reshape(-1, 3))
-    V = _solve(acc, reg)[::pad, ::pad, ::pad][:box, :box, :box]  # classes.on_box_lattice, frames.real_map
+        insert(acc, coords.reshape(-1, 3), vals.reshape(-1, 3))
+    V = solve(acc, reg)[::pad, ::pad, ::pad][:box, :box, :box]  # classmaps.on_box_lattice, frames.real_map
     return fourier.ifft3_centered(V).real
 
 
@@ -218,8 +218,8 @@ def run_box(box: int, args) -> dict:
     ref = analytic_projections(box, A, c, s, a)
     ours = Projector(vol, pad=2).project(At)
     ours4 = Projector(vol, pad=4).project(At)
-    stage = stage_project(stage_grid(vol64, 1), At, box, _Lattice(box, 1.0, "cpu"))
-    stage2 = stage_project(stage_grid(vol64, 2), At, box, _Lattice(box, 1.0, "cpu"))
+    stage = stage_project(stage_grid(vol64, 1), At, box, Lattice(box, 1.0, "cpu"))
+    stage2 = stage_project(stage_grid(vol64, 2), At, box, Lattice(box, 1.0, "cpu"))
     tfs_T = tfs.project_3d_to_2d(vol, At.transpose(-1, -2).contiguous())
     tfs_A = tfs.project_3d_to_2d(vol, At)
     out["projection"] = {
@@ -270,11 +270,11 @@ def run_box(box: int, args) -> dict:
     Rb = Ab.transpose(-1, -2).contiguous()
     P = Projector(vol, pad=2)
     V1 = stage_grid(vol64, 1)
-    lat = _Lattice(box, 1.0, "cpu")
+    lat = Lattice(box, 1.0, "cpu")
     dft = tfs_volume_rfft(vol)
     imgs_b = analytic_projections(box, Ab.double().numpy(), c, s, a).float()
     # inputs of the insertion-only timings: each engine's own slice layout
-    S_stage = _slices(V1, torch.einsum("mi,nij->nmj", lat.k, Ab))
+    S_stage = slices(V1, torch.einsum("mi,nij->nmj", lat.k, Ab))
     vals_stage = torch.stack((S_stage.real, S_stage.imag, torch.ones_like(S_stage.real)), -1).reshape(-1, 3)
     coords_stage = torch.einsum("mi,nij->nmj", lat.k, Ab).reshape(-1, 3)
     p2 = box // 2
@@ -284,12 +284,12 @@ def run_box(box: int, args) -> dict:
 
     def stage_insert():
         acc = torch.zeros(box + 1, box + 1, box + 1, 3)
-        _splat(acc, coords_stage, vals_stage)
+        insert(acc, coords_stage, vals_stage)
 
     speed = {"batch": B, "repeats": reps,
              "slices_only": {
                  "ours_projector_slice_pad2": timed(lambda: P.slice(Ab), B, reps),
-                 "ours_stage_slices_pad1": timed(lambda: _slices(V1, torch.einsum("mi,nij->nmj", lat.k, Ab)), B,
+                 "ours_stage_slices_pad1": timed(lambda: slices(V1, torch.einsum("mi,nij->nmj", lat.k, Ab)), B,
                                                  reps),
                  "tfs_extract_central_slices_rfft_3d_pad2": timed(
                      lambda: tfs.extract_central_slices_rfft_3d(dft, Rb), B, reps)},
