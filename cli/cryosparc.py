@@ -37,7 +37,7 @@ def register(app: typer.Typer) -> None:
             ) -> None:
         from cryofire_ext.train.config import TrainConfig
         from integrations.cryosparc.external_job import connect_cryosparc, run_cryosparc_job
-        from integrations.relion.external_job import config_from_params, parse_label_values, pop_job_params
+        from integrations.params import config_from_params, parse_label_values, pop_job_params
 
         params = parse_label_values(ctx.args, where="cryofire cryosparc run")
         job_params = pop_job_params(params, where="cryofire cryosparc run")

@@ -58,7 +58,7 @@ def _echo_params() -> None:
         import dataclasses
 
         from cryofire_ext.train.config import TrainConfig
-        from integrations.relion.external_job import PROVENANCE_FIELDS
+        from integrations.params import PROVENANCE_FIELDS
     except ImportError:
         return
     typer.echo("Training parameters (--label value): " + ", ".join(
