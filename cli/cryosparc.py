@@ -8,6 +8,8 @@ from typing import Optional
 
 import typer
 
+from integrations.run_folder import PREDICTIONS
+
 RUN_HELP = """Create a cryoSPARC External job, train on JOB.OUTPUT particles, save poses/latents/volumes to it.
 
 Training options follow as --label value pairs (any TrainConfig field, e.g. --zdim 8
@@ -49,7 +51,7 @@ def register(app: typer.Typer) -> None:
                    f"{len(result.volumes)} volume(s); local run folder {result.run_dir}")
 
     @group.command("export")
-    def export(run_dir: Path = typer.Argument(..., help="A cryofire run folder (or its predictions.npz)."),
+    def export(run_dir: Path = typer.Argument(..., help=f"A cryofire run folder (or its {PREDICTIONS})."),
                like: Path = typer.Option(..., "--like", help="cryoSPARC particles .cs the run was trained on."),
                out: Path = typer.Option(..., "--out", "-o", help="Output .cs file."),
                force: bool = typer.Option(False, "--force", help="Overwrite the output."),

@@ -24,10 +24,12 @@ from cryofire_ext.particles import ParticleStack
 from cryofire_ext.results import Predictions
 from cryofire_ext.safe_io import atomic_path, check_writable
 from cryofire_ext.train.config import TrainConfig
+from integrations.run_folder import (CHECKPOINTS, CLUSTERS, LAST_CHECKPOINT, LOSS_PLOT, MAPS, PARTICLES_CS,
+                                     PARTICLES_STAR, PREDICTIONS)
 
 log = logging.getLogger(__name__)
 
-OUTPUT_FILES = ("predictions.npz", "particles.star", "particles.cs", "loss.png")
+OUTPUT_FILES = (PREDICTIONS, PARTICLES_STAR, PARTICLES_CS, LOSS_PLOT)
 
 
 @dataclass
@@ -94,8 +96,8 @@ def _train_and_export(particles, out: Path, config, datadir, should_stop, overwr
     import torch.distributed as dist
 
     if dist.is_initialized() and dist.get_rank() != 0:  # under torchrun only rank 0 predicts and exports
-        return JobOutputs(out, out / "particles.star", out / "particles.cs", out / "predictions.npz", [],
-                          out / "loss.png")
+        return JobOutputs(out, out / PARTICLES_STAR, out / PARTICLES_CS, out / PREDICTIONS, [],
+                          out / LOSS_PLOT)
     return export_run(out, stack, force=overwrite, n_clusters=n_clusters, seed=config.seed)
 
 
@@ -139,24 +141,24 @@ def export_run(run_dir, stack: ParticleStack, *, force: bool = False, n_clusters
     out = Path(out_dir) if out_dir is not None else run_dir
     tm = load_trained(run_dir, device=device)
     preds = predict(tm, stack, polish_rounds=polish_rounds)
-    pred_path = preds.save(out / "predictions.npz", force=force)
+    pred_path = preds.save(out / PREDICTIONS, force=force)
     posed = stack.with_poses(preds.A, preds.shifts_A)
     z = preds.z if preds.zdim else None
-    star = write_star(posed, out / "particles.star", z=z, force=force)
-    cs = write_cs(posed, out / "particles.cs", z=z, force=force)
+    star = write_star(posed, out / PARTICLES_STAR, z=z, force=force)
+    cs = write_cs(posed, out / PARTICLES_CS, z=z, force=force)
     info: dict = {}
     if preds.zdim:
         cl = cluster(preds.z, k=n_clusters, method="kmeans", seed=seed)
         points = np.concatenate([preds.z.mean(0, keepdims=True), cl.centres])
         names = ["mean_z"] + [f"cluster_{j:02d}" for j in range(len(cl.centres))]
         info = {"k": int(len(cl.centres)), "labels": cl.labels, "centres": cl.centres}
-        with atomic_path(out / "clusters.json", force=True) as tmp:
+        with atomic_path(out / CLUSTERS, force=True) as tmp:
             tmp.write_text(json.dumps({"k": info["k"], "centres": cl.centres.tolist(),
                                        "counts": np.bincount(cl.labels, minlength=info["k"]).tolist()}))
     else:
         points, names = np.zeros((1, 0), np.float32), ["consensus"]
-    maps = write_maps(tm, points, out / "maps", names, force=True)
-    plot = loss_plot(run_dir, out / "loss.png", force=True)
+    maps = write_maps(tm, points, out / MAPS, names, force=True)
+    plot = loss_plot(run_dir, out / LOSS_PLOT, force=True)
     return JobOutputs(out, star, cs, pred_path, maps, plot, info)
 
 
@@ -207,10 +209,10 @@ def run_demo(out_dir, settings: DemoSettings | None = None, *, force: bool = Fal
     cfg = TrainConfig(**{**DEMO_CONFIG, "seed": s.seed, **s.config})
     check_runtime(cfg)
     check_writable(out / "metrics.json", force)
-    previous = out / "run" / "checkpoints"
-    if (previous / "last.pt").exists():  # checked before anything is written
+    previous = out / "run" / CHECKPOINTS
+    if (out / "run" / LAST_CHECKPOINT).exists():  # checked before anything is written
         if not force:
-            raise InputError(f"{out / 'run'} already holds a training run (checkpoints/last.pt); pass --force to "
+            raise InputError(f"{out / 'run'} already holds a training run ({LAST_CHECKPOINT}); pass --force to "
                              "run the demo again from scratch, or choose another output folder")
         shutil.rmtree(previous)  # --force: the demo starts over (its data and exports are overwritten too)
     maps, apix = phantom_maps(s.box, states=len(s.mix))
@@ -252,7 +254,7 @@ def score_run(job: JobOutputs, ds) -> dict:
             if len(members) == 0:
                 continue
             true_state = int(np.bincount(members).argmax())
-            with mrcfile.open(job.out_dir / "maps" / f"cluster_{j:02d}.mrc") as mrc:
+            with mrcfile.open(job.out_dir / MAPS / f"cluster_{j:02d}.mrc") as mrc:
                 vol = np.asarray(mrc.data, dtype=np.float64)
             truth = ds.maps[true_state]
             if rot.flipped:  # the run found the mirror image: compare with the mirrored truth (z -> -z)

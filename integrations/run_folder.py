@@ -20,8 +20,21 @@ from cryofire_ext.safe_io import LOCK_NAME, FolderLock, check_output_folder
 
 log = logging.getLogger(__name__)
 
+# The run folder's file names (this module owns them; everything else in integrations/ and cli/ uses these).
+PREDICTIONS = "predictions.npz"  #: `cryofire_ext.results.Predictions` of the final pass
+PARTICLES_STAR = "particles.star"  #: RELION 3.1 export (poses, classes, cryofireZ*)
+PARTICLES_CS = "particles.cs"  #: cryoSPARC export (alignments3D, components_mode_K)
+CONFIG = "config.json"  #: the training config that ran
+HISTORY = "history.json"  #: training loss history
+LOSS_PLOT = "loss.png"
+CLUSTERS = "clusters.json"  #: k-means of z behind the cluster maps
+TRAIN_LOG = "train.log"
+MAPS = "maps"  #: folder of *.mrc maps
+CHECKPOINTS = "checkpoints"  #: folder of training checkpoints
+LAST_CHECKPOINT = f"{CHECKPOINTS}/last.pt"  #: the checkpoint `--resume` continues from
+
 #: what makes a run folder resumable (kept, with everything beside it, when a command fails)
-RESUMABLE = ("checkpoints/last.pt",)
+RESUMABLE = (LAST_CHECKPOINT,)
 
 
 def _entries(folder: Path) -> set[str]:
@@ -60,9 +73,8 @@ def run_folder(out, *, what: str = "run", resumable: Iterable[str] = RESUMABLE) 
 
 
 #: files a run folder receives (exports and the run's own), and the folders it writes into
-RUN_FILES = ("predictions.npz", "particles.star", "particles.cs", "loss.png", "clusters.json", "config.json",
-             "history.json", "train.log")
-RUN_SUBFOLDERS = ("maps", "checkpoints")
+RUN_FILES = (PREDICTIONS, PARTICLES_STAR, PARTICLES_CS, LOSS_PLOT, CLUSTERS, CONFIG, HISTORY, TRAIN_LOG)
+RUN_SUBFOLDERS = (MAPS, CHECKPOINTS)
 
 
 def check_inputs_kept(out, inputs: Iterable) -> None:

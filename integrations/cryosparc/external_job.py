@@ -197,9 +197,10 @@ def export_cs(run_dir: str | os.PathLike, like: str | os.PathLike, out: str | os
 
     from cryofire_ext.safe_io import atomic_path, check_not_inputs, check_writable
     from integrations.formats import input_files
+    from integrations.run_folder import PREDICTIONS
 
     run_dir = Path(run_dir)
-    pred_path = run_dir / "predictions.npz" if run_dir.is_dir() else run_dir
+    pred_path = run_dir / PREDICTIONS if run_dir.is_dir() else run_dir
     check_not_inputs([out, Path(out).with_suffix(".csg")], [pred_path, *input_files(like, twins=False)])
     check_writable(out, force)
     preds = Predictions.load(pred_path)
