@@ -57,7 +57,7 @@ def register(app: typer.Typer) -> None:
                force: bool = typer.Option(False, "--force", help="Overwrite the output."),
                ) -> None:
         """Write a .cs with the --like particles plus the run's alignments3D and components_mode_K."""
-        from integrations.cryosparc.external_job import export_cs
+        from integrations.cryosparc import export_cs
 
         path = export_cs(run_dir, like, out, force=force)
         typer.echo(f"wrote {path} and {path.with_suffix('.csg')} (import with an Import Result Group job)")

@@ -389,7 +389,7 @@ def test_export_writes_importable_cs_with_poses_and_latents(tmp_path):
     Predictions(ids=[f"{i}@stack.mrcs" for i in range(n)], A=A, shifts_A=shifts, z=z, loss=np.zeros(n)).save(
         run / "predictions.npz", force=True)
     with pytest.raises(InputError, match="none of the 2019 particle uids match"):
-        from integrations.cryosparc.external_job import export_cs
+        from integrations.cryosparc import export_cs
 
         export_cs(run, like, tmp_path / "other.cs")
 
