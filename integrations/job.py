@@ -144,8 +144,8 @@ def export_run(run_dir, stack: ParticleStack, *, force: bool = False, n_clusters
     pred_path = preds.save(out / PREDICTIONS, force=force)
     posed = stack.with_poses(preds.A, preds.shifts_A)
     z = preds.z if preds.zdim else None
-    star = write_star(posed, out / PARTICLES_STAR, z=z, force=force)
-    cs = write_cs(posed, out / PARTICLES_CS, z=z, force=force)
+    star = write_star(posed, out / PARTICLES_STAR, z=z, force=force, classes=preds.class_id)
+    cs = write_cs(posed, out / PARTICLES_CS, z=z, force=force, classes=preds.class_id)
     info: dict = {}
     if preds.zdim:
         cl = cluster(preds.z, k=n_clusters, method="kmeans", seed=seed)

@@ -130,7 +130,7 @@ def _fake_trainer(calls: list):
         n = len(particles)
         preds = Predictions(ids=particles.ids, A=Rotation.random(n, random_state=2).as_matrix(),
                             shifts_A=rng.normal(scale=5.0, size=(n, 2)), z=rng.normal(size=(n, config.zdim)),
-                            loss=rng.random(n), meta={"pixel_size_A": particles.pixel_size_A})
+                            loss=rng.random(n), class_id=np.arange(n) % 3, meta={"pixel_size_A": particles.pixel_size_A})
         preds.save(out_dir / "predictions.npz", force=force)
         maps = []
         for k in range(2):
@@ -234,6 +234,8 @@ def test_job_calls_slots_dtypes_and_saved_output(fake_training):
         assert np.all(again[f"components_mode_{k}/component"] == k)
         np.testing.assert_allclose(again[f"components_mode_{k}/value"], preds.z[:, k], rtol=1e-6)
     np.testing.assert_allclose(again["alignments3D/class_posterior"], 1.0)
+    np.testing.assert_array_equal(again["alignments3D/class"], preds.class_id)  # the run's classes, 0-based
+    assert np.any(preds.class_id != 0)
 
     # the stack the trainer saw: blob paths resolved against the project directory, CTF from the .cs
     stack = s.trained[0]["stack"]
@@ -392,6 +394,34 @@ def test_export_writes_importable_cs_with_poses_and_latents(tmp_path):
         from integrations.cryosparc import export_cs
 
         export_cs(run, like, tmp_path / "other.cs")
+
+
+def test_apply_predictions_replaces_the_input_classes(tmp_path):
+    """A refinement .cs whose particles are all in class 7 (0-based 6): the run's class_id replaces it,
+    alongside poses and latents, on rows matched by uid; every other input field passes through."""
+    from integrations.cryosparc import apply_predictions, export_cs
+
+    real = Dataset.load(shared_fixture("cryodrgn/cryosparc_P12_J24_001_particles.cs")).take(np.arange(40))
+    real["alignments3D/class"] = np.full(len(real), 6, dtype=np.uint32)
+    n = 30
+    pick = np.arange(n)[::-1]
+    classes = np.arange(n) % 2
+    preds = Predictions(ids=real["uid"][pick].astype(str), A=Rotation.random(n, random_state=1).as_matrix(),
+                        shifts_A=np.zeros((n, 2)), z=np.zeros((n, 2)), loss=np.zeros(n), class_id=classes)
+    out = apply_predictions(real, preds)
+    assert len(out) == n and set(real.fields()) <= set(out.fields())
+    np.testing.assert_array_equal(out["uid"], real["uid"][:n])
+    np.testing.assert_array_equal(out["alignments3D/class"], classes[::-1])
+    assert out["alignments3D/class"].dtype == np.uint32
+    np.testing.assert_array_equal(out["alignments3D/class_posterior"], 1.0)
+    np.testing.assert_array_equal(real["alignments3D/class"], 6)  # the input was not touched
+    # the same through the offline export (`cryofire cryosparc export`)
+    like = _roundtrip(real, tmp_path / "like.cs")
+    run = tmp_path / "run"
+    run.mkdir()
+    preds.save(run / "predictions.npz")
+    got = Dataset.load(export_cs(run, like, tmp_path / "out.cs"))
+    np.testing.assert_array_equal(got["alignments3D/class"], classes[::-1])
 
 
 def test_real_training_run_saves_uid_matched_output(setup):
