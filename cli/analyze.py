@@ -76,7 +76,7 @@ def _posed_particles(run_dir: Path, pred, what: str):
     return stack.take(_rows_for(stack, src, pred.ids))
 
 
-def _member_map(run_dir: Path, pred):
+def member_map_for_run(run_dir: Path, pred):
     """A `report.MemberMap`: Wiener back-projection (`reconstruct`) of a cluster's particles at the poses and
     CTF of the run's particles.star; None (with a log line) when the run's particle images cannot be read."""
     from cryofire_ext.reconstruct import reconstruct
@@ -143,7 +143,7 @@ def register(app: typer.Typer) -> None:
                                    variability_resolution_A=variability_resolution)
         pred = analysis.load_run(run).predictions
         writer = _subset_writer(run, pred) if subsets else None
-        member_map = _member_map(run, pred) if maps else None
+        member_map = member_map_for_run(run, pred) if maps else None
         variab = _particle_variability(run, pred) if variability_components else None
         res = report.analyze_run(run, out, cfg, subset_writer=writer, member_map=member_map,
                                  particle_variability=variab, force=force)

@@ -50,7 +50,7 @@ class _RunLog(logging.FileHandler):
         return super()._open()
 
 
-def _log_file(path: Path) -> logging.Handler:
+def run_log_handler(path: Path) -> logging.Handler:
     """train.log in the run folder, opened at the first record (a command refused early writes none)."""
     handler = _RunLog(path, delay=True)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
@@ -101,7 +101,7 @@ def register(app: typer.Typer) -> None:
                      "warm_classes": warm_classes, "polish_rounds": polish_rounds}
         cfg = TrainConfig.from_dict({**cfg.to_dict(), **{k: v for k, v in overrides.items() if v is not None}})
         check_output_folder(out)
-        handler = _log_file(out / TRAIN_LOG)
+        handler = run_log_handler(out / TRAIN_LOG)
         try:
             with _progress() as on_progress:
                 job = run_training_job(particles, out, cfg, datadir=datadir, resume=resume, force=force,
@@ -148,7 +148,7 @@ def register(app: typer.Typer) -> None:
 
         extra = {k: v for k, v in (("epochs", epochs), ("device", device), ("precision", precision)) if v is not None}
         check_output_folder(out)
-        handler = _log_file(out / TRAIN_LOG)
+        handler = run_log_handler(out / TRAIN_LOG)
         try:
             with _progress() as on_progress:
                 m = run_demo(out, DemoSettings(n=n, snr=snr, seed=seed, config=extra), force=force,
