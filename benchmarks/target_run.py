@@ -104,7 +104,7 @@ def export_only(out_dir: Path, ds, n_states: int) -> dict:
     """`run_demo`'s metrics for the run trained in `out_dir/run` on the SimulatedDataset `ds` (the one
     `run_demo` made, seed 0), without training: the final pass, export and scoring (`wall_s` is theirs alone)."""
     t0 = time.monotonic()
-    job = export_run(out_dir / "run", with_absolute_names(ds, out_dir / "data"), force=True, n_clusters=n_states)
+    job = export_run(out_dir / "run", with_absolute_names(ds, out_dir / "data"), force=True)
     m = score_run(job, ds)
     m.update({"wall_s": time.monotonic() - t0, "wall_s_covers": "final pass, pose refinement, export",
               "run_dir": str(job.out_dir)})

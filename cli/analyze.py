@@ -13,6 +13,7 @@ import numpy as np
 import typer
 
 from cryofire_ext.errors import InputError
+from integrations.run_folder import PARTICLES_CS, PARTICLES_STAR, PREDICTIONS
 
 log = logging.getLogger(__name__)
 
@@ -21,7 +22,7 @@ def _particle_source(run_dir: Path, prefer_suffix: str | None):
     """The run's particle file to subset (same suffix as the output when the run has one) and its stack."""
     from integrations.formats import read_particles
 
-    files = [run_dir / n for n in ("particles.star", "particles.cs") if (run_dir / n).is_file()]
+    files = [run_dir / n for n in (PARTICLES_STAR, PARTICLES_CS) if (run_dir / n).is_file()]
     if not files:
         return None, None
     files.sort(key=lambda p: p.suffix != prefer_suffix)
@@ -36,9 +37,9 @@ def _rows_for(stack, src: Path, pred_ids: np.ndarray) -> np.ndarray:
     if np.all(rows >= 0):
         return rows
     if len(stack) == len(pred_ids):
-        log.debug("%s: ids differ from predictions.npz; matching rows by order", src)
+        log.debug("%s: ids differ from %s; matching rows by order", src, PREDICTIONS)
         return np.arange(len(pred_ids))
-    raise InputError(f"{src}: {int((rows < 0).sum())} of the {len(pred_ids)} particles in predictions.npz are not in "
+    raise InputError(f"{src}: {int((rows < 0).sum())} of the {len(pred_ids)} particles in {PREDICTIONS} are not in "
                      f"this file ({len(stack)} rows); the run folder is inconsistent.")
 
 
@@ -75,7 +76,7 @@ def _posed_particles(run_dir: Path, pred, what: str):
     return stack.take(_rows_for(stack, src, pred.ids))
 
 
-def _member_map(run_dir: Path, pred):
+def member_map_for_run(run_dir: Path, pred):
     """A `report.MemberMap`: Wiener back-projection (`reconstruct`) of a cluster's particles at the poses and
     CTF of the run's particles.star; None (with a log line) when the run's particle images cannot be read."""
     from cryofire_ext.recon.reconstruct import reconstruct
@@ -113,7 +114,7 @@ def register(app: typer.Typer) -> None:
 
     @app.command("analyze")
     def analyze(
-        run: Path = typer.Argument(..., help="Run folder of `cryofire train` (holds predictions.npz)."),
+        run: Path = typer.Argument(..., help=f"Run folder of `cryofire train` (holds {PREDICTIONS})."),
         out: Optional[Path] = typer.Option(None, "-o", "--out", help="Output folder (default: RUN/analysis)."),
         clusters: Optional[int] = typer.Option(None, "--clusters", "-k",
                                                help="Number of clusters K (default: minimum BIC of a Gaussian "
@@ -143,7 +144,7 @@ def register(app: typer.Typer) -> None:
                                    variability_resolution_A=variability_resolution)
         pred = analysis.load_run(run).predictions
         writer = _subset_writer(run, pred) if subsets else None
-        member_map = _member_map(run, pred) if maps else None
+        member_map = member_map_for_run(run, pred) if maps else None
         variab = _particle_variability(run, pred) if variability_components else None
         res = report.analyze_run(run, out, cfg, subset_writer=writer, member_map=member_map,
                                  particle_variability=variab, force=force)
@@ -170,7 +171,7 @@ def register(app: typer.Typer) -> None:
         from cryofire_ext import analysis
 
         zdim = None
-        if (run / "predictions.npz").is_file():
+        if (run / PREDICTIONS).is_file():
             zdim = analysis.load_run(run).predictions.zdim
         points = analysis.read_z_points(z, z_file, zdim=zdim)
         source = analysis.load_volume_source(run, device=device)
@@ -195,12 +196,12 @@ def register(app: typer.Typer) -> None:
         clus, ids = analysis.load_clustering((analysis_dir or run / "analysis") / "clusters.npz")
         if len(ids) != len(pred.ids) or np.any(ids != pred.ids):
             raise InputError(f"{analysis_dir or run / 'analysis'}/clusters.npz: its particles differ from "
-                             f"{run}/predictions.npz; run `cryofire analyze {run} --force` again")
+                             f"{run}/{PREDICTIONS}; run `cryofire analyze {run} --force` again")
         wanted = analysis.parse_cluster_numbers(clusters, clus.k)
         rows = analysis.cluster_members(clus.labels, wanted)
         src, stack = _particle_source(run, out.suffix.lower())
         if stack is None:
-            raise InputError(f"{run}: the run folder holds no particles.star or particles.cs to select from")
+            raise InputError(f"{run}: the run folder holds no {PARTICLES_STAR} or {PARTICLES_CS} to select from")
         from integrations.formats import write_particles
 
         map_rows = _rows_for(stack, src, pred.ids)

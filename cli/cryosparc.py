@@ -8,6 +8,8 @@ from typing import Optional
 
 import typer
 
+from integrations.run_folder import PREDICTIONS
+
 RUN_HELP = """Create a cryoSPARC External job, train on JOB.OUTPUT particles, save poses/latents/volumes to it.
 
 Training options follow as --label value pairs (any TrainConfig field, e.g. --zdim 8
@@ -37,7 +39,7 @@ def register(app: typer.Typer) -> None:
             ) -> None:
         from cryofire_ext.train.config import TrainConfig
         from integrations.cryosparc.external_job import connect_cryosparc, run_cryosparc_job
-        from integrations.relion.external_job import config_from_params, parse_label_values, pop_job_params
+        from integrations.params import config_from_params, parse_label_values, pop_job_params
 
         params = parse_label_values(ctx.args, where="cryofire cryosparc run")
         job_params = pop_job_params(params, where="cryofire cryosparc run")
@@ -49,13 +51,13 @@ def register(app: typer.Typer) -> None:
                    f"{len(result.volumes)} volume(s); local run folder {result.run_dir}")
 
     @group.command("export")
-    def export(run_dir: Path = typer.Argument(..., help="A cryofire run folder (or its predictions.npz)."),
+    def export(run_dir: Path = typer.Argument(..., help=f"A cryofire run folder (or its {PREDICTIONS})."),
                like: Path = typer.Option(..., "--like", help="cryoSPARC particles .cs the run was trained on."),
                out: Path = typer.Option(..., "--out", "-o", help="Output .cs file."),
                force: bool = typer.Option(False, "--force", help="Overwrite the output."),
                ) -> None:
         """Write a .cs with the --like particles plus the run's alignments3D and components_mode_K."""
-        from integrations.cryosparc.external_job import export_cs
+        from integrations.cryosparc import export_cs
 
         path = export_cs(run_dir, like, out, force=force)
         typer.echo(f"wrote {path} and {path.with_suffix('.csg')} (import with an Import Result Group job)")

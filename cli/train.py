@@ -10,6 +10,7 @@ from typing import Optional
 
 import typer
 
+from integrations.run_folder import CONFIG, MAPS, TRAIN_LOG
 
 log = logging.getLogger("cryofire")
 
@@ -49,7 +50,7 @@ class _RunLog(logging.FileHandler):
         return super()._open()
 
 
-def _log_file(path: Path) -> logging.Handler:
+def run_log_handler(path: Path) -> logging.Handler:
     """train.log in the run folder, opened at the first record (a command refused early writes none)."""
     handler = _RunLog(path, delay=True)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
@@ -98,8 +99,8 @@ def register(app: typer.Typer) -> None:
         from integrations.job import job_config_fields, run_training_job, saved_refine_config
 
         cfg = TrainConfig.load(config) if config else TrainConfig()
-        if resume and config is None and (out / "config.json").is_file():
-            cfg = TrainConfig.load(out / "config.json")
+        if resume and config is None and (out / CONFIG).is_file():
+            cfg = TrainConfig.load(out / CONFIG)
         overrides = {"zdim": zdim, "epochs": epochs, "max_minutes": max_minutes, "batch_size": batch_size,
                      "seed": seed, "device": device, "precision": precision, "train_box": train_box, "warm_start": warm_start,
                      "warm_classes": warm_classes}
@@ -109,7 +110,7 @@ def register(app: typer.Typer) -> None:
             refine = refine.replace(**RefineConfig.fields_in(job_config_fields(config)))
         refine = refine.replace(polish_rounds=polish_rounds, polish_global_search=polish_global_search)
         check_output_folder(out)
-        handler = _log_file(out / "train.log")
+        handler = run_log_handler(out / TRAIN_LOG)
         try:
             with _progress() as on_progress:
                 job = run_training_job(particles, out, cfg, datadir=datadir, resume=resume, force=force,
@@ -119,7 +120,7 @@ def register(app: typer.Typer) -> None:
             logging.getLogger().removeHandler(handler)
             handler.close()
         typer.echo(f"wrote {job.particles_star}, {job.particles_cs}, {job.predictions} and "
-                   f"{len(job.maps)} maps in {job.out_dir / 'maps'}")
+                   f"{len(job.maps)} maps in {job.out_dir / MAPS}")
 
     @app.command("predict")
     def predict_cmd(
@@ -159,7 +160,7 @@ def register(app: typer.Typer) -> None:
 
         extra = {k: v for k, v in (("epochs", epochs), ("device", device), ("precision", precision)) if v is not None}
         check_output_folder(out)
-        handler = _log_file(out / "train.log")
+        handler = run_log_handler(out / TRAIN_LOG)
         try:
             with _progress() as on_progress:
                 m = run_demo(out, DemoSettings(n=n, snr=snr, seed=seed, config=extra), force=force,
@@ -173,4 +174,4 @@ def register(app: typer.Typer) -> None:
         for name, f in m.get("maps_fsc", {}).items():
             typer.echo(f"{name}: {f['members']} particles, state {f['true_state']}, FSC=0.5 at "
                        f"{f['fsc05_resolution_A']:.1f} A")
-        typer.echo(f"metrics in {out / 'metrics.json'}, maps in {out / 'run' / 'maps'}, {m['wall_s']:.0f} s")
+        typer.echo(f"metrics in {out / 'metrics.json'}, maps in {out / 'run' / MAPS}, {m['wall_s']:.0f} s")

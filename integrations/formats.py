@@ -104,17 +104,42 @@ def input_files(source, stack: ParticleStack | None = None, twins: bool = True) 
     return files
 
 
-def write_particles(stack: ParticleStack, path, z=None, force: bool = False) -> Path:
-    """Write `stack` (and latent coordinates `z` `(n, d)`) as `.star` (RELION 3.1) or `.cs` (cryoSPARC) by suffix."""
+def write_particles(stack: ParticleStack, path, z=None, force: bool = False, classes=None) -> Path:
+    """Write `stack` (and latent coordinates `z` `(n, d)`, 0-based `classes` `(n,)`) as `.star` (RELION 3.1) or
+    `.cs` (cryoSPARC) by suffix; see `relion.write_star` / `cryosparc.write_cs`."""
     path = Path(path)
     suffix = _suffix(path, WRITE_SUFFIXES, "writing")
     if suffix == ".star":
         from integrations.relion import write_star
 
-        return write_star(stack, path, z=z, force=force)
+        return write_star(stack, path, z=z, force=force, classes=classes)
     from integrations.cryosparc import write_cs
 
-    return write_cs(stack, path, z=z, force=force)
+    return write_cs(stack, path, z=z, force=force, classes=classes)
+
+
+#: the largest class id a writer accepts (cryoSPARC stores alignments3D/class as uint32)
+MAX_CLASS_ID = 2**32 - 2
+
+
+def check_classes(classes, n: int, field: str) -> np.ndarray:
+    """`classes` as `(n,)` int64, 0-based (each particle's class); InputError naming `field` (the file field
+    they are written to) when they are not `n` whole numbers in [0, MAX_CLASS_ID]."""
+    values = np.asarray(classes)
+    expected = (f"expected {n} class numbers, one per particle, as whole numbers >= 0 (0-based classes, "
+                f"written as {field})")
+    if values.shape != (n,):
+        raise InputError(f"classes have shape {values.shape}; {expected}")
+    if values.dtype.kind == "f":
+        whole = np.isfinite(values) & (values == np.round(values))
+        if not whole.all():
+            raise InputError(f"classes[{int(np.flatnonzero(~whole)[0])}] = {values[~whole][0].item()}; {expected}")
+    elif values.dtype.kind not in "iu":
+        raise InputError(f"classes hold {values.dtype} values; {expected}")
+    if n and (values.min() < 0 or values.max() > MAX_CLASS_ID):
+        bad = int(np.flatnonzero((values < 0) | (values > MAX_CLASS_ID))[0])
+        raise InputError(f"classes[{bad}] = {values[bad].item()}; {expected}")
+    return values.astype(np.int64)
 
 
 def convert_particles(src, dst, datadir=None, force: bool = False) -> tuple[ParticleStack, Path]:

@@ -26,13 +26,15 @@ from cryofire_ext.results import Predictions
 from cryofire_ext.safe_io import atomic_path, check_writable
 from cryofire_ext.refine.config import RefineConfig
 from cryofire_ext.train.config import TrainConfig
+from integrations.run_folder import (CHECKPOINTS, CLASSES, CONFIG, LAST_CHECKPOINT, LOSS_PLOT, MAPS, PARTICLES_CS,
+                                     PARTICLES_STAR, PREDICTIONS, REFINE)
 
 if TYPE_CHECKING:
     from cryofire_ext.predict import TrainedModel
 
 log = logging.getLogger(__name__)
 
-OUTPUT_FILES = ("predictions.npz", "particles.star", "particles.cs", "loss.png", "classes.json", "refine.json")
+OUTPUT_FILES = (PREDICTIONS, PARTICLES_STAR, PARTICLES_CS, LOSS_PLOT, CLASSES, REFINE)
 
 
 @dataclass
@@ -98,8 +100,8 @@ def _train_and_export(particles, out: Path, config, refine, datadir, should_stop
     preds = run(stack, out, config, refine, resume=resume, should_stop=should_stop, on_progress=on_progress,
                 argv=argv)
     if preds is None:  # under torchrun only rank 0 predicts and exports
-        return JobOutputs(out, out / "particles.star", out / "particles.cs", out / "predictions.npz", [],
-                          out / "loss.png")
+        return JobOutputs(out, out / PARTICLES_STAR, out / PARTICLES_CS, out / PREDICTIONS, [],
+                          out / LOSS_PLOT)
     from cryofire_ext.predict import load_trained
 
     return export_predictions(preds, load_trained(out, device=None), stack, out, refine, force=overwrite)
@@ -109,7 +111,7 @@ def check_outputs(out: Path, force: bool) -> None:
     """Refuse, before anything runs, to replace a job's exports in `out` (OUTPUT_FILES, maps/*.mrc) unless `force`."""
     for name in OUTPUT_FILES:
         check_writable(out / name, force)
-    maps = sorted((out / "maps").glob("*.mrc")) if (out / "maps").is_dir() else []
+    maps = sorted((out / MAPS).glob("*.mrc")) if (out / MAPS).is_dir() else []
     if maps and not force:
         raise InputError(f"{out / 'maps'} already holds maps ({maps[0].name}, ...); pass --force to replace them or "
                          "choose another output folder")
@@ -129,9 +131,9 @@ def saved_refine_config(run_dir) -> RefineConfig:
     if run_dir is None:
         return RefineConfig()
     run_dir = Path(run_dir)
-    if (run_dir / "refine.json").is_file():
-        return RefineConfig.load(run_dir / "refine.json")
-    return RefineConfig(**RefineConfig.fields_in(job_config_fields(run_dir / "config.json")))
+    if (run_dir / REFINE).is_file():
+        return RefineConfig.load(run_dir / REFINE)
+    return RefineConfig(**RefineConfig.fields_in(job_config_fields(run_dir / CONFIG)))
 
 
 def job_config_fields(path) -> dict:
@@ -150,8 +152,6 @@ def predict_job(run_dir, particles, out_dir, *, datadir=None, force: bool = Fals
     """`cryofire predict`: the run in `run_dir` over `particles` (path or stack), exported into `out_dir`
     (locked while written; nothing left there when it fails; never over an input file). `refine` None: the run's
     saved refinement settings."""
-    from cryofire_ext.pipeline import infer
-    from cryofire_ext.predict import load_trained
     from integrations.formats import input_files
     from integrations.run_folder import check_inputs_kept, run_folder
 
@@ -161,8 +161,21 @@ def predict_job(run_dir, particles, out_dir, *, datadir=None, force: bool = Fals
     with run_folder(out, what="cryofire predict", resumable=()):
         stack = load_particles(particles, datadir)
         check_inputs_kept(out, input_files(particles, stack))
-        tm = load_trained(run_dir, device=device)
-        return export_predictions(infer(tm, stack, refine), tm, stack, out, refine, force=force)
+        return export_run(run_dir, stack, out_dir=out, refine=refine, device=device, force=force)
+
+
+def export_run(run_dir, stack: ParticleStack, *, out_dir=None, refine: RefineConfig | None = None,
+               device: str | None = None, force: bool = False) -> JobOutputs:
+    """Inference over `stack` with the run in `run_dir` (`pipeline.infer`: the model pass and the refinement
+    `refine`, None: the run's saved settings) on `device` (None: the run's), exported into `out_dir` (default
+    `run_dir`) by `export_predictions`."""
+    from cryofire_ext.pipeline import infer
+    from cryofire_ext.predict import load_trained
+
+    refine = refine or saved_refine_config(run_dir)
+    tm = load_trained(run_dir, device=device)
+    out = Path(out_dir) if out_dir is not None else Path(run_dir)
+    return export_predictions(infer(tm, stack, refine), tm, stack, out, refine, force=force)
 
 
 def export_predictions(preds: Predictions, tm: "TrainedModel", stack: ParticleStack, out: Path, refine: RefineConfig,
@@ -176,12 +189,12 @@ def export_predictions(preds: Predictions, tm: "TrainedModel", stack: ParticleSt
     from integrations.relion import write_star
 
     out = Path(out)
-    pred_path = preds.save(out / "predictions.npz", force=force)
+    pred_path = preds.save(out / PREDICTIONS, force=force)
     posed = stack.with_poses(preds.A, preds.shifts_A)
     z = preds.z if preds.zdim else None
-    star = write_star(posed, out / "particles.star", z=z, classes=preds.class_id, force=force)
-    cs = write_cs(posed, out / "particles.cs", z=z, classes=preds.class_id, force=force)
-    refine.save(out / "refine.json", force=force)
+    star = write_star(posed, out / PARTICLES_STAR, z=z, classes=preds.class_id, force=force)
+    cs = write_cs(posed, out / PARTICLES_CS, z=z, classes=preds.class_id, force=force)
+    refine.save(out / REFINE, force=force)
     K = preds.n_classes
     counts = np.bincount(preds.class_id, minlength=K)
     info = {"k": K, "labels": preds.class_id}
@@ -195,12 +208,12 @@ def export_predictions(preds: Predictions, tm: "TrainedModel", stack: ParticleSt
         info["centres"] = centres
     else:
         points, names = np.zeros((1, 0), np.float32), ["consensus"]
-    with atomic_path(out / "classes.json", force=force) as tmp:
+    with atomic_path(out / CLASSES, force=force) as tmp:
         tmp.write_text(json.dumps({"k": K, "numbering": "rlnClassNumber (1-based) = alignments3D/class + 1",
                                    "counts": counts.tolist(),
                                    "mean_z": info["centres"].tolist() if preds.zdim else None}, default=float))
-    maps = write_maps(tm, points, out / "maps", names, force=force)
-    plot = loss_plot(tm.run_dir, out / "loss.png", force=force)
+    maps = write_maps(tm, points, out / MAPS, names, force=force)
+    plot = loss_plot(tm.run_dir, out / LOSS_PLOT, force=force)
     return JobOutputs(out, star, cs, pred_path, maps, plot, info)
 
 
@@ -251,10 +264,10 @@ def run_demo(out_dir, settings: DemoSettings | None = None, *, force: bool = Fal
     cfg = TrainConfig(**{**DEMO_CONFIG, "seed": s.seed, **s.config})
     check_runtime(cfg)
     check_writable(out / "metrics.json", force)
-    previous = out / "run" / "checkpoints"
-    if (previous / "last.pt").exists():  # checked before anything is written
+    previous = out / "run" / CHECKPOINTS
+    if (out / "run" / LAST_CHECKPOINT).exists():  # checked before anything is written
         if not force:
-            raise InputError(f"{out / 'run'} already holds a training run (checkpoints/last.pt); pass --force to "
+            raise InputError(f"{out / 'run'} already holds a training run ({LAST_CHECKPOINT}); pass --force to "
                              "run the demo again from scratch, or choose another output folder")
         shutil.rmtree(previous)  # --force: the demo starts over (its data and exports are overwritten too)
     maps, apix = phantom_maps(s.box, states=len(s.mix))
@@ -296,7 +309,7 @@ def score_run(job: JobOutputs, ds) -> dict:
             if len(members) == 0:
                 continue
             true_state = int(np.bincount(members).argmax())
-            with mrcfile.open(job.out_dir / "maps" / f"class_{j + 1:02d}.mrc") as mrc:
+            with mrcfile.open(job.out_dir / MAPS / f"class_{j + 1:02d}.mrc") as mrc:
                 vol = np.asarray(mrc.data, dtype=np.float64)
             truth = ds.maps[true_state]
             if rot.flipped:  # the run found the mirror image: compare with the mirrored truth (z -> -z)

@@ -16,12 +16,20 @@ import shutil
 from pathlib import Path
 from typing import Iterable, Iterator
 
+# the run folder's file names are defined once, in the core (the trainer writes some of them); integrations/ and
+# cli/ take them from here
+from cryofire_ext.run_layout import (CHECKPOINTS, CLASSES, CONFIG, HISTORY, LAST_CHECKPOINT, LOSS_PLOT, MAPS,
+                                     PARTICLES_CS, PARTICLES_STAR, PREDICTIONS, REFINE, TRAIN_LOG)
 from cryofire_ext.safe_io import LOCK_NAME, FolderLock, check_output_folder
+
+__all__ = ["CHECKPOINTS", "CLASSES", "CONFIG", "HISTORY", "LAST_CHECKPOINT", "LOSS_PLOT", "MAPS", "PARTICLES_CS",
+           "PARTICLES_STAR", "PREDICTIONS", "REFINE", "TRAIN_LOG", "RESUMABLE", "RUN_FILES", "RUN_SUBFOLDERS",
+           "run_folder", "check_inputs_kept"]
 
 log = logging.getLogger(__name__)
 
 #: what makes a run folder resumable (kept, with everything beside it, when a command fails)
-RESUMABLE = ("checkpoints/last.pt",)
+RESUMABLE = (LAST_CHECKPOINT,)
 
 
 def _entries(folder: Path) -> set[str]:
@@ -60,9 +68,8 @@ def run_folder(out, *, what: str = "run", resumable: Iterable[str] = RESUMABLE) 
 
 
 #: files a run folder receives (exports and the run's own), and the folders it writes into
-RUN_FILES = ("predictions.npz", "particles.star", "particles.cs", "loss.png", "clusters.json", "config.json",
-             "history.json", "train.log")
-RUN_SUBFOLDERS = ("maps", "checkpoints")
+RUN_FILES = (PREDICTIONS, PARTICLES_STAR, PARTICLES_CS, LOSS_PLOT, CLASSES, REFINE, CONFIG, HISTORY, TRAIN_LOG)
+RUN_SUBFOLDERS = (MAPS, CHECKPOINTS)
 
 
 def check_inputs_kept(out, inputs: Iterable) -> None:

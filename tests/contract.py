@@ -3,6 +3,8 @@
 A format's test class inherits `ParticleFormatContract` and sets:
   fmt: key in FORMATS;  fixtures: fixture paths under ../shared/fixtures it must parse.
 Round trips compare rotation matrices (never angles) to 1e-5 and shifts to 1e-4 A.
+Classes: every writer takes `classes` `(n,)` 0-based and stores them in its own numbering
+(`STORED_CLASSES`), replacing whatever class the input held.
 """
 
 from __future__ import annotations
@@ -22,6 +24,29 @@ def formats():
         "relion": (relion.read_star, relion.write_star, ".star"),
         "cryosparc": (cryosparc.read_cs, cryosparc.write_cs, ".cs"),
     }
+
+
+def _star_classes(path):
+    import starfile
+
+    return starfile.read(path, always_dict=True)["particles"]["rlnClassNumber"].to_numpy()
+
+
+def _cs_classes(path):
+    from cryosparc.dataset import Dataset
+
+    return np.asarray(Dataset.load(str(path))["alignments3D/class"])
+
+
+def _cs_posterior(path):
+    from cryosparc.dataset import Dataset
+
+    return Dataset.load(str(path))["alignments3D/class_posterior"]
+
+
+#: format -> (the class numbers a file stores, as written: read(path) -> `(n,)`; what the format adds to a
+#: 0-based class; the field's name)
+STORED_CLASSES = {"relion": (_star_classes, 1, "rlnClassNumber"), "cryosparc": (_cs_classes, 0, "alignments3D/class")}
 
 
 def assert_same_particles(a, b, *, rot_atol=1e-5, shift_atol=1e-4):
@@ -99,6 +124,56 @@ class ParticleFormatContract:
         out = tmp_path / f"z{suffix}"
         write(stack, out, z=z)
         np.testing.assert_allclose(self.read_latents(out), z, rtol=1e-6)
+
+    def stack_in_class_7(self, fixture_name, tmp_path):
+        """The fixture's particles (with poses: random ones when it has none) read back from a file of this
+        format that puts every particle in RELION class 7 (0-based class 6)."""
+        from cryofire_ext.poses import random_rotations
+
+        stack = self.read_fixture(fixture_name)
+        n = len(stack)
+        if n == 0:
+            pytest.skip("zero-row fixture")
+        if stack.A is None:
+            stack = stack.with_poses(random_rotations(n, np.random.default_rng(0)), np.zeros((n, 2)))
+        read, write, suffix = self.io()
+        src = write(stack, tmp_path / f"class7{suffix}", classes=np.full(n, 6))
+        stored, base, _ = STORED_CLASSES[self.fmt]
+        np.testing.assert_array_equal(stored(src), 6 + base)
+        back = read(src)
+        np.testing.assert_array_equal(back.class_id, 6)
+        return back
+
+    @pytest.mark.parametrize("other", ["relion", "cryosparc"])
+    def test_classes_replace_the_input_classes(self, fixture_name, other, tmp_path):
+        """classes [0, 1, 0, 1, ...] replace the input's class 7: rlnClassNumber = classes + 1, alignments3D/class
+        = classes; without classes the input's stay."""
+        stack = self.stack_in_class_7(fixture_name, tmp_path)
+        classes = np.arange(len(stack)) % 2
+        read, write, suffix = self.io(other)
+        stored, base, _ = STORED_CLASSES[other]
+        out = write(stack, tmp_path / f"out{suffix}", classes=classes)
+        np.testing.assert_array_equal(stored(out), classes + base)
+        np.testing.assert_array_equal(read(out).class_id, classes)
+        if other == "cryosparc":
+            np.testing.assert_array_equal(np.asarray(_cs_posterior(out)), 1.0)
+        kept = write(stack, tmp_path / f"kept{suffix}")
+        np.testing.assert_array_equal(stored(kept), 6 + base)
+
+    @pytest.mark.parametrize("bad", ["one too many", "negative", "not whole", "text"])
+    def test_bad_classes_are_refused(self, fixture_name, bad, tmp_path):
+        stack = self.read_fixture(fixture_name)
+        n = len(stack)
+        if n == 0:
+            pytest.skip("zero-row fixture")
+        classes = {"one too many": np.zeros(n + 1, dtype=np.int64), "negative": -np.ones(n, dtype=np.int64),
+                   "not whole": np.full(n, 0.5), "text": np.array(["a"] * n)}[bad]
+        _, write, suffix = self.io()
+        _, _, field = STORED_CLASSES[self.fmt]
+        out = tmp_path / f"bad{suffix}"
+        with pytest.raises(InputError, match=rf"classes.*expected {n} class numbers.*{field}"):
+            write(stack, out, classes=classes)
+        assert not out.exists()
 
     def read_latents(self, path):
         """The latent coordinates a writer stored, `(n, d)`; each format implements it."""

@@ -252,7 +252,7 @@ def test_simulated_two_state_subsets_in_both_formats_and_relion_reconstruct(tmp_
 def test_backprojected_cluster_maps_match_their_own_state(tmp_path):
     """Each cluster's map back-projected from its particles (at the run's poses, here the true ones)
     correlates best with its own state's truth and better than the full set's map does."""
-    from cli.analyze import _member_map
+    from cli.analyze import member_map_for_run
     from integrations import report
     from cryofire_ext.recon.reconstruct import reconstruct
     from integrations.relion import read_star
@@ -261,7 +261,7 @@ def test_backprojected_cluster_maps_match_their_own_state(tmp_path):
     pred = Predictions.load(run / "predictions.npz")
     src = BlendSource(maps, np.array([[0.0, 0.0, 0.0], [2.0, 1.0, -1.0]]), pixel_size_A=6.0)
     res = report.analyze_run(run, None, report.AnalyzeConfig(n_clusters=2, n_pcs=1, traversal_steps=2, umap=False),
-                             source=src, member_map=_member_map(run, pred))
+                             source=src, member_map=member_map_for_run(run, pred))
     assert [p.name for p in res.backprojected_maps] == ["cluster_01_backprojected.mrc", "cluster_02_backprojected.mrc"]
     stack = read_star(run / "particles.star", require_images=True)
     full = tmp_path / "full.mrc"

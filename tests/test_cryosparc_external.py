@@ -120,8 +120,8 @@ def _fake_trainer(calls: list):
     """Stand-in for integrations.job.run_training_job: reads every image, writes the run folder's files."""
 
     def run_training_job(particles, out_dir, config, *, datadir=None, should_stop=None, force=False, argv=None,
-                         on_progress=None, resume=False, n_clusters=None):
-        calls.append({"stack": particles, "config": config, "argv": argv, "n_clusters": n_clusters})
+                         on_progress=None, resume=False, refine=None):
+        calls.append({"stack": particles, "config": config, "argv": argv, "refine": refine})
         images = particles.require_images().read(np.arange(len(particles)))
         assert images.shape == (len(particles), particles.box, particles.box)
         out_dir = Path(out_dir)
@@ -130,7 +130,7 @@ def _fake_trainer(calls: list):
         n = len(particles)
         preds = Predictions(ids=particles.ids, A=Rotation.random(n, random_state=2).as_matrix(),
                             shifts_A=rng.normal(scale=5.0, size=(n, 2)), z=rng.normal(size=(n, config.zdim)),
-                            loss=rng.random(n), meta={"pixel_size_A": particles.pixel_size_A})
+                            loss=rng.random(n), class_id=np.arange(n) % 3, meta={"pixel_size_A": particles.pixel_size_A})
         preds.save(out_dir / "predictions.npz", force=force)
         maps = []
         for k in range(2):
@@ -234,6 +234,8 @@ def test_job_calls_slots_dtypes_and_saved_output(fake_training):
         assert np.all(again[f"components_mode_{k}/component"] == k)
         np.testing.assert_allclose(again[f"components_mode_{k}/value"], preds.z[:, k], rtol=1e-6)
     np.testing.assert_allclose(again["alignments3D/class_posterior"], 1.0)
+    np.testing.assert_array_equal(again["alignments3D/class"], preds.class_id)  # the run's classes, 0-based
+    assert np.any(preds.class_id != 0)
 
     # the stack the trainer saw: blob paths resolved against the project directory, CTF from the .cs
     stack = s.trained[0]["stack"]
@@ -389,9 +391,37 @@ def test_export_writes_importable_cs_with_poses_and_latents(tmp_path):
     Predictions(ids=[f"{i}@stack.mrcs" for i in range(n)], A=A, shifts_A=shifts, z=z, loss=np.zeros(n)).save(
         run / "predictions.npz", force=True)
     with pytest.raises(InputError, match="none of the 2019 particle uids match"):
-        from integrations.cryosparc.external_job import export_cs
+        from integrations.cryosparc import export_cs
 
         export_cs(run, like, tmp_path / "other.cs")
+
+
+def test_apply_predictions_replaces_the_input_classes(tmp_path):
+    """A refinement .cs whose particles are all in class 7 (0-based 6): the run's class_id replaces it,
+    alongside poses and latents, on rows matched by uid; every other input field passes through."""
+    from integrations.cryosparc import apply_predictions, export_cs
+
+    real = Dataset.load(shared_fixture("cryodrgn/cryosparc_P12_J24_001_particles.cs")).take(np.arange(40))
+    real["alignments3D/class"] = np.full(len(real), 6, dtype=np.uint32)
+    n = 30
+    pick = np.arange(n)[::-1]
+    classes = np.arange(n) % 2
+    preds = Predictions(ids=real["uid"][pick].astype(str), A=Rotation.random(n, random_state=1).as_matrix(),
+                        shifts_A=np.zeros((n, 2)), z=np.zeros((n, 2)), loss=np.zeros(n), class_id=classes)
+    out = apply_predictions(real, preds)
+    assert len(out) == n and set(real.fields()) <= set(out.fields())
+    np.testing.assert_array_equal(out["uid"], real["uid"][:n])
+    np.testing.assert_array_equal(out["alignments3D/class"], classes[::-1])
+    assert out["alignments3D/class"].dtype == np.uint32
+    np.testing.assert_array_equal(out["alignments3D/class_posterior"], 1.0)
+    np.testing.assert_array_equal(real["alignments3D/class"], 6)  # the input was not touched
+    # the same through the offline export (`cryofire cryosparc export`)
+    like = _roundtrip(real, tmp_path / "like.cs")
+    run = tmp_path / "run"
+    run.mkdir()
+    preds.save(run / "predictions.npz")
+    got = Dataset.load(export_cs(run, like, tmp_path / "out.cs"))
+    np.testing.assert_array_equal(got["alignments3D/class"], classes[::-1])
 
 
 def test_real_training_run_saves_uid_matched_output(setup):
@@ -402,8 +432,7 @@ def test_real_training_run_saves_uid_matched_output(setup):
     s = setup
     cfg = TrainConfig(zdim=2, epochs=1, batch_size=8, num_workers=0, device=TEST_DEVICE, warm_start="none", hidden=32,
                       dec_hidden=32, enc_channels=(8, 8, 16, 16, 16), log_every=1)
-    result = run_cryosparc_job(s.cs, PROJECT, WORKSPACE, f"{SOURCE}.particles", cfg, run_dir=s.tmp / "real",
-                               n_clusters=2)
+    result = run_cryosparc_job(s.cs, PROJECT, WORKSPACE, f"{SOURCE}.particles", cfg, run_dir=s.tmp / "real")
     out = {c.args[2]: c.args[3] for c in s.server.calls_to("jobs.save_output")}["particles"]
     preds = Predictions.load(s.tmp / "real" / "predictions.npz")
     order = {u: i for i, u in enumerate(preds.ids)}
@@ -411,5 +440,5 @@ def test_real_training_run_saves_uid_matched_output(setup):
     np.testing.assert_array_equal(out["uid"], s.dset["uid"])
     np.testing.assert_allclose(cryosparc_pose_to_matrix(out["alignments3D/pose"]), preds.A[rows], atol=2e-6)
     np.testing.assert_allclose(out["components_mode_1/value"], preds.z[rows, 1], rtol=1e-6)
-    assert len(result.volumes) == 3  # the map at mean z and one per cluster
+    assert len(result.volumes) == 1  # the map at mean z (no warm start: one class, no class maps)
     assert "jobs.mark_completed" in s.server.calls()

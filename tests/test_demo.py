@@ -96,9 +96,9 @@ def test_run_log_opens_in_a_folder_that_does_not_exist_yet(tmp_path):
     """`cryofire demo -o NEW` logs (the simulation) before NEW exists: train.log must make its folder."""
     import logging
 
-    from cli.train import _log_file
+    from cli.train import run_log_handler
 
-    handler = _log_file(tmp_path / "new" / "train.log")
+    handler = run_log_handler(tmp_path / "new" / "train.log")
     try:
         handler.handle(logging.LogRecord("x", logging.INFO, __file__, 1, "simulated 96 particles", None, None))
     finally:

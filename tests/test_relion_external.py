@@ -46,7 +46,7 @@ RECOVERY_PARAMS = {"zdim": "1", "epochs": "6", "batch_size": "32", "num_workers"
 # Plumbing only (seconds): one epoch of a small model, no warm start.
 TINY_PARAMS = {"zdim": "1", "epochs": "1", "batch_size": "64", "num_workers": "0", "device": TEST_DEVICE,
                "warm_start": "none", "hidden": "64", "dec_hidden": "64", "enc_channels": "8,16,32,64,64",
-               "n_clusters": "2"}
+               "polish_rounds": "2"}
 
 
 # --------------------------------------------------------------------------- helpers

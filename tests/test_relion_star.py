@@ -234,6 +234,23 @@ def test_poses_classes_and_subsets_written_from_the_stack(tmp_path):
         "rlnLogLikeliContribution"].to_numpy()[[4, 1]])
 
 
+def test_classes_replace_the_input_rlnClassNumber_and_stay_integers(tmp_path):
+    """An input file with rlnClassNumber 7 everywhere, written with the refinement's 0-based classes."""
+    n = 6
+    src = write_31(tmp_path / "in.star", [f"{i + 1:06d}@s.mrcs" for i in range(n)], extra={"rlnClassNumber": [7] * n})
+    stack = read_star(src)
+    np.testing.assert_array_equal(stack.class_id, 6)
+    classes = np.arange(n) % 2
+    out = write_star(stack, tmp_path / "out.star", classes=classes)
+    labels, rows = star_text_rows(out, "particles")
+    assert [r[labels.index("rlnClassNumber")] for r in rows] == ["1", "2"] * (n // 2)
+    assert labels.count("rlnClassNumber") == 1
+    assert relion_export.star_tables(stack, out, classes=classes)[1]["rlnClassNumber"].dtype == np.int64
+    # without classes: the input's stay
+    _, rows = star_text_rows(write_star(stack, tmp_path / "kept.star"), "particles")
+    assert {r[labels.index("rlnClassNumber")] for r in rows} == {"7"}
+
+
 def test_foreign_stack_builds_optics_and_image_names(tmp_path):
     data = images(4, box=8)
     src = make_stack(tmp_path / "data" / "s.mrcs", data)

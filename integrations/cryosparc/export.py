@@ -4,10 +4,12 @@ Two cases:
 - the stack came from a .cs (its passthrough is a cryosparc-tools `Dataset`): every input field is
   kept; `alignments3D/pose` (= -rotvec(A)), `alignments3D/shift` (pixels of `alignments3D/psize_A`),
   `alignments3D/psize_A` (the stack's pixel size), `alignments3D/split`/`class` (when the stack has
-  them) are set, added when absent;
+  them) are set, added when absent; `classes` given to `write_cs` set `alignments3D/class` (0-based)
+  and `alignments3D/class_posterior` (1.0) whatever the input held;
 - otherwise (a STAR file, a simulation): a new Dataset with `uid`, `blob/*`, `ctf/*` and
   `alignments3D/*`.
-Latent coordinates `z` `(n, d)` go to `components_mode_K/component` (u4, = K) and
+The alignments3D and components_mode_K fields are built by `fields.alignment_fields` (shared with the
+external job's `apply_predictions`). Latent coordinates `z` `(n, d)` go to `components_mode_K/component` (u4, = K) and
 `components_mode_K/value` (f4), K = 0..d-1, the layout cryoSPARC's 3D Variability writes.
 
 uids of a new Dataset: the ids themselves when every id is an integer in [0, 2^64) and they are
@@ -20,7 +22,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import re
 from pathlib import Path
 
 import numpy as np
@@ -28,13 +29,12 @@ from cryosparc.dataset import Dataset
 
 from cryofire_ext.errors import InputError
 from cryofire_ext.particles import ParticleStack
-from cryofire_ext.poses import matrix_to_cryosparc_pose
 from cryofire_ext.safe_io import atomic_path, check_writable
+from integrations.cryosparc.fields import alignment_fields, drop_stale_components, set_fields
+from integrations.formats import check_classes
 
 log = logging.getLogger(__name__)
 
-ALIGN_FIELDS = [("alignments3D/pose", "<f4", (3,)), ("alignments3D/shift", "<f4", (2,)), ("alignments3D/psize_A", "<f4")]
-_COMPONENT = re.compile(r"^components_mode_(\d+)/")
 
 
 def uids_for_ids(ids: np.ndarray) -> np.ndarray:
@@ -111,53 +111,44 @@ def _dtype_of(v: np.ndarray):
     return ("O" if v.dtype == object else v.dtype.str) if v.ndim == 1 else (v.dtype.str, v.shape[1:])
 
 
-def _set(dset: Dataset, name: str, values: np.ndarray, dtype: str, shape: tuple = ()) -> None:
-    if name not in dset.fields():
-        dset.add_fields([(name, dtype, shape)] if shape else [(name, dtype)])
-    dset[name] = np.asarray(values).astype(dtype)
-
-
-def dataset_from_stack(stack: ParticleStack, z: np.ndarray | None = None) -> Dataset:
-    """The cryoSPARC `Dataset` that `write_cs` saves for `stack` (and latent coordinates `z` `(n, d)`).
+def dataset_from_stack(stack: ParticleStack, z: np.ndarray | None = None, classes: np.ndarray | None = None
+                       ) -> Dataset:
+    """The cryoSPARC `Dataset` that `write_cs` saves for `stack` (latent coordinates `z` `(n, d)`, 0-based
+    `classes` `(n,)`).
 
     Pure: builds the table only. A Dataset passthrough is copied (rows in `stack.source_rows`
-    order), never modified.
+    order), never modified. The alignments3D and components_mode_K fields come from `fields.alignment_fields`.
     """
     n = len(stack)
+    posed = stack.A is not None and n > 0
+    posterior = None
+    if classes is not None:  # the caller's classes (a refinement's): replace the input's
+        classes, posterior = check_classes(classes, n, "alignments3D/class"), 1.0
+    elif posed:
+        classes = stack.class_id  # the stack's own classes, beside its poses (None: the input's are kept)
     if isinstance(stack.passthrough, Dataset):
         dset = stack.passthrough.take(np.asarray(stack.source_rows, dtype=np.int64))
     else:
         dset = _new_dataset(stack)
-    if stack.A is not None and n:
-        psize = float(stack.pixel_size_A)
-        _set(dset, "alignments3D/pose", matrix_to_cryosparc_pose(stack.A), "<f4", (3,))
-        _set(dset, "alignments3D/shift", np.asarray(stack.shifts_A, dtype=np.float64) / psize, "<f4", (2,))
-        _set(dset, "alignments3D/psize_A", np.full(n, psize), "<f4")
-        if stack.subset is not None:
-            _set(dset, "alignments3D/split", stack.subset, "<u4")
-        if stack.class_id is not None:
-            _set(dset, "alignments3D/class", stack.class_id, "<u4")
+    fields = alignment_fields(n, A=stack.A if posed else None, shifts_A=stack.shifts_A,
+                              psize_A=float(stack.pixel_size_A), split=stack.subset if posed else None,
+                              classes=classes, class_posterior=posterior, z=z)
     if z is not None:
-        z = np.asarray(z, dtype=np.float32)
-        if z.ndim != 2 or z.shape[0] != n:
-            raise InputError(f"latent coordinates have shape {z.shape}; expected ({n}, d), one row per particle")
-        d = z.shape[1]
-        stale = [f for f in dset.fields() if (m := _COMPONENT.match(f)) and int(m.group(1)) >= d]
-        if stale:
-            dset.drop_fields(stale)
-        for k in range(d):
-            _set(dset, f"components_mode_{k}/component", np.full(n, k), "<u4")
-            _set(dset, f"components_mode_{k}/value", z[:, k], "<f4")
-    return dset
+        drop_stale_components(dset, np.shape(z)[1])
+    return set_fields(dset, fields)
 
 
-def write_cs(stack: ParticleStack, path, z: np.ndarray | None = None, force: bool = False) -> Path:
+def write_cs(stack: ParticleStack, path, z: np.ndarray | None = None, force: bool = False,
+             classes: np.ndarray | None = None) -> Path:
     """Save `stack` (poses, and `z` `(n, d)` when given) as a cryoSPARC `.cs` file; returns the path.
 
+    `classes` `(n,)` 0-based: written as `alignments3D/class` (replacing any input value) with
+    `alignments3D/class_posterior` 1.0; None: the stack's own `class_id` (when it has poses), or the input's.
+    InputError when `classes` are not n whole numbers >= 0.
     Refuses to overwrite unless `force`; writes to a temporary name beside `path`, then renames.
     """
     path = check_writable(path, force)
-    dset = dataset_from_stack(stack, z)
+    dset = dataset_from_stack(stack, z, classes=classes)
     with atomic_path(path, force=force) as tmp:
         with open(tmp, "wb") as fh:
             dset.save(fh)

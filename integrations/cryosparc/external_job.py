@@ -10,7 +10,8 @@ run / log / log_plot / upload`). The job:
 3. trains (`integrations.job.run_training_job`) into a local run folder;
 4. saves a `particles` output that passes the input through and adds `alignments3D`
    (`pose` = -rotvec(A) in radians, `shift` in pixels of `alignments3D/psize_A`, same sign
-   as RELION's origin; `psize_A`) and `components_mode_K` (`component` = K, `value` = z_K);
+   as RELION's origin; `psize_A`; `class` = the run's 0-based classes, `class_posterior` 1) and
+   `components_mode_K` (`component` = K, `value` = z_K), built by `predictions.alignment_columns`;
 5. uploads each map as a `volume_N` output, and logs lines, the loss plot and a latent plot.
 
 Everything after the job is created runs inside `job.run()`, so any error marks the job
@@ -31,9 +32,9 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 import numpy as np
 
-from cryofire_ext.errors import InputError, brief
-from cryofire_ext.poses import matrix_to_cryosparc_pose
+from cryofire_ext.errors import InputError
 from cryofire_ext.results import Predictions
+from integrations.cryosparc.predictions import alignment_columns
 
 if TYPE_CHECKING:
     from cryosparc.dataset import Dataset
@@ -121,140 +122,6 @@ def parse_source(particles: str) -> tuple[str, str]:
     return match.group(1), match.group(2)
 
 
-def alignment_columns(dset: "Dataset", preds: Predictions, *, psize_A: np.ndarray | float | None = None
-                      ) -> tuple[np.ndarray, dict[str, tuple[Any, np.ndarray]]]:
-    """Columns that carry `preds` into a cryoSPARC particle dataset, matched on uid.
-
-    Returns `(rows, columns)`: `rows` `(m,)` indices of the dataset rows that have a
-    prediction, and `columns` mapping field name -> (dtype, values `(m, ...)`):
-    `alignments3D/pose` `(m, 3)` f4 (-rotvec(A), radians), `alignments3D/shift` `(m, 2)` f4
-    (pixels of `alignments3D/psize_A`, RELION's origin sign), `alignments3D/psize_A` f4,
-    `alignments3D/class_posterior` (1), `alignments3D/class` (0), and per latent dimension K
-    `components_mode_K/component` u4 = K, `components_mode_K/value` f4 = z_K.
-    `psize_A` defaults to each row's `blob/psize_A`.
-    """
-    uids = np.asarray(dset["uid"]).astype(np.uint64).astype(str)
-    index = {str(u): i for i, u in enumerate(np.asarray(preds.ids).astype(str))}
-    matched = np.array([index.get(u, -1) for u in uids], dtype=np.int64)
-    rows = np.nonzero(matched >= 0)[0]
-    if rows.size == 0:
-        raise InputError(f"none of the {len(uids)} particle uids match the {len(preds)} predicted particle ids "
-                         f"(e.g. {uids[:1].tolist()} vs {np.asarray(preds.ids)[:1].tolist()}); the run was not "
-                         "trained on these particles")
-    pick = matched[rows]
-    if psize_A is None:
-        if "blob/psize_A" not in dset.fields():
-            raise InputError("the particle dataset has no blob/psize_A field; cannot express shifts in pixels")
-        psize = np.asarray(dset["blob/psize_A"], dtype=np.float64)[rows]
-    else:
-        psize = np.broadcast_to(np.asarray(psize_A, dtype=np.float64), uids.shape)[rows]
-    if not np.all(psize > 0):
-        raise InputError("the particle dataset has a non-positive pixel size (blob/psize_A)")
-    cols: dict[str, tuple[Any, np.ndarray]] = {
-        "alignments3D/pose": (("<f4", (3,)), matrix_to_cryosparc_pose(preds.A[pick]).astype(np.float32)),
-        "alignments3D/shift": (("<f4", (2,)), (preds.shifts_A[pick] / psize[:, None]).astype(np.float32)),
-        "alignments3D/psize_A": ("<f4", psize.astype(np.float32)),
-        "alignments3D/class_posterior": ("<f4", np.ones(len(rows), dtype=np.float32)),
-        "alignments3D/class": ("<u4", np.zeros(len(rows), dtype=np.uint32)),
-    }
-    for k in range(preds.zdim):
-        cols[f"components_mode_{k}/component"] = ("<u4", np.full(len(rows), k, dtype=np.uint32))
-        cols[f"components_mode_{k}/value"] = ("<f4", preds.z[pick, k].astype(np.float32))
-    return rows, cols
-
-
-def apply_predictions(dset: "Dataset", preds: Predictions, *, psize_A: np.ndarray | float | None = None,
-                      keep_unmatched: bool = False) -> "Dataset":
-    """A copy of `dset` (every input field kept) with `alignments3D` and `components_mode_K` from `preds`.
-
-    Rows are matched on `uid`; rows without a prediction are dropped unless `keep_unmatched`
-    (then they keep zeros). Existing alignment/component fields are overwritten.
-    """
-    rows, cols = alignment_columns(dset, preds, psize_A=psize_A)
-    out = dset.copy() if keep_unmatched or len(rows) == len(dset) else dset.take(rows)
-    target = np.arange(len(out)) if not keep_unmatched else rows
-    if not keep_unmatched and len(rows) != len(dset):
-        logger.warning("%d of %d particles have no prediction and were left out", len(dset) - len(rows), len(dset))
-    missing = [(name, spec) for name, (spec, _) in cols.items() if name not in out.fields()]
-    if missing:
-        out.add_fields([m[0] for m in missing], [m[1] for m in missing])
-    for name, (_, values) in cols.items():
-        column = out[name]
-        column[target] = values
-    return out
-
-
-def export_cs(run_dir: str | os.PathLike, like: str | os.PathLike, out: str | os.PathLike, *,
-              force: bool = False) -> Path:
-    """Write `out` (.cs): the particles of `like` (every field kept) with the run's poses and latents.
-
-    `run_dir` is a cryofire run folder (holding predictions.npz) or the predictions file itself;
-    `like` a cryoSPARC particle .cs whose uids the run was trained on (e.g. the exported input
-    job's particles). A `.csg` result-group file is written beside it: import both in cryoSPARC
-    with an "Import Result Group" job (blob paths stay as in `like`, relative to its project).
-    """
-    from cryosparc.dataset import Dataset
-
-    from cryofire_ext.safe_io import atomic_path, check_not_inputs, check_writable
-    from integrations.formats import input_files
-
-    run_dir = Path(run_dir)
-    pred_path = run_dir / "predictions.npz" if run_dir.is_dir() else run_dir
-    check_not_inputs([out, Path(out).with_suffix(".csg")], [pred_path, *input_files(like, twins=False)])
-    check_writable(out, force)
-    preds = Predictions.load(pred_path)
-    like = Path(like)
-    if not like.is_file():
-        raise InputError(f"{like}: particle .cs file not found (--like)")
-    try:
-        dset = Dataset.load(like)
-    except Exception as exc:
-        raise InputError(f"{like}: not a cryoSPARC .cs dataset ({brief(exc)})") from None
-    if "uid" not in dset.fields() or "blob/psize_A" not in dset.fields():
-        raise InputError(f"{like}: a particle .cs with uid and blob/psize_A fields is expected (a particle "
-                         "output of a cryoSPARC extract, import or refinement job)")
-    csg = Path(out).with_suffix(".csg")
-    check_writable(csg, force)
-    result = apply_predictions(dset, preds)
-    with atomic_path(out, force=force) as tmp:
-        with open(tmp, "wb") as fh:
-            result.save(fh)
-    with atomic_path(csg, force=force) as tmp:
-        tmp.write_text(result_group_text(result, Path(out).name))
-    logger.info("wrote %s: %d particles with alignments3D and %d latent component(s), and %s for cryoSPARC's "
-                "Import Result Group job", out, len(result), preds.zdim, csg.name)
-    return Path(out)
-
-
-def _slot_type(prefix: str) -> str:
-    if prefix.startswith("components_mode_"):
-        return "components"
-    if prefix.startswith("alignments_class_"):
-        return "alignments3D"
-    return prefix
-
-
-def result_group_text(dset: "Dataset", cs_name: str, *, name: str = "particles",
-                      title: str = "cryoFIRE particles") -> str:
-    """A cryoSPARC result-group file (.csg) naming every slot of `dset` in `cs_name` (beside the .csg).
-
-    cryoSPARC's "Import Result Group" job reads it; `>` marks a path relative to the .csg's folder,
-    as in cryoSPARC's own exports.
-    """
-    import time as _time
-
-    import cryosparc
-
-    lines = [f"created: {_time.strftime('%Y-%m-%d %H:%M:%S')}", "group:",
-             "  description: particles with cryoFIRE poses (alignments3D) and latent coordinates "
-             "(components_mode_K)", f"  name: {name}", f"  title: {title}", "  type: particle", "results:"]
-    for prefix in sorted(dset.prefixes()):
-        lines += [f"  {prefix}:", f"    metafile: '>{cs_name}'", f"    num_items: {len(dset)}",
-                  f"    type: particle.{_slot_type(prefix)}"]
-    lines.append(f"version: v{cryosparc.__version__}")
-    return "\n".join(lines) + "\n"
-
-
 # --------------------------------------------------------------------------- the job
 def check_source(cs: "CryoSPARC", project_uid: str, source_job: str, source_output: str) -> None:
     """InputError unless `source_job`'s output `source_output` exists and carries blob and ctf slots."""
@@ -340,12 +207,12 @@ def _map_info(path: Path) -> tuple[tuple[int, int, int], float]:
 
 def run_cryosparc_job(cs: "CryoSPARC", project_uid: str, workspace_uid: str, particles: str, config: Any, *,
                       run_dir: str | os.PathLike | None = None, title: str = "cryoFIRE ab initio",
-                      force: bool = False, n_clusters: int | None = None) -> CryoSPARCRunResult:
+                      force: bool = False, refine: Any = None) -> CryoSPARCRunResult:
     """Create, run and fill a cryoSPARC External job; return what it saved.
 
     `particles` is the source as 'J42.particles'; `config` a TrainConfig; `run_dir` the local
-    run folder (default `./cryofire_<project>_<new job uid>`); `n_clusters` the number of
-    k-means maps of z (None: chosen by BIC). The project directory must be readable from this
+    run folder (default `./cryofire_<project>_<new job uid>`); `refine` a RefineConfig for the refinement
+    after training (None: the defaults). The project directory must be readable from this
     machine (stacks are read from it).
     """
     from integrations.cryosparc import stack_from_dataset
@@ -372,7 +239,7 @@ def run_cryosparc_job(cs: "CryoSPARC", project_uid: str, workspace_uid: str, par
         job.log(f"{len(stack)} particles, box {stack.box} px, {stack.pixel_size_A:.4g} A/px; training")
         out_dir = Path(run_dir) if run_dir is not None else Path.cwd() / f"cryofire_{project_uid}_{job.uid}"
         outputs = run_training_job(stack, out_dir, config, force=force, on_progress=_progress_logger(job),
-                                   n_clusters=n_clusters,
+                                   refine=refine,
                                    argv=["cryofire", "cryosparc", "run", "--project", project_uid,
                                          "--particles", particles])
         preds = Predictions.load(outputs.predictions)

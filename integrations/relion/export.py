@@ -3,10 +3,11 @@
 Layout: `# version 30001`, `data_optics` then `data_particles`. Written by us:
 rlnAngleRot/Tilt/Psi from `stack.A`, rlnOriginXAngst/YAngst from `stack.shifts_A`
 (pixel rlnOriginX/Y are dropped: RELION 3.1+ ignores them beside an optics
-table), rlnClassNumber (1-based) and rlnRandomSubset (1/2) when the stack has
-them, and latent coordinates as `cryofireZ1..cryofireZd`. Every other column of
-a stack read by `read_star` is kept as read, CTF columns included (a 3.0 file's
-per-particle optics columns move to the optics table; an optics table without
+table), rlnClassNumber (1-based: `classes` + 1 when given, else the stack's
+class_id) and rlnRandomSubset (1/2) when the stack has them, and latent
+coordinates as `cryofireZ1..cryofireZd`. Every other column of a stack read
+by `read_star` is kept as read, CTF columns included (a 3.0 file's per-particle
+optics columns move to the optics table; an optics table without
 rlnImageSize/rlnImageDimensionality/rlnImagePixelSize gets them). A stack from elsewhere (cryoSPARC) gets an
 optics table built from it: one group per (optics group, voltage, Cs, amplitude
 contrast).
@@ -38,6 +39,7 @@ from cryofire_ext.errors import InputError
 from cryofire_ext.particles import ParticleStack
 from cryofire_ext.poses import matrix_to_relion_euler
 from cryofire_ext.safe_io import atomic_path
+from integrations.formats import check_classes
 from integrations.relion.paths import relion_stack_name, resolve_stack, split_image_names
 from integrations.relion.star import LATENT_LABEL, RelionTables
 
@@ -148,9 +150,14 @@ def _image_names_foreign(stack: ParticleStack) -> np.ndarray:
                      "--datadir so their stacks are found.")
 
 
-def star_tables(stack: ParticleStack, out_path, z: np.ndarray | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+def star_tables(stack: ParticleStack, out_path, z: np.ndarray | None = None, classes: np.ndarray | None = None
+                ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(optics, particles) tables of the RELION 3.1 file that `write_star` writes for `stack` at `out_path`."""
     n = len(stack)
+    if classes is not None:
+        classes = check_classes(classes, n, "rlnClassNumber (= class + 1)")
+    elif stack.class_id is not None:
+        classes = stack.class_id
     out_dir = Path(os.path.abspath(Path(out_path).parent))
     tables = stack.passthrough if isinstance(stack.passthrough, RelionTables) else None
     if tables is not None:
@@ -184,8 +191,8 @@ def star_tables(stack: ParticleStack, out_path, z: np.ndarray | None = None) -> 
         particles["rlnOriginXAngst"] = np.asarray(stack.shifts_A)[:, 0]
         particles["rlnOriginYAngst"] = np.asarray(stack.shifts_A)[:, 1]
     particles = particles.drop(columns=[c for c in PIXEL_ORIGIN_LABELS if c in particles.columns])
-    if stack.class_id is not None:
-        particles["rlnClassNumber"] = np.asarray(stack.class_id, dtype=np.int64) + 1
+    if classes is not None:
+        particles["rlnClassNumber"] = np.asarray(classes, dtype=np.int64) + 1
     if stack.subset is not None:
         subset = np.asarray(stack.subset, dtype=np.int64)
         if np.any((subset != 0) & (subset != 1)):
@@ -219,13 +226,17 @@ def _relion_text(df: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
-def write_star(stack: ParticleStack, path, z: np.ndarray | None = None, force: bool = False) -> Path:
+def write_star(stack: ParticleStack, path, z: np.ndarray | None = None, force: bool = False,
+               classes: np.ndarray | None = None) -> Path:
     """Write `stack` (+ latent coordinates `z` `(n, d)`) as a RELION 3.1 particle STAR file; returns the path.
 
-    Refuses to overwrite an existing file unless `force`; nothing is left under `path` when writing fails.
+    `classes` `(n,)` 0-based: written as `rlnClassNumber = classes + 1` (replacing any input value); None: the
+    stack's own `class_id`, else the input's column as read. InputError when `classes` are not n whole
+    numbers >= 0. Refuses to overwrite an existing file unless `force`; nothing is left under `path` when
+    writing fails.
     """
     path = Path(path)
-    optics, particles = star_tables(stack, path, z)
+    optics, particles = star_tables(stack, path, z, classes=classes)
     with atomic_path(path, force=force) as tmp, open(tmp, "w") as fh:
         fh.write(f"# written by cryofire-ext {__version__}\n\n")
         for name, table in (("optics", optics), ("particles", particles)):

@@ -20,17 +20,16 @@ otherwise), as RELION itself does.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import sys
 import traceback
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 from cryofire_ext.errors import InputError, MissingImagesError
+from integrations.params import config_from_params, parse_label_values, pop_job_params
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +53,9 @@ IGNORED_RELION_INPUTS = ("in_mics", "in_movies", "in_coords", "in_3dref", "in_ma
 #: Process exit status for each outcome (RELION's own programs use 0 / 1 / 2).
 STATUS = {"success": 0, "failure": 1, "aborted": 2}
 
+#: the command named in error messages
+WHERE = "relion-external"
+
 
 @dataclass
 class RelionExternalArgs:
@@ -67,38 +69,9 @@ class RelionExternalArgs:
     argv: list[str] = field(default_factory=list)
 
 
-def parse_label_values(argv: Sequence[str], *, where: str = "relion-external") -> dict[str, str]:
-    """`--key value` / `--key=value` pairs -> {key: value} (dashes in keys become underscores).
-
-    A flag followed by another flag (or nothing) reads as `true`. InputError on a stray
-    word or a repeated key.
-    """
-    pairs: dict[str, str] = {}
-    args = list(argv)
-    i = 0
-    while i < len(args):
-        token = args[i]
-        if not token.startswith("--") or len(token) <= 2:
-            raise InputError(f"{where}: unexpected argument {token!r}; options come as '--label value' pairs "
-                             "(e.g. --zdim 8 --epochs 20)")
-        key, eq, value = token[2:].partition("=")
-        if not eq:
-            if i + 1 < len(args) and not (args[i + 1].startswith("--") and len(args[i + 1]) > 2):
-                value = args[i + 1]
-                i += 1
-            else:
-                value = "true"
-        key = key.replace("-", "_")
-        if key in pairs:
-            raise InputError(f"{where}: option --{key} given twice ({pairs[key]!r} and {value!r})")
-        pairs[key] = value
-        i += 1
-    return pairs
-
-
 def parse_relion_args(argv: Sequence[str]) -> RelionExternalArgs:
-    """Parse RELION's External-job command line (see `parse_label_values`); `--o` is required."""
-    pairs = parse_label_values(argv)
+    """Parse RELION's External-job command line (see `integrations.params.parse_label_values`); `--o` is required."""
+    pairs = parse_label_values(argv, where=WHERE)
     if "o" not in pairs:
         raise InputError("relion-external: --o (the job's output directory, e.g. External/job001/) is required; "
                          "RELION passes it when the program runs as an External job")
@@ -112,116 +85,6 @@ def parse_relion_args(argv: Sequence[str]) -> RelionExternalArgs:
     ignored = {k: pairs.pop(k) for k in IGNORED_RELION_INPUTS if k in pairs}
     return RelionExternalArgs(out_dir=out_dir, in_parts=Path(in_parts) if in_parts else None,
                               threads=threads, params=pairs, ignored=ignored, argv=[str(a) for a in argv])
-
-
-def _convert(text: str, annotation: Any, label: str) -> Any:
-    """Convert the text RELION passed into the config field's type."""
-    origin = typing.get_origin(annotation)
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
-        choices = [a for a in typing.get_args(annotation) if a is not type(None)]
-        if text.lower() in ("none", "null", "") and len(choices) < len(typing.get_args(annotation)):
-            return None
-        errors = []
-        for choice in choices:
-            try:
-                return _convert(text, choice, label)
-            except InputError as exc:
-                errors.append(str(exc))
-        raise InputError(errors[0] if errors else f"--{label}: cannot read {text!r}")
-    if origin is typing.Literal:
-        allowed = typing.get_args(annotation)
-        for value in allowed:
-            if str(value) == text:
-                return value
-        raise InputError(f"--{label} must be one of {', '.join(map(str, allowed))}; got {text!r}")
-    if origin in (tuple, list) or annotation in (tuple, list):
-        container = origin or annotation
-        inner = [a for a in typing.get_args(annotation) if a is not Ellipsis]
-        parts = [p for p in text.strip("()[] ").replace(",", " ").split() if p]
-        if inner:
-            return container(_convert(p, inner[0], label) for p in parts)
-        return container(_number_or_text(p) for p in parts)
-    if annotation is bool:
-        lowered = text.strip().lower()
-        if lowered in ("1", "true", "yes", "y", "on"):
-            return True
-        if lowered in ("0", "false", "no", "n", "off"):
-            return False
-        raise InputError(f"--{label} must be yes/no (true/false); got {text!r}")
-    if annotation in (int, float):
-        try:
-            value = float(text)
-        except ValueError:
-            raise InputError(f"--{label} must be a number; got {text!r}") from None
-        if annotation is int:
-            if value != int(value):
-                raise InputError(f"--{label} must be a whole number; got {text!r}")
-            return int(value)
-        return value
-    if annotation in (str, Any) or annotation is None:
-        return text
-    if isinstance(annotation, type):
-        return annotation(text)
-    return text
-
-
-def _number_or_text(text: str) -> Any:
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            pass
-    return text
-
-
-#: Config fields filled by the program itself (provenance), never by users.
-PROVENANCE_FIELDS = ("version", "created", "command_line")
-
-
-def pop_job_params(params: dict[str, str], *, where: str = "relion-external") -> dict[str, Any]:
-    """Remove and convert the job-level (not training) parameters: `n_clusters` (maps at k-means
-    centres of z; default: chosen by BIC, at most 10) and `resume` (yes: continue the run in the
-    output folder from its last checkpoint, e.g. after an abort; only epochs, max_minutes and
-    device may change). Returns keyword arguments for run_training_job."""
-    out: dict[str, Any] = {}
-    if "resume" in params:
-        out["resume"] = _convert(params.pop("resume"), bool, "resume")
-    if "n_clusters" in params:
-        value = _convert(params.pop("n_clusters"), int, "n_clusters")
-        if value < 1:
-            raise InputError(f"{where}: --n_clusters must be at least 1, got {value}")
-        out["n_clusters"] = value
-    return out
-
-
-def config_from_params(config_cls: type, params: dict[str, str], *, where: str = "relion-external",
-                       base: Any = None) -> Any:
-    """Build a typed dataclass config (e.g. TrainConfig) from `--label value` text pairs.
-
-    Each label must name a field of `config_cls` (dashes may stand for underscores; see also
-    `pop_job_params` for the job-level ones);
-    values are converted to the field's annotated type. Unknown labels raise InputError
-    listing the valid ones, so a typo in RELION's Params tab fails loudly instead of
-    training with defaults.
-    """
-    hints = typing.get_type_hints(config_cls)
-    names = [f.name for f in dataclasses.fields(config_cls) if f.init and f.name not in PROVENANCE_FIELDS]
-    values: dict[str, Any] = {}
-    for label, text in params.items():
-        name = label.replace("-", "_")
-        if name not in names:
-            raise InputError(f"{where}: unknown parameter --{label} (value {text!r}). Training parameters are: "
-                             + ", ".join(f"--{n}" for n in names) + "; and --n_clusters (maps at k-means "
-                             "centres of z) and --resume (continue from the last checkpoint).")
-        values[name] = _convert(str(text), hints.get(name, str), label)
-    if base is not None:
-        return dataclasses.replace(base, **values)
-    try:
-        return config_cls(**values)
-    except (TypeError, ValueError) as exc:
-        if isinstance(exc, InputError):
-            raise
-        raise InputError(f"{where}: invalid training parameters: {exc}") from exc
 
 
 def write_output_nodes(out_dir: Path, nodes: Sequence[tuple[str | os.PathLike, int]]) -> Path:
@@ -343,8 +206,8 @@ def _run(args: RelionExternalArgs, project: Path, out_dir: Path,
         raise InputError(f"{args.in_parts}: input particles STAR file not found (looked in the RELION project "
                          f"directory {project})")
     params = dict(args.params)
-    job_params = pop_job_params(params)
-    config = config_from_params(TrainConfig, params)
+    job_params = pop_job_params(params, where=WHERE)
+    config = config_from_params(TrainConfig, params, where=WHERE)
     logger.info("cryoFIRE External job: particles %s, output %s, %d thread(s)", args.in_parts, args.out_dir,
                 args.threads)
     try:
