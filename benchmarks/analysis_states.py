@@ -58,7 +58,7 @@ def main() -> None:
 
     from cryofire_ext import metrics
     from integrations import report
-    from integrations.job import DEMO_CONFIG, _align_map
+    from integrations.job import DEMO_CONFIG, align_map
     from cryofire_ext.phantom import phantom_maps
     from cryofire_ext.pipeline import infer
     from cryofire_ext.simulate import simulate
@@ -110,7 +110,7 @@ def main() -> None:
         best, corrs = [], []
         for path in paths:
             with mrcfile.open(path) as m:
-                vol = _align_map(m.data.astype(np.float64), rot.global_rotation)
+                vol = align_map(m.data.astype(np.float64), rot.global_rotation)
             corr = [float(np.corrcoef(vol.ravel(), t.ravel())[0, 1]) for t in truth_maps]
             best.append(int(np.argmax(corr)))
             corrs.append([round(c, 4) for c in corr])

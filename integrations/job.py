@@ -314,7 +314,7 @@ def score_run(job: JobOutputs, ds) -> dict:
             truth = ds.maps[true_state]
             if rot.flipped:  # the run found the mirror image: compare with the mirrored truth (z -> -z)
                 truth = np.roll(truth[::-1], 1, axis=0)
-            freq, curve = map_fsc(_align_map(vol, rot.global_rotation), truth, px)
+            freq, curve = map_fsc(align_map(vol, rot.global_rotation), truth, px)
             below = np.nonzero(curve < 0.5)[0]
             res = float(1.0 / freq[below[0]]) if len(below) and freq[below[0]] > 0 else float(2 * px)
             fsc[f"class_{j + 1:02d}"] = {"true_state": true_state, "fsc05_resolution_A": res,
@@ -323,7 +323,7 @@ def score_run(job: JobOutputs, ds) -> dict:
     return m
 
 
-def _align_map(vol: np.ndarray, G: np.ndarray) -> np.ndarray:
+def align_map(vol: np.ndarray, G: np.ndarray) -> np.ndarray:
     """`vol` `(D, D, D)` [z, y, x] in the run's frame, resampled into the truth's frame.
 
     With `A_pred = A_true G` (metrics.rotation_error_deg), `V_pred(x) = V_true(G x)`, so the

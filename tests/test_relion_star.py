@@ -425,7 +425,7 @@ def test_refuses_overwrite_and_leaves_nothing_half_written(tmp_path, monkeypatch
         write_star(stack, out)
     assert out.read_text() == "keep me"
     calls = []
-    real = relion_export._relion_text
+    real = relion_export.relion_text
 
     def failing(df):  # the optics block is already in the temporary file when the particles fail
         calls.append(1)
@@ -433,7 +433,7 @@ def test_refuses_overwrite_and_leaves_nothing_half_written(tmp_path, monkeypatch
             raise OSError("disk full")
         return real(df)
 
-    monkeypatch.setattr(relion_export, "_relion_text", failing)
+    monkeypatch.setattr(relion_export, "relion_text", failing)
     with pytest.raises(OSError):
         write_star(stack, out, force=True)
     assert out.read_text() == "keep me"

@@ -209,7 +209,7 @@ def star_tables(stack: ParticleStack, out_path, z: np.ndarray | None = None, cla
     return optics, particles
 
 
-def _relion_text(df: pd.DataFrame) -> pd.DataFrame:
+def relion_text(df: pd.DataFrame) -> pd.DataFrame:
     """Float columns as text the way RELION writes them; other columns unchanged."""
     out = df.copy()
     for col in df.columns:
@@ -241,7 +241,7 @@ def write_star(stack: ParticleStack, path, z: np.ndarray | None = None, force: b
         fh.write(f"# written by cryofire-ext {__version__}\n\n")
         for name, table in (("optics", optics), ("particles", particles)):
             fh.write(f"# version {STAR_VERSION}\n\n")
-            for line in StarWriter({name: _relion_text(table)}).data_block_generator():
+            for line in StarWriter({name: relion_text(table)}).data_block_generator():
                 fh.write(line + "\n")
     log.info("wrote %d particles to %s", len(stack), path)
     return path
