@@ -117,7 +117,9 @@ def test_a_user_k_gives_k_non_empty_clusters_when_the_mixture_nests(monkeypatch)
         def bic(self, z):
             return 0.0
 
-    monkeypatch.setattr(analysis, "_gmm", lambda z, k, seed, n_init=2: Nested())
+    from cryofire_ext.analysis import latent
+
+    monkeypatch.setattr(latent, "_gmm", lambda z, k, seed, n_init=2: Nested())  # where cluster() looks it up
     z, state = two_state_z(n=300, d=2)
     c = analysis.cluster(z, 2)
     assert c.method == "kmeans" and np.all(c.populations() > 0)
