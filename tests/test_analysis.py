@@ -388,7 +388,8 @@ class _Links(html.parser.HTMLParser):
         self.links += [v for k, v in attrs if k in ("href", "src")]
 
 
-def test_analyze_run_end_to_end(tmp_path):
+def test_analyze_run_end_to_end(tmp_path, monkeypatch):
+    monkeypatch.setitem(__import__("sys").modules, "umap", None)  # as if umap-learn were not installed
     state, centres = make_run(tmp_path / "run")
     truth = blob_maps()
     written = []
@@ -426,10 +427,42 @@ def test_analyze_run_end_to_end(tmp_path):
     assert len(parser.links) >= 6 + 2 + 8 + 2
     for link in parser.links:
         assert (res.report.parent / link).is_file(), link
-    assert "cluster_01.mrc" in res.report.read_text() and "UMAP" in res.report.read_text()
-    # refuses to overwrite an analysis unless forced
+    assert "cluster_01.mrc" in res.report.read_text()
+    assert "UMAP skipped" in res.report.read_text()
+    # each series along the landscape: its montage and its ChimeraX file, linked from the report
+    from matplotlib.image import imread
+
+    assert set(res.map_views) == {"pc1_traversal", "pc2_traversal", "cluster_path"}
+    for name, views in res.map_views.items():
+        assert views.picture == tmp_path / "an" / "plots" / f"{name}.png"
+        assert views.chimerax == tmp_path / "an" / "maps" / f"{name}.cxc"
+        assert imread(views.picture).shape[1] == imread(res.map_views["pc1_traversal"].picture).shape[1]  # 4 maps
+        opened = _cxc_commands(views.chimerax)[0]
+        assert opened[-2:] == ["vseries", "true"]
+        assert [views.chimerax.parent / p for p in opened[1:-2]] == views.maps == sorted(
+            (tmp_path / "an" / "maps" / name).glob("step_*.mrc"))
+        assert {f"plots/{name}.png", f"maps/{name}.cxc"} <= set(parser.links)
+    assert res.map_views["pc1_traversal"].maps == res.traversal_maps[1]
+    # the path through the cluster centres starts and ends at the cluster maps' points
+    path = landscape.read_maps(res.map_views["cluster_path"].maps)
+    ends = landscape.read_maps(res.cluster_maps)
+    assert len(path) == 4 and {tuple(np.round([np.abs(path[i] - e).max() for e in ends], 4) == 0) for i in (0, -1)} \
+        == {(True, False), (False, True)}
+    summary = json.loads((tmp_path / "an" / "summary.json").read_text())
+    assert summary["map_views"]["pc2_traversal"]["chimerax"] == "maps/pc2_traversal.cxc"
+    # refuses to overwrite an analysis unless forced, also where only the new pictures and .cxc files are left
     with pytest.raises(InputError, match="exists"):
         report.analyze_run(tmp_path / "run", tmp_path / "an", source=BlendSource(truth, centres))
+    before = res.map_views["pc1_traversal"].chimerax.read_text()
+    for left in ((".png", ".cxc"), (".cxc",)):
+        new_views = {v.picture for v in res.map_views.values()} | {v.chimerax for v in res.map_views.values()}
+        for p in (tmp_path / "an").rglob("*"):
+            if p.is_file() and (p not in new_views or p.suffix not in left):
+                p.unlink()
+        with pytest.raises(InputError, match=rf"pc1_traversal\{left[0]}: the output exists"):
+            report.analyze_run(tmp_path / "run", tmp_path / "an", report.AnalyzeConfig(traversal_steps=3),
+                               source=BlendSource(truth, centres))
+        assert res.map_views["pc1_traversal"].chimerax.read_text() == before
     report.analyze_run(tmp_path / "run", tmp_path / "an", report.AnalyzeConfig(n_clusters=3, maps=False),
                        force=True)
 
