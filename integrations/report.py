@@ -151,7 +151,7 @@ class AnalyzeConfig:
     (whose labels are exported). n_pcs: principal components computed, and maps made along each of
     them (traversal_steps maps per PC, 5th to 95th percentile of the particles' coordinates; as many along
     the path through the cluster centres). maps: make maps (needs the trained model). subsets: write one
-    particle subset per cluster. umap: try UMAP (needs the `umap-learn` extra; skipped with a note
+    particle subset per cluster. umap: try UMAP (needs the `umap` extra, umap-learn; skipped with a note
     otherwise). variability_components: 3D variability components
     computed from the particles at their poses (0 = none; needs readable images), at
     variability_resolution_A. seed: for k-means, GMM, UMAP and the variability start.
@@ -266,8 +266,8 @@ def analyze_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = 
                                                                 xlabel="UMAP1", ylabel="UMAP2", title="UMAP",
                                                                 force=force)
         elif pred.zdim > 2:
-            res.notes.append("UMAP skipped: the optional umap-learn package is not installed "
-                             "(pip install umap-learn to get a UMAP plot).")
+            res.notes.append("UMAP skipped: the optional umap-learn package is not installed; "
+                             'pip install "cryofire-ext[umap]" to get a UMAP plot.')
 
     # maps
     if config.maps:

@@ -428,7 +428,8 @@ def test_analyze_run_end_to_end(tmp_path, monkeypatch):
     for link in parser.links:
         assert (res.report.parent / link).is_file(), link
     assert "cluster_01.mrc" in res.report.read_text()
-    assert "UMAP skipped" in res.report.read_text()
+    assert 'UMAP skipped: the optional umap-learn package is not installed; pip install "cryofire-ext[umap]"' in \
+        html.unescape(res.report.read_text())
     # each series along the landscape: its montage and its ChimeraX file, linked from the report
     from matplotlib.image import imread
 
