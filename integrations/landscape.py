@@ -59,7 +59,7 @@ def contour_level(volumes: np.ndarray, fraction: float = LEVEL_FRACTION) -> floa
 def chimerax_script(map_paths: Sequence[str | os.PathLike], cxc_path: str | os.PathLike, level: float, *,
                     title: str = "", run_from: str | os.PathLike | None = None) -> str:
     """The text of a ChimeraX command file at `cxc_path` that opens `map_paths` in order as one volume series
-    (model #1 in a fresh session) drawn as a surface at `level`. Map paths are written relative to the
+    (model #1 in a fresh session) drawn as a surface at `level` (`series_views` takes `contour_level`). Map paths are written relative to the
     .cxc's folder; the comment tells how to run it from `run_from` (default: the .cxc's folder)."""
     here = Path(cxc_path).parent
     rel = [Path(os.path.relpath(p, here)).as_posix() for p in map_paths]
@@ -70,7 +70,7 @@ def chimerax_script(map_paths: Sequence[str | os.PathLike], cxc_path: str | os.P
     lines = [f"# cryofire analyze: {title or Path(cxc_path).stem}, {len(rel)} maps as one volume series (#1)",
              f"# Run from {'the analysis folder' if run_from is not None else 'this folder'}:  chimerax {show}",
              "# Play it with:  vseries play #1 loop true    stop:  vseries stop #1",
-             f"# The level is {LEVEL_FRACTION:g} of the largest value of the series; change it with: volume #1 level L",
+             "# Another surface level:  volume #1 level L",
              "open " + " ".join(rel) + " vseries true",
              f"volume #1 style surface level {level:.6g}"]
     return "\n".join(lines) + "\n"
