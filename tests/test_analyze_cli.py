@@ -320,7 +320,9 @@ def test_analyze_and_eval_vol_on_a_trained_run(trained_run_dir, tmp_path, capsys
     for name in ("pc1_traversal", "pc2_traversal", "cluster_path"):
         img = imread(out / "plots" / f"{name}.png")[..., :3]
         assert 3 * plots.MONTAGE_PANEL_IN * plots.DPI < img.shape[1] < 4 * plots.MONTAGE_PANEL_IN * plots.DPI
-        assert np.mean(img.mean(-1) < 0.5) > 0.2  # the panels are drawn (dark background, grey density)
+        grey = img.mean(-1)
+        drawn = grey < 0.95  # the panels, not the white figure (this tiny model's maps have a grey background)
+        assert drawn.mean() > 0.5 and grey[drawn].std() > 0.05
         cxc = out / "maps" / f"{name}.cxc"
         lines = [ln.split() for ln in cxc.read_text().splitlines() if ln and not ln.startswith("#")]
         assert lines[0] == ["open"] + [f"{name}/step_{s:02d}.mrc" for s in (1, 2, 3)] + ["vseries", "true"]
