@@ -25,6 +25,7 @@ from cryofire_ext.images import write_mrc
 from cryofire_ext.poses import matrix_to_relion_euler
 from cryofire_ext.safe_io import atomic_path
 from cryofire_ext.analysis.variability import Variability, save_variability
+from integrations import landscape
 
 log = logging.getLogger(__name__)
 
@@ -42,15 +43,26 @@ class ClusterRow:
 
 
 @dataclass
+class SeriesRow:
+    """One map series in the report: title, relative links to its maps in order, and (may be None) to its
+    montage picture and its ChimeraX command file."""
+
+    title: str
+    maps: list[str]
+    picture: str | None = None
+    chimerax: str | None = None
+
+
+@dataclass
 class ReportContent:
     """What goes on the page. `facts` are (label, value) lines; `plots` are (title, relative PNG path);
-    `map_series` are (title, [relative .mrc paths]); `notes` are plain sentences (skipped steps etc.)."""
+    `map_series` are `SeriesRow`s; `notes` are plain sentences (skipped steps etc.)."""
 
     title: str
     facts: list[tuple[str, str]] = field(default_factory=list)
     plots: list[tuple[str, str]] = field(default_factory=list)
     clusters: list[ClusterRow] = field(default_factory=list)
-    map_series: list[tuple[str, list[str]]] = field(default_factory=list)
+    map_series: list[SeriesRow] = field(default_factory=list)
     files: list[tuple[str, str]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
@@ -59,7 +71,7 @@ _STYLE = """body{font-family:sans-serif;margin:1.5em;max-width:1400px;color:#222
 h1{font-size:1.4em}h2{font-size:1.1em;border-bottom:1px solid #ccc;margin-top:1.5em}
 table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:3px 8px;text-align:left}
 .grid{display:flex;flex-wrap:wrap;gap:12px}.grid figure{margin:0}.grid img{width:480px;border:1px solid #ddd}
-figcaption{font-size:.85em;color:#555}.note{color:#8a5a00}"""
+figcaption{font-size:.85em;color:#555}.note{color:#8a5a00}.wide img{max-width:100%;border:1px solid #ddd}"""
 
 
 def _a(path: str, text: str | None = None) -> str:
@@ -94,11 +106,17 @@ def render_html(content: ReportContent) -> str:
                          "</figcaption></figure>")
         parts.append("</div>")
     if content.map_series:
-        parts.append("<h2>Maps along the landscape</h2><ul>")
-        for title, paths in content.map_series:
-            links = ", ".join(_a(p, Path(p).name) for p in paths)
-            parts.append(f"<li>{e(title)}: {links}</li>")
-        parts.append("</ul>")
+        parts.append("<h2>Maps along the landscape</h2>")
+        for s in content.map_series:
+            links = ", ".join(_a(p, Path(p).name) for p in s.maps)
+            cxc = (f"; ChimeraX: {_a(s.chimerax)} (<code>chimerax {e(s.chimerax)}</code> from this folder, then "
+                   "<code>vseries play #1 loop true</code>)") if s.chimerax else ""
+            if s.picture:
+                q = html.escape(s.picture, quote=True)
+                parts.append(f'<figure class="wide"><a href="{q}"><img src="{q}" alt="{e(s.title)}"></a>'
+                             f"<figcaption>{e(s.title)}: {links}{cxc}</figcaption></figure>")
+            else:
+                parts.append(f"<p>{e(s.title)}: {links}{cxc}</p>")
     if content.files:
         parts.append("<h2>Files</h2><ul>" + "".join(f"<li>{_a(p)}: {e(what)}</li>" for what, p in content.files)
                      + "</ul>")
@@ -131,9 +149,10 @@ class AnalyzeConfig:
 
     n_clusters: K, or None to choose it by minimum GMM BIC over 1..k_max. method: 'gmm' or 'kmeans'
     (whose labels are exported). n_pcs: principal components computed, and maps made along each of
-    them (traversal_steps maps per PC, 5th to 95th percentile of the particles' coordinates). maps: make maps (needs
-    the trained model). subsets: write one particle subset per cluster. umap: try UMAP (needs the
-    `umap-learn` extra; skipped with a note otherwise). variability_components: 3D variability components
+    them (traversal_steps maps per PC, 5th to 95th percentile of the particles' coordinates; as many along
+    the path through the cluster centres). maps: make maps (needs the trained model). subsets: write one
+    particle subset per cluster. umap: try UMAP (needs the `umap` extra, umap-learn; skipped with a note
+    otherwise). variability_components: 3D variability components
     computed from the particles at their poses (0 = none; needs readable images), at
     variability_resolution_A. seed: for k-means, GMM, UMAP and the variability start.
     """
@@ -164,6 +183,7 @@ class AnalysisResult:
     cluster_maps: list[Path] = field(default_factory=list)
     backprojected_maps: list[Path] = field(default_factory=list)
     traversal_maps: dict = field(default_factory=dict)
+    map_views: dict = field(default_factory=dict)  # series name -> landscape.SeriesViews (montage, ChimeraX file)
     variability: Variability | None = None
     variability_maps: dict = field(default_factory=dict)
     subsets: dict = field(default_factory=dict)
@@ -183,7 +203,9 @@ def analyze_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = 
                 subset_writer: SubsetWriter | None = None, member_map: MemberMap | None = None,
                 particle_variability: ParticleVariability | None = None, force: bool = False) -> AnalysisResult:
     """Analyse a run folder into `out_dir` (default `RUN/analysis`): PCA, clusters (`clusters.npz/.json`),
-    maps at cluster centres (`maps/cluster_NN.mrc`) and along PC traversals (`maps/pcN_traversal/`),
+    maps at cluster centres (`maps/cluster_NN.mrc`), along PC traversals (`maps/pcN_traversal/`) and along the
+    path through the cluster centres (`maps/cluster_path/`), each series with a montage (`plots/NAME.png`) and
+    a ChimeraX command file that plays it (`maps/NAME.cxc`; `integrations.landscape`),
     with `member_map` a map back-projected from each cluster's particles at their poses
     (`maps/cluster_NN_backprojected.mrc`: independent of the neural decoder),
     with `particle_variability` the 3D variability of the particles at their poses (`variability.npz`, maps
@@ -244,8 +266,8 @@ def analyze_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = 
                                                                 xlabel="UMAP1", ylabel="UMAP2", title="UMAP",
                                                                 force=force)
         elif pred.zdim > 2:
-            res.notes.append("UMAP skipped: the optional umap-learn package is not installed "
-                             "(pip install umap-learn to get a UMAP plot).")
+            res.notes.append("UMAP skipped: the optional umap-learn package is not installed; "
+                             'pip install "cryofire-ext[umap]" to get a UMAP plot.')
 
     # maps
     if config.maps:
@@ -270,9 +292,15 @@ def analyze_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = 
                                                         vol, apix, force))
         for pc in range(min(config.n_pcs, len(pcs.components))):
             pts = analysis.pc_traversal(pcs, pc, config.traversal_steps)
-            names = [f"step_{s + 1:02d}" for s in range(len(pts))]
-            res.traversal_maps[pc + 1] = analysis.write_maps(src, pts, out / "maps" / f"pc{pc + 1}_traversal",
-                                                             names, force=force)
+            views = landscape.write_series(src, pts, out, f"pc{pc + 1}_traversal", force=force,
+                                           title=f"PC{pc + 1} traversal (5th to 95th percentile)")
+            res.traversal_maps[pc + 1], res.map_views[f"pc{pc + 1}_traversal"] = views.maps, views
+        if clus.k > 1:  # the polyline through the cluster maps' points, ordered along PC1
+            c = clus.centre_particles
+            pts = landscape.cluster_path_points(z[c], pcs.coords[c, 0], config.traversal_steps)
+            res.map_views["cluster_path"] = landscape.write_series(
+                src, pts, out, "cluster_path", title="Path through the cluster centres (ordered along PC1)",
+                force=force)
     else:
         res.notes.append("Maps not made (--no-maps).")
 
@@ -329,6 +357,9 @@ def _write_summary(res: AnalysisResult, run: analysis.Run, force: bool) -> Path:
                "cluster_maps": [_rel(m, res.out_dir) for m in res.cluster_maps],
                "backprojected_maps": [_rel(m, res.out_dir) for m in res.backprojected_maps],
                "traversal_maps": {f"pc{k}": [_rel(m, res.out_dir) for m in v] for k, v in res.traversal_maps.items()},
+               "map_views": {k: {"title": v.title, "maps": [_rel(m, res.out_dir) for m in v.maps],
+                                 "picture": _rel(v.picture, res.out_dir), "chimerax": _rel(v.chimerax, res.out_dir),
+                                 "level": v.level} for k, v in res.map_views.items()},
                "variability": None if res.variability is None else {
                    "file": "variability.npz", "resolution_A": res.variability.resolution_A,
                    "variance": res.variability.variance.tolist(),
@@ -360,13 +391,14 @@ def _content(res: AnalysisResult, run: analysis.Run) -> ReportContent:
     rows = [ClusterRow(number=j + 1, particles=int(pops[j]), fraction=float(pops[j] / max(pops.sum(), 1)),
                        map_path=_rel(res.cluster_maps[j], root) if res.cluster_maps else None,
                        subset_paths=[_rel(s, root) for s in res.subsets.get(j + 1, [])]) for j in range(c.k)]
-    series = [(f"PC{k} traversal (5th to 95th percentile)", [_rel(m, root) for m in v])
-              for k, v in res.traversal_maps.items()]
-    series += [(f"Along 3D variability component {k} (5th to 95th percentile; "
-                f"{res.variability.resolution_A:.0f} A, independent of z)", [_rel(m, root) for m in v])
+    series = [SeriesRow(v.title, [_rel(m, root) for m in v.maps], _rel(v.picture, root), _rel(v.chimerax, root))
+              for v in res.map_views.values()]
+    series += [SeriesRow(f"Along 3D variability component {k} (5th to 95th percentile; "
+                         f"{res.variability.resolution_A:.0f} A, independent of z)", [_rel(m, root) for m in v])
                for k, v in res.variability_maps.items()]
     if res.backprojected_maps:
-        series.insert(0, ("Cluster maps back-projected from their particles", [_rel(m, root) for m in res.backprojected_maps]))
+        series.insert(0, SeriesRow("Cluster maps back-projected from their particles",
+                                   [_rel(m, root) for m in res.backprojected_maps]))
     files = [("cluster labels (versioned arrays)", "clusters.npz"), ("cluster summary", "clusters.json"),
              ("analysis summary", "summary.json")]
     if res.variability is not None:

@@ -13,7 +13,7 @@ import pytest
 from cryofire_ext.images import write_mrc
 from cryofire_ext import analysis
 from cryofire_ext.analysis import plots
-from integrations import report
+from integrations import landscape, report
 from cryofire_ext.errors import InputError
 from cryofire_ext.metrics import clustering_error, pc1_correlation
 from cryofire_ext.poses import random_rotations
@@ -69,6 +69,18 @@ def test_traversal_spans_pc1_percentiles_through_the_mean():
 
 
 # --------------------------------------------------------------------- clustering
+def test_polyline_points_are_evenly_spaced_along_the_path_through_its_vertices():
+    v = np.array([[0.0, 0.0], [3.0, 0.0], [3.0, 0.0], [3.0, 1.0]])  # length 4, a repeated vertex
+    p = analysis.polyline_points(v, 5)
+    np.testing.assert_allclose(p, [[0, 0], [1, 0], [2, 0], [3, 0], [3, 1]], atol=1e-12)
+    np.testing.assert_allclose(np.linalg.norm(np.diff(p, axis=0), axis=1), 1.0)
+    assert analysis.polyline_points(np.ones((2, 3)), 3).shape == (3, 3)  # length 0: the one point
+    # the cluster path visits the centres in the order of their PC1 coordinate, from the lowest to the highest
+    centres = np.array([[2.0, 0.0], [0.0, 0.0], [1.0, 5.0]])
+    path = landscape.cluster_path_points(centres, pc1=np.array([2.0, 0.0, 1.0]), n_points=3)
+    np.testing.assert_allclose(path, [[0, 0], [1, 5], [2, 0]])
+
+
 def test_two_states_recovered_with_bic_chosen_k():
     z, state = two_state_z()
     k, bic = analysis.choose_k(z, k_max=6)
@@ -117,7 +129,9 @@ def test_a_user_k_gives_k_non_empty_clusters_when_the_mixture_nests(monkeypatch)
         def bic(self, z):
             return 0.0
 
-    monkeypatch.setattr(analysis, "_gmm", lambda z, k, seed, n_init=2: Nested())
+    from cryofire_ext.analysis import latent
+
+    monkeypatch.setattr(latent, "_gmm", lambda z, k, seed, n_init=2: Nested())  # where cluster() looks it up
     z, state = two_state_z(n=300, d=2)
     c = analysis.cluster(z, 2)
     assert c.method == "kmeans" and np.all(c.populations() > 0)
@@ -259,6 +273,73 @@ def test_viewing_direction_plot_shows_where_the_views_are(tmp_path):
     assert bottom < 0.35 * img.shape[0], (top, bottom)
 
 
+def _panel_brightness(img: np.ndarray) -> np.ndarray:
+    """Mean grey of each column of panels of a montage: the runs of columns, wider than half a panel, that
+    are not white from top to bottom (the panels' black background; the row labels are narrower)."""
+    grey = img[..., :3].mean(-1)
+    drawn = np.concatenate([[False], (grey < 0.9).any(axis=0), [False]])
+    starts, ends = np.nonzero(np.diff(drawn.astype(int)) == 1)[0], np.nonzero(np.diff(drawn.astype(int)) == -1)[0]
+    runs = [(a, b) for a, b in zip(starts, ends) if b - a > 0.5 * plots.MONTAGE_PANEL_IN * plots.DPI]
+    return np.array([grey[:, a:b].mean() for a, b in runs])
+
+
+def test_map_montage_draws_each_series_on_one_grey_scale_per_row(tmp_path):
+    from matplotlib.image import imread
+
+    truth = blob_maps(24)
+    t = np.linspace(0, 1, 6)[:, None, None, None]
+    series = truth[0][None] * (1 - t) + truth[1][None] * t  # state 1 -> state 2
+    a = plots.map_montage(series, tmp_path / "a.png", title="PC1 traversal")
+    assert a.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    img_a = imread(a)[..., :3]
+    # the picture grows by one panel per map; its height does not change
+    img_3 = imread(plots.map_montage(series[:3], tmp_path / "three.png", title="PC1 traversal"))[..., :3]
+    assert img_3.shape[0] == img_a.shape[0] and img_a.shape[1] - img_3.shape[1] == round(
+        3 * plots.MONTAGE_PANEL_IN * plots.DPI)
+    # another series draws other pixels (the reverse path), the same series the same pixels
+    img_b = imread(plots.map_montage(series[::-1], tmp_path / "b.png", title="PC1 traversal"))[..., :3]
+    assert img_b.shape == img_a.shape and np.abs(img_a - img_b).mean() > 0.01
+    again = plots.map_montage(series, tmp_path / "a2.png", title="PC1 traversal")
+    np.testing.assert_array_equal(imread(again)[..., :3], img_a)
+    # one grey scale per row: a map that only gets denser gets brighter from panel to panel
+    # (each panel on its own scale would draw four identical panels)
+    rising = truth[0][None] * np.arange(1, 5)[:, None, None, None]
+    bright = _panel_brightness(imread(plots.map_montage(rising, tmp_path / "r.png")))
+    assert len(bright) == 4 and np.all(np.diff(bright) > 0.01), bright
+    with pytest.raises(InputError, match="exists"):
+        plots.map_montage(series, a)
+    with pytest.raises(ValueError, match="D, D, D"):
+        plots.map_montage(series[0], tmp_path / "bad.png")
+
+
+def _cxc_commands(path: Path) -> list[list[str]]:
+    """The command lines of a ChimeraX .cxc (comment lines start with '#'), split into words."""
+    return [line.split() for line in path.read_text().splitlines() if line.strip() and not line.startswith("#")]
+
+
+def test_chimerax_file_opens_the_series_in_order_from_its_own_folder(tmp_path):
+    maps = [write_mrc(tmp_path / "maps" / "pc1_traversal" / f"step_{i:02d}.mrc", v, 4.0)
+            for i, v in enumerate(blob_maps(16), start=1)]
+    views = landscape.series_views(maps, tmp_path / "plots" / "pc1.png", tmp_path / "maps" / "pc1.cxc",
+                                   title="PC1", run_from=tmp_path)
+    text = views.chimerax.read_text()
+    assert "chimerax maps/pc1.cxc" in text and "vseries play #1" in text
+    opened, vol = _cxc_commands(views.chimerax)
+    assert opened == ["open", "pc1_traversal/step_01.mrc", "pc1_traversal/step_02.mrc", "vseries", "true"]
+    assert [(views.chimerax.parent / p).resolve() for p in opened[1:-2]] == [m.resolve() for m in maps]
+    assert vol[:5] == ["volume", "#1", "style", "surface", "level"]
+    assert float(vol[5]) == pytest.approx(landscape.LEVEL_FRACTION * max(float(v.max()) for v in blob_maps(16)),
+                                          rel=1e-5) == pytest.approx(views.level, rel=1e-5)
+    # refuses to overwrite the montage or the .cxc unless forced
+    with pytest.raises(InputError, match="exists"):
+        landscape.series_views(maps[::-1], tmp_path / "plots" / "other.png", views.chimerax)
+    with pytest.raises(InputError, match="exists"):
+        landscape.series_views(maps[::-1], views.picture, tmp_path / "maps" / "other.cxc")
+    assert _cxc_commands(views.chimerax)[0] == opened
+    landscape.series_views(maps[::-1], views.picture, views.chimerax, force=True)
+    assert _cxc_commands(views.chimerax)[0][1:3] == opened[2:0:-1]
+
+
 # --------------------------------------------------------------------- end to end
 class BlendSource:
     """Fake trained model: two truth maps blended by where z lies between two state centres."""
@@ -307,7 +388,8 @@ class _Links(html.parser.HTMLParser):
         self.links += [v for k, v in attrs if k in ("href", "src")]
 
 
-def test_analyze_run_end_to_end(tmp_path):
+def test_analyze_run_end_to_end(tmp_path, monkeypatch):
+    monkeypatch.setitem(__import__("sys").modules, "umap", None)  # as if umap-learn were not installed
     state, centres = make_run(tmp_path / "run")
     truth = blob_maps()
     written = []
@@ -345,10 +427,43 @@ def test_analyze_run_end_to_end(tmp_path):
     assert len(parser.links) >= 6 + 2 + 8 + 2
     for link in parser.links:
         assert (res.report.parent / link).is_file(), link
-    assert "cluster_01.mrc" in res.report.read_text() and "UMAP" in res.report.read_text()
-    # refuses to overwrite an analysis unless forced
+    assert "cluster_01.mrc" in res.report.read_text()
+    assert 'UMAP skipped: the optional umap-learn package is not installed; pip install "cryofire-ext[umap]"' in \
+        html.unescape(res.report.read_text())
+    # each series along the landscape: its montage and its ChimeraX file, linked from the report
+    from matplotlib.image import imread
+
+    assert set(res.map_views) == {"pc1_traversal", "pc2_traversal", "cluster_path"}
+    for name, views in res.map_views.items():
+        assert views.picture == tmp_path / "an" / "plots" / f"{name}.png"
+        assert views.chimerax == tmp_path / "an" / "maps" / f"{name}.cxc"
+        assert imread(views.picture).shape[1] == imread(res.map_views["pc1_traversal"].picture).shape[1]  # 4 maps
+        opened = _cxc_commands(views.chimerax)[0]
+        assert opened[-2:] == ["vseries", "true"]
+        assert [views.chimerax.parent / p for p in opened[1:-2]] == views.maps == sorted(
+            (tmp_path / "an" / "maps" / name).glob("step_*.mrc"))
+        assert {f"plots/{name}.png", f"maps/{name}.cxc"} <= set(parser.links)
+    assert res.map_views["pc1_traversal"].maps == res.traversal_maps[1]
+    # the path through the cluster centres starts and ends at the cluster maps' points
+    path = landscape.read_maps(res.map_views["cluster_path"].maps)
+    ends = landscape.read_maps(res.cluster_maps)
+    assert len(path) == 4 and {tuple(np.round([np.abs(path[i] - e).max() for e in ends], 4) == 0) for i in (0, -1)} \
+        == {(True, False), (False, True)}
+    summary = json.loads((tmp_path / "an" / "summary.json").read_text())
+    assert summary["map_views"]["pc2_traversal"]["chimerax"] == "maps/pc2_traversal.cxc"
+    # refuses to overwrite an analysis unless forced, also where only the new pictures and .cxc files are left
     with pytest.raises(InputError, match="exists"):
         report.analyze_run(tmp_path / "run", tmp_path / "an", source=BlendSource(truth, centres))
+    before = res.map_views["pc1_traversal"].chimerax.read_text()
+    for left in ((".png", ".cxc"), (".cxc",)):
+        new_views = {v.picture for v in res.map_views.values()} | {v.chimerax for v in res.map_views.values()}
+        for p in (tmp_path / "an").rglob("*"):
+            if p.is_file() and (p not in new_views or p.suffix not in left):
+                p.unlink()
+        with pytest.raises(InputError, match=rf"pc1_traversal\{left[0]}: the output exists"):
+            report.analyze_run(tmp_path / "run", tmp_path / "an", report.AnalyzeConfig(traversal_steps=3),
+                               source=BlendSource(truth, centres))
+        assert res.map_views["pc1_traversal"].chimerax.read_text() == before
     report.analyze_run(tmp_path / "run", tmp_path / "an", report.AnalyzeConfig(n_clusters=3, maps=False),
                        force=True)
 

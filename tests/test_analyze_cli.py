@@ -311,6 +311,25 @@ def test_analyze_and_eval_vol_on_a_trained_run(trained_run_dir, tmp_path, capsys
 
     P().feed((out / "report.html").read_text())
     assert links and all((out / link).is_file() for link in links)
+    # the decoder's maps along each traversal and the path through the 2 cluster centres: a montage (one
+    # 110 px panel per map) and a ChimeraX file naming the series' maps in order, both linked from the report
+    from matplotlib.image import imread
+
+    from cryofire_ext.analysis import plots
+
+    for name in ("pc1_traversal", "pc2_traversal", "cluster_path"):
+        img = imread(out / "plots" / f"{name}.png")[..., :3]
+        assert 3 * plots.MONTAGE_PANEL_IN * plots.DPI < img.shape[1] < 4 * plots.MONTAGE_PANEL_IN * plots.DPI
+        grey = img.mean(-1)
+        drawn = grey < 0.95  # the panels, not the white figure (this tiny model's maps have a grey background)
+        assert drawn.mean() > 0.5 and grey[drawn].std() > 0.05
+        cxc = out / "maps" / f"{name}.cxc"
+        lines = [ln.split() for ln in cxc.read_text().splitlines() if ln and not ln.startswith("#")]
+        assert lines[0] == ["open"] + [f"{name}/step_{s:02d}.mrc" for s in (1, 2, 3)] + ["vseries", "true"]
+        assert all((cxc.parent / p).is_file() for p in lines[0][1:4])
+        assert lines[1][:5] == ["volume", "#1", "style", "surface", "level"] and np.isfinite(float(lines[1][5]))
+        assert {f"plots/{name}.png", f"maps/{name}.cxc"} <= set(links)
+    assert "chimerax maps/pc1_traversal.cxc" in (out / "maps" / "pc1_traversal.cxc").read_text()
     # maps at given points: the model's own map at a particle's z, and the dimension is checked
     z0 = ",".join(f"{v:.6f}" for v in pred.z[0])
     assert main(["eval-vol", str(run), "--z", z0, "-o", str(tmp_path / "vols")]) == 0

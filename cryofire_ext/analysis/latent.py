@@ -88,6 +88,20 @@ def pc_traversal(result: PCAResult, pc: int, n_steps: int = 10, lo_pct: float = 
     return result.mean[None, :] + t[:, None] * result.components[pc][None, :]
 
 
+def polyline_points(vertices: np.ndarray, n_points: int) -> np.ndarray:
+    """`n_points` points `(n_points, d)` evenly spaced by arc length along the polyline through `vertices`
+    `(k, d)` in their order, from the first vertex to the last (both included). Repeated vertices are
+    skipped; a polyline of length 0 gives its one point `n_points` times."""
+    v = np.asarray(vertices, dtype=np.float64)
+    if v.ndim != 2 or len(v) == 0 or n_points < 1:
+        raise InputError(f"a path needs vertices (k, d) and at least one point, got {v.shape} and {n_points}")
+    seg = np.linalg.norm(np.diff(v, axis=0), axis=1)
+    keep = np.concatenate([[True], seg > 0])
+    v, s = v[keep], np.concatenate([[0.0], np.cumsum(seg[seg > 0])])
+    t = np.linspace(0.0, s[-1], n_points)
+    return np.stack([np.interp(t, s, v[:, j]) for j in range(v.shape[1])], axis=1)
+
+
 # --------------------------------------------------------------------- clustering
 @dataclass
 class Clustering:

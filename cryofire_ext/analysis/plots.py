@@ -1,7 +1,8 @@
 """PNG plots of a run's latent space, poses and maps (matplotlib, Agg canvas, no pyplot).
 
 Every function takes arrays and an output path, draws one figure of a fixed size
-(`FIGSIZE_IN` at `DPI`, so `WIDTH_PX x HEIGHT_PX` pixels), writes it atomically
+(`FIGSIZE_IN` at `DPI`, so `WIDTH_PX x HEIGHT_PX` pixels; `map_montage` instead grows
+with the number of maps, `MONTAGE_PANEL_IN` per panel), writes it atomically
 (refusing to overwrite unless `force`), and returns the path. Matplotlib is
 imported inside the functions and drawn on an Agg canvas: importing this module
 never chooses a backend or touches global state.
@@ -181,3 +182,47 @@ def bic_curve(bic: dict, chosen_k: int, path, *, force: bool = False) -> Path:
     ax.set(xlabel="K (clusters)", ylabel="BIC (lower is better)", title="Choosing K: Gaussian mixture BIC")
     ax.grid(alpha=0.3)
     return _save(fig, path, force)
+
+
+#: projections drawn by `map_montage`, one row each: (label, axis of a `[z, y, x]` map summed over)
+MONTAGE_ROWS = (("along z", 0), ("along y", 1), ("along x", 2))
+MONTAGE_PANEL_IN = 1.1
+
+
+def map_montage(volumes: np.ndarray, path, *, title: str = "", labels=None, force: bool = False) -> Path:
+    """Montage of a map series `(m, D, D, D)` (`[z, y, x]` each): one column per map, one row per projection
+    along z, y and x (the sum over that axis, drawn with the first remaining axis up). Every panel of a row
+    shares one grey scale (the row's minimum to maximum), so what changes along the series shows. `labels`
+    `(m,)` name the columns (default 1..m). The picture is `MONTAGE_PANEL_IN` inches per panel at `DPI`, so
+    its width grows with m."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    vols = np.asarray(volumes, dtype=np.float64)
+    if vols.ndim != 4 or len(vols) == 0:
+        raise ValueError(f"map_montage needs maps (m, D, D, D), got shape {vols.shape}")
+    m = len(vols)
+    labels = [str(i + 1) for i in range(m)] if labels is None else [str(x) for x in labels]
+    left, top, bottom = 0.35, 0.45 if title else 0.25, 0.05  # inches
+    p = MONTAGE_PANEL_IN
+    w, h = left + p * m + 0.05, top + p * len(MONTAGE_ROWS) + bottom
+    fig = Figure(figsize=(w, h), dpi=DPI)
+    FigureCanvasAgg(fig)
+    for r, (row_label, axis) in enumerate(MONTAGE_ROWS):
+        proj = vols.sum(axis=axis + 1)  # (m, a, b)
+        lo, hi = float(proj.min()), float(proj.max())
+        for c in range(m):
+            ax = fig.add_axes(((left + c * p) / w, 1 - (top + (r + 1) * p) / h, 0.96 * p / w, 0.96 * p / h))
+            ax.imshow(proj[c], cmap="gray", vmin=lo, vmax=hi if hi > lo else lo + 1.0, origin="lower",
+                      interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title(labels[c], fontsize=8, pad=2)
+        fig.text(0.3 * left / w, 1 - (top + (r + 0.5) * p) / h, row_label, rotation=90, ha="center", va="center",
+                 fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=9, y=1 - 0.08 / h, va="top")
+    with atomic_path(path, force=force) as tmp:
+        fig.savefig(tmp, format="png", dpi=DPI)
+    return Path(path)
