@@ -140,38 +140,36 @@ def test_cryosparc_job_exports_our_classes(data, tmp_path):
 
 
 # ---------------------------------------------------------------- refinement settings on resume and predict
-def test_resume_and_predict_run_and_record_the_refinement_settings_they_are_given(trained_run, tmp_path):
+def test_resume_and_predict_run_and_record_the_refinement_settings_they_are_given(trained, data, tmp_path):
     """`train --resume --polish-rounds 0` on a finished run: the export runs no refinement (the model pass's poses)
     and refine.json says 0, while config.json (training settings only) is unchanged; a later predict without flags
     runs the run's saved 0 rounds, and with `--polish-rounds 1` refines and records 1."""
-    from cryofire_ext.pipeline import infer
     from cryofire_ext.predict import load_trained, model_pass
     from cryofire_ext.refine.config import RefineConfig
-    from cryofire_ext.train.config import TrainConfig
-    from integrations.job import predict_job, run_training_job, saved_refine_config
-    from tests.run_fixture import simulated_stack
+    from integrations.formats import read_particles
+    from integrations.job import saved_refine_config
 
     run = tmp_path / "run"
-    shutil.copytree(trained_run, run)
-    stack, _ = simulated_stack(n=96, box=32, snr=1.0, seed=1)  # the fixture run's particles (96, one class)
-    config_before = (run / "config.json").read_text()
-    run_training_job(stack, run, TrainConfig.load(run / "config.json"), resume=True,
-                     refine=RefineConfig(polish_rounds=0))
-    assert saved_refine_config(run) == RefineConfig(polish_rounds=0)
-    assert "polish" not in (run / "config.json").read_text()
-    assert json.loads((run / "config.json").read_text())["config"] == json.loads(config_before)["config"]
-    plain = model_pass(load_trained(run), stack)
+    shutil.copytree(trained, run)
+    star = data / "particles.star"
+    config_before = json.loads((run / "config.json").read_text())["config"]
+    assert main(["train", str(star), "-o", str(run), "--resume", "--polish-rounds", "0"]) == 0
+    assert saved_refine_config(run) == RefineConfig(polish_rounds=0, polish_global_search=False)
+    config_after = json.loads((run / "config.json").read_text())["config"]
+    assert "polish_rounds" not in config_after
+    assert {k: v for k, v in config_after.items() if k not in ("created", "command_line")} == {
+        k: v for k, v in config_before.items() if k not in ("created", "command_line")}
+    plain = model_pass(load_trained(run, device="cpu"), read_particles(star))
     exported = Predictions.load(run / "predictions.npz")
-    np.testing.assert_allclose(exported.A, plain.A, atol=1e-6)
+    np.testing.assert_allclose(exported.A, plain.A, atol=1e-5)
     assert exported.meta["refine"]["polish_rounds"] == 0
 
-    again = predict_job(run, stack, tmp_path / "p0")  # no settings given: the run's (0 rounds)
-    np.testing.assert_allclose(Predictions.load(again.predictions).A, plain.A, atol=1e-6)
-    refined = predict_job(run, stack, tmp_path / "p1", refine=saved_refine_config(run).replace(polish_rounds=1))
-    moved = Predictions.load(refined.predictions)
+    assert main(["predict", str(run), str(star), "-o", str(tmp_path / "p0")]) == 0  # the run's settings: 0 rounds
+    np.testing.assert_allclose(Predictions.load(tmp_path / "p0" / "predictions.npz").A, plain.A, atol=1e-5)
+    assert main(["predict", str(run), str(star), "-o", str(tmp_path / "p1"), "--polish-rounds", "1"]) == 0
+    moved = Predictions.load(tmp_path / "p1" / "predictions.npz")
     assert moved.meta["refine"]["polish_rounds"] == 1 and saved_refine_config(tmp_path / "p1").polish_rounds == 1
-    assert not np.allclose(moved.A, plain.A, atol=1e-3)  # one round of refinement ran (96 particles, one class)
-    np.testing.assert_allclose(moved.A, infer(run, stack, RefineConfig(polish_rounds=1), device="cpu").A, atol=1e-5)
+    assert not np.allclose(moved.A, plain.A, atol=1e-3)  # one round of refinement ran
 
 
 def test_a_runs_legacy_config_gives_its_refinement_settings(tmp_path):
