@@ -5,14 +5,14 @@ poses, shifts and z, with the warm start's searched poses as targets and candida
 (`predict.model_pass`) -> per-particle refinement of pose, shift and class against the particles' own class maps
 (`refine.polish`, settings in `RefineConfig`) -> `Predictions` (with each particle's class).
 
-`run` (train, then infer) and `infer` (a trained run over any particles) are the entry points; the integrations' jobs call them and write the files.
+Training is `train.trainer.train`; `infer` (a trained run over any particles) does the rest. The integrations' jobs
+call them and write the files.
 """
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -23,25 +23,9 @@ from cryofire_ext.refine.config import RefineConfig
 from cryofire_ext.refine.polish import polish
 from cryofire_ext.results import Predictions
 from cryofire_ext.train.candidates import class_targets
-from cryofire_ext.train.config import TrainConfig
 from cryofire_ext.train.data import TrainingImages
-from cryofire_ext.train.trainer import train
 
 log = logging.getLogger(__name__)
-
-
-def run(stack: ParticleStack, run_dir, config: TrainConfig, refine: RefineConfig | None = None, *,
-        resume: bool = False, should_stop: Callable[[], bool] | None = None,
-        on_progress: Callable[[dict], None] | None = None, argv: list[str] | None = None) -> Predictions | None:
-    """Warm start and training into `run_dir` (`train.trainer.train`: config.json, checkpoints/, history.json),
-    then `infer` on the same particles with the run's device. Under `torchrun` every rank trains and only rank 0
-    infers (the others return None)."""
-    train(stack, run_dir, config, resume=resume, should_stop=should_stop, on_progress=on_progress, argv=argv)
-    import torch.distributed as dist
-
-    if dist.is_initialized() and dist.get_rank() != 0:
-        return None
-    return infer(run_dir, stack, refine, device=None)
 
 
 @torch.no_grad()

@@ -91,20 +91,19 @@ def run_training_job(particles, out_dir, config: TrainConfig, *, datadir=None,
 
 def _train_and_export(particles, out: Path, config, refine, datadir, should_stop, overwrite, argv, on_progress,
                       resume) -> JobOutputs:
-    from cryofire_ext.pipeline import run
+    import torch.distributed as dist
+
+    from cryofire_ext.train.trainer import train
     from integrations.formats import input_files
     from integrations.run_folder import check_inputs_kept
 
     stack = load_particles(particles, datadir)
     check_inputs_kept(out, input_files(particles, stack))
-    preds = run(stack, out, config, refine, resume=resume, should_stop=should_stop, on_progress=on_progress,
-                argv=argv)
-    if preds is None:  # under torchrun only rank 0 predicts and exports
+    train(stack, out, config, resume=resume, should_stop=should_stop, on_progress=on_progress, argv=argv)
+    if dist.is_initialized() and dist.get_rank() != 0:  # under torchrun only rank 0 predicts and exports
         return JobOutputs(out, out / PARTICLES_STAR, out / PARTICLES_CS, out / PREDICTIONS, [],
                           out / LOSS_PLOT)
-    from cryofire_ext.predict import load_trained
-
-    return export_predictions(preds, load_trained(out, device=None), stack, out, refine, force=overwrite)
+    return export_run(out, stack, refine=refine, device=None, force=overwrite)
 
 
 def check_outputs(out: Path, force: bool) -> None:
@@ -113,7 +112,7 @@ def check_outputs(out: Path, force: bool) -> None:
         check_writable(out / name, force)
     maps = sorted((out / MAPS).glob("*.mrc")) if (out / MAPS).is_dir() else []
     if maps and not force:
-        raise InputError(f"{out / 'maps'} already holds maps ({maps[0].name}, ...); pass --force to replace them or "
+        raise InputError(f"{out / MAPS} already holds maps ({maps[0].name}, ...); pass --force to replace them or "
                          "choose another output folder")
 
 
