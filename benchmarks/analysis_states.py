@@ -48,6 +48,7 @@ def main() -> None:
     ap.add_argument("--warm-classes", type=int, default=None, help="default: the demo's (2)")
     ap.add_argument("--z-mode", default=None, help="classes or continuous (default: the demo's)")
     ap.add_argument("--z-l2", type=float, default=None, help="L2 penalty on z (default: the demo's)")
+    ap.add_argument("--landscape-epochs", type=int, default=None, help="default: TrainConfig's")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--seed", type=int, default=0)
@@ -70,15 +71,31 @@ def main() -> None:
     ds = simulate(maps, args.n, snr=args.snr, shift_px=2.0, pixel_size_A=apix, seed=args.seed)
     run = args.out / "run"
     over = {k: v for k, v in (("zdim", args.zdim), ("epochs", args.epochs), ("warm_classes", args.warm_classes),
-                              ("z_mode", args.z_mode), ("z_l2", args.z_l2)) if v is not None}
+                              ("z_mode", args.z_mode), ("z_l2", args.z_l2),
+                              ("landscape_epochs", args.landscape_epochs)) if v is not None}
     cfg = TrainConfig(**{**DEMO_CONFIG, "device": args.device, "seed": args.seed, **over})
     t1 = time.time()
-    if not (args.reuse_run and (run / "predictions.npz").is_file()):
-        train(ds.particles, run, cfg)
-        infer(run, ds.particles).save(run / "predictions.npz")
-    t2 = time.time()
     from cryofire_ext.results import Predictions
 
+    if not (args.reuse_run and (run / "predictions.npz").is_file()):
+        train(ds.particles, run, cfg)
+        infer(run, ds.particles).save(run / "predictions.npz", force=True)
+    t2 = time.time()
+    landscape_s = None
+    heldout = None
+    if cfg.z_mode == "continuous":  # the landscape at the run's refined poses (what the training job does)
+        from cryofire_ext.predict import load_trained
+        from cryofire_ext.pipeline import fit_landscape
+
+        tm = load_trained(run, device=args.device)
+        if not (args.reuse_run and tm.landscape is not None and "z" in Predictions.load(run / "predictions.npz").meta):
+            tm.config = cfg  # the landscape settings of this command (the poses are the run's)
+            fit_landscape(tm, ds.particles, Predictions.load(run / "predictions.npz")).save(
+                run / "predictions.npz", force=True)
+            landscape_s = round(time.time() - t2, 1)
+        # held-out images (same states, new draws): the encoder's z needs no pose, so this is predict's z
+        new = simulate(maps, max(500, args.n // 2), snr=args.snr, shift_px=2.0, pixel_size_A=apix, seed=args.seed + 101)
+        heldout = (tm.landscape.z_of(new.particles), new.state)
     pred = Predictions.load(run / "predictions.npz")
     rot = metrics.rotation_error_deg(pred.A, ds.A)  # ab initio maps live in a globally rotated frame
     truth_maps = [np.roll(t[::-1], 1, axis=0) if rot.flipped else t for t in ds.maps]
@@ -86,9 +103,16 @@ def main() -> None:
               "zdim": cfg.zdim, "warm_classes": cfg.warm_classes, "train_s": round(t2 - t1, 1),
               "reused_run": bool(args.reuse_run), "simulate_s": round(t1 - t0, 1),
               "median_rotation_error_deg": float(np.median(rot.errors_deg)), "hand_flipped": bool(rot.flipped),
-              "z_mode": cfg.z_mode, "z_l2": cfg.z_l2,
+              "z_mode": cfg.z_mode, "z_l2": cfg.z_l2, "landscape_s": landscape_s,
+              "landscape_epochs": cfg.landscape_epochs if cfg.z_mode == "continuous" else None,
               "pc1_abs_corr_state": metrics.pc1_correlation(pred.z, ds.state),
               "neighbours_within_one_state": neighbour_state_agreement(pred.z, ds.state)}
+    if heldout is not None:  # along the training particles' PC1
+        zc = pred.z - pred.z.mean(0)
+        pc1 = np.linalg.svd(zc, full_matrices=False)[2][0]
+        result["heldout_n"] = len(heldout[1])
+        result["heldout_abs_corr_training_pc1_state"] = abs(float(np.corrcoef((heldout[0] - pred.z.mean(0)) @ pc1,
+                                                                              heldout[1])[0, 1]))
     from cryofire_ext.analysis.variability import variability
 
     t3 = time.time()  # 3D variability at the run's poses (what `cryofire analyze` adds, independent of z)
@@ -130,6 +154,18 @@ def main() -> None:
                         "cluster_majority_state": majority, "maps_match_own_state": bool(best == majority),
                         "backprojected_best_truth": best_bp, "backprojected_corr_with_truths": corrs_bp,
                         "backprojected_match_own_state": bool(best_bp == majority)}
+    if cfg.z_mode == "continuous":  # the decoder's map at each state's median z against that state's truth
+        from cryofire_ext.analysis import map_fsc
+        from cryofire_ext.predict import load_trained
+        from cryofire_ext.recon.classmaps import fsc_resolution_A
+
+        tm = load_trained(run, device=args.device)
+        med = np.stack([np.median(pred.z[ds.state == k], 0) for k in range(args.states)])
+        per_state = []
+        for k, vol in enumerate(tm.volumes(med)):
+            _, curve = map_fsc(align_map(vol.astype(np.float64), rot.global_rotation), truth_maps[k], apix)
+            per_state.append(fsc_resolution_A(torch.as_tensor(curve), args.box, apix, 0.5))
+        result["fsc05_A_at_state_median_z"] = per_state
     result["total_s"] = round(time.time() - t0, 1)
     (args.out / "bench.json").write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))

@@ -23,7 +23,7 @@ def _progress():
 
     from cli.main import err_console
 
-    prog = Progress(TextColumn("epoch {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(),
+    prog = Progress(TextColumn("{task.fields[stage]} epoch {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(),
                     TextColumn("loss {task.fields[loss]:.4f}"), TimeElapsedColumn(), console=err_console,
                     transient=False)
     tasks: list = []
@@ -31,8 +31,8 @@ def _progress():
     def on_progress(rec: dict) -> None:
         if not tasks:
             prog.start()
-            tasks.append(prog.add_task("train", total=rec["batches"], epoch="", loss=rec["loss"]))
-        prog.update(tasks[0], total=rec["batches"], completed=rec["batch"] + 1,
+            tasks.append(prog.add_task("train", total=rec["batches"], epoch="", loss=rec["loss"], stage=""))
+        prog.update(tasks[0], total=rec["batches"], completed=rec["batch"] + 1, stage=rec.get("stage", "train"),
                     epoch=f"{rec['epoch'] + 1}/{rec['epochs']}", loss=rec["loss"])
 
     try:
@@ -83,6 +83,13 @@ def register(app: typer.Typer) -> None:
         warm_classes: Optional[int] = typer.Option(None, "--warm-classes",
                                                    help="Classes the warm start splits the particles into "
                                                         "(default 2; 1 = none; ignored for --zdim 0)."),
+        z_mode: Optional[str] = typer.Option(None, "--z-mode",
+                                             help="classes (z is the class code) or continuous (after training, "
+                                                  "z is learned as a continuous coordinate at the refined poses: "
+                                                  "the conformational landscape). Default classes."),
+        landscape_epochs: Optional[int] = typer.Option(None, "--landscape-epochs",
+                                                       help="Epochs of the landscape stage (--z-mode continuous; "
+                                                            "default 20)."),
         polish_rounds: Optional[int] = typer.Option(None, "--polish-rounds",
                                                     help="Rounds of per-particle refinement of pose, shift and class "
                                                          "after training (default 3, or the run's on --resume; 0 = the "
@@ -103,7 +110,7 @@ def register(app: typer.Typer) -> None:
             cfg = TrainConfig.load(out / CONFIG)
         overrides = {"zdim": zdim, "epochs": epochs, "max_minutes": max_minutes, "batch_size": batch_size,
                      "seed": seed, "device": device, "precision": precision, "train_box": train_box, "warm_start": warm_start,
-                     "warm_classes": warm_classes}
+                     "warm_classes": warm_classes, "z_mode": z_mode, "landscape_epochs": landscape_epochs}
         cfg = TrainConfig.from_dict({**cfg.to_dict(), **{k: v for k, v in overrides.items() if v is not None}})
         refine = saved_refine_config(out if resume else None)
         if config:  # a --config file may hold refinement fields beside the training ones
@@ -129,6 +136,13 @@ def register(app: typer.Typer) -> None:
         out: Path = typer.Option(..., "-o", "--out", help="Output folder."),
         datadir: Optional[Path] = typer.Option(None, "--datadir", help="Folder holding the image stacks."),
         force: bool = typer.Option(False, "--force", help="Overwrite existing outputs."),
+        z_mode: Optional[str] = typer.Option(None, "--z-mode",
+                                             help="classes (z is the class code) or continuous (after training, "
+                                                  "z is learned as a continuous coordinate at the refined poses: "
+                                                  "the conformational landscape). Default classes."),
+        landscape_epochs: Optional[int] = typer.Option(None, "--landscape-epochs",
+                                                       help="Epochs of the landscape stage (--z-mode continuous; "
+                                                            "default 20)."),
         polish_rounds: Optional[int] = typer.Option(None, "--polish-rounds",
                                                     help="Pose refinement rounds (default: the run's; 0 = none)."),
         polish_global_search: Optional[bool] = typer.Option(

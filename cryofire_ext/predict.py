@@ -18,6 +18,7 @@ import torch
 
 from cryofire_ext import run_layout
 from cryofire_ext.errors import InputError
+from cryofire_ext.landscape import Landscape, load_landscape
 from cryofire_ext.model.cryofire import CryoFIRE
 from cryofire_ext.particles import ParticleStack
 from cryofire_ext.results import Predictions
@@ -53,26 +54,49 @@ class TrainedModel:
     #: the training particles' searched poses (trainer's SearchCache state) and their fingerprint
     searched: dict | None = None
     particles_fingerprint: str | None = None
+    #: the landscape stage (`landscape.pt`, z_mode "continuous"): z and the maps at z are its
+    landscape: Landscape | None = None
 
     @property
     def zdim(self) -> int:
-        return self.config.zdim
+        """The dimension of the predictions' z: the landscape's when the run has one, else the pose model's."""
+        return self.landscape.zdim if self.landscape is not None else self.model.zdim
 
     @torch.no_grad()
     def volumes(self, z: np.ndarray | None = None) -> np.ndarray:
-        """Real-space maps `(m, D, D, D)` float32 (index [z, y, x]) at latent points z `(m, zdim)`
-        (zdim 0: pass None or `(1, 0)` for the one map). Voxel size `pixel_size_A`."""
-        if self.zdim == 0:
+        """Real-space maps `(m, D, D, D)` float32 (index [z, y, x]) at latent points z `(m, zdim)` of the
+        predictions' z: the landscape's when the run has one, else the pose model's (zdim 0: pass None or
+        `(1, 0)` for the one map). Voxel size `pixel_size_A`."""
+        if self.landscape is not None:
+            return self.landscape.volumes(_checked_z(z, self.landscape.zdim))
+        return self.pose_model_volumes(z)
+
+    @torch.no_grad()
+    def class_volumes(self) -> np.ndarray:
+        """The pose model's map of each warm class `(K, D, D, D)` (at its z code), or its one map `(1, D, D, D)`."""
+        codes = class_targets(self.warm, self.model.zdim, "cpu")
+        return self.pose_model_volumes(None if codes is None else codes.numpy())
+
+    @torch.no_grad()
+    def pose_model_volumes(self, z: np.ndarray | None = None) -> np.ndarray:
+        """`volumes` from the pose model's decoder (z in its class-code space)."""
+        if self.model.zdim == 0:
             m = 1 if z is None else max(1, len(np.asarray(z)))
             return np.stack([self.model.volume(None).cpu().numpy() for _ in range(m)]).astype(np.float32)
-        z = np.asarray(z, dtype=np.float32)
-        if z.ndim == 1:
-            z = z[None]
-        if z.ndim != 2 or z.shape[1] != self.zdim:
-            raise InputError(f"latent points must be (m, {self.zdim}), got shape {z.shape}")
+        z = _checked_z(z, self.model.zdim)
         dev = self.model.k_half.device
         return np.stack([self.model.volume(torch.as_tensor(zi, device=dev)).cpu().numpy() for zi in z]
                         ).astype(np.float32)
+
+
+def _checked_z(z, zdim: int) -> np.ndarray:
+    """Latent points as `(m, zdim)` float32 (one point may be `(zdim,)`); InputError otherwise."""
+    z = np.asarray(z, dtype=np.float32)
+    if z.ndim == 1:
+        z = z[None]
+    if z.ndim != 2 or z.shape[1] != zdim:
+        raise InputError(f"latent points must be (m, {zdim}), got shape {z.shape}")
+    return z
 
 
 def load_trained(run_dir, device: str | None = "cpu", checkpoint: str | Path | None = None) -> TrainedModel:
@@ -96,10 +120,13 @@ def load_trained(run_dir, device: str | None = "cpu", checkpoint: str | Path | N
     warm = None
     if config.warm_start == "search" and config.search_candidates and "warm" in state:
         warm = WarmMap.from_state(state["warm"])
+    landscape = None
+    if (run_dir / run_layout.LANDSCAPE).is_file():
+        landscape = load_landscape(run_dir / run_layout.LANDSCAPE, device=model.k_half.device)
     return TrainedModel(model, config, box, psize, int(state["input_box"]), float(state["input_pixel_size_A"]),
                         StackStats(*[float(v) for v in state["stats"]]), run_dir, int(state["epoch"]),
                         int(state["images"]), warm, state.get("searched") if warm is not None else None,
-                        state.get("particles_fingerprint"))
+                        state.get("particles_fingerprint"), landscape)
 
 
 @torch.no_grad()
@@ -107,9 +134,9 @@ def model_pass(tm: TrainedModel, stack: ParticleStack, *, batch_size: int = 256)
     """Poses, shifts, z, class and loss of every particle of `stack` from the trained model alone (no refinement).
 
     The stack must have the training particles' box and pixel size (within 0.5%). With a search warm start the
-    searched pose competes at each warm class's z (`z_mode` "classes") or at the encoder's z ("continuous"; the
-    training particles' searches are reused); a particle's class is the warm class whose z code is nearest its
-    z (0 without classes).
+    searched pose competes at each warm class's z (the training particles' searches are reused); a particle's
+    class is the warm class whose z code is nearest its z (0 without classes). z is the pose model's (a class
+    code); `pipeline.infer` replaces it with the landscape's when the run has one.
     """
     check_matches_run(tm, stack)
     data = TrainingImages(stack, tm.box, tm.stats)
@@ -117,9 +144,9 @@ def model_pass(tm: TrainedModel, stack: ParticleStack, *, batch_size: int = 256)
     n = len(stack)
     A = np.empty((n, 3, 3))
     shifts_A = np.empty((n, 2))
-    z = np.empty((n, tm.zdim), np.float32)
+    z = np.empty((n, tm.model.zdim), np.float32)
     loss = np.empty(n)
-    codes = class_targets(tm.warm, tm.zdim, dev)
+    codes = class_targets(tm.warm, tm.model.zdim, dev)
     if tm.warm is not None:
         searched = SearchCache(tm.warm, n, _training_search(tm, stack))
     for s in range(0, n, batch_size):
@@ -130,15 +157,15 @@ def model_pass(tm: TrainedModel, stack: ParticleStack, *, batch_size: int = 256)
         if tm.warm is not None:
             A_s, t_s, _ = searched.get(idx, img, ctf)
             extra = (A_s[:, None], t_s[:, None])
-            if codes is not None and tm.config.z_mode == "classes":  # at each class's z (the decoder picks)
+            if codes is not None:  # at each class's z (the decoder picks)
                 extra, ez = candidates_at_codes(A_s, t_s, codes)
         out = tm.model(img, ctf, 1.0, None, *extra, extra_z=ez)
         A[idx] = out.R.double().cpu().numpy()
         shifts_A[idx] = out.shift_px.double().cpu().numpy() * tm.pixel_size_A
-        z[idx] = (out.z_win if tm.config.z_mode == "classes" else out.z).float().cpu().numpy()
+        z[idx] = out.z_win.float().cpu().numpy()
         loss[idx] = out.loss.double().cpu().numpy()
     meta = {"pixel_size_A": stack.pixel_size_A, "box": stack.box, "model_box": tm.box,
-            "model_pixel_size_A": tm.pixel_size_A, "zdim": tm.zdim, "run_dir": str(tm.run_dir),
+            "model_pixel_size_A": tm.pixel_size_A, "zdim": tm.model.zdim, "run_dir": str(tm.run_dir),
             "epoch": tm.epoch, "images_seen": tm.images_seen}
     return Predictions(ids=stack.ids, A=A, shifts_A=shifts_A, z=z, loss=loss, meta=meta,
                        class_id=nearest_class(z, codes))

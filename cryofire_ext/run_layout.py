@@ -7,6 +7,8 @@ REFINE = "refine.json"
 HISTORY = "history.json"
 CHECKPOINTS = "checkpoints"
 LAST_CHECKPOINT = "checkpoints/last.pt"
+#: the landscape stage (z_mode "continuous"), written after training
+LANDSCAPE = "landscape.pt"
 #: the exports
 PREDICTIONS = "predictions.npz"
 PARTICLES_STAR = "particles.star"

@@ -103,7 +103,8 @@ def _train_and_export(particles, out: Path, config, refine, datadir, should_stop
     if dist.is_initialized() and dist.get_rank() != 0:  # under torchrun only rank 0 predicts and exports
         return JobOutputs(out, out / PARTICLES_STAR, out / PARTICLES_CS, out / PREDICTIONS, [],
                           out / LOSS_PLOT)
-    return export_run(out, stack, refine=refine, device=None, force=overwrite)
+    return export_run(out, stack, refine=refine, device=None, force=overwrite, fit=config, should_stop=should_stop,
+                      on_progress=on_progress)
 
 
 def check_outputs(out: Path, force: bool) -> None:
@@ -164,26 +165,41 @@ def predict_job(run_dir, particles, out_dir, *, datadir=None, force: bool = Fals
 
 
 def export_run(run_dir, stack: ParticleStack, *, out_dir=None, refine: RefineConfig | None = None,
-               device: str | None = None, force: bool = False) -> JobOutputs:
+               device: str | None = None, force: bool = False, fit: TrainConfig | None = None,
+               should_stop: Callable[[], bool] | None = None,
+               on_progress: Callable[[dict], None] | None = None) -> JobOutputs:
     """Inference over `stack` with the run in `run_dir` (`pipeline.infer`: the model pass and the refinement
     `refine`, None: the run's saved settings) on `device` (None: the run's), exported into `out_dir` (default
-    `run_dir`) by `export_predictions`."""
-    from cryofire_ext.pipeline import infer
+    `run_dir`) by `export_predictions`. `fit` (the training job, `stack` = the training particles): the job's
+    config, whose landscape settings hold (a resume may change them): with `z_mode` "continuous" the landscape
+    stage is trained on the refined poses first (`pipeline.fit_landscape`; `should_stop` / `on_progress` as in
+    training); with "classes" a landscape left by an earlier export is removed."""
+    from cryofire_ext import run_layout
+    from cryofire_ext.pipeline import fit_landscape, infer
     from cryofire_ext.predict import load_trained
 
     refine = refine or saved_refine_config(run_dir)
     tm = load_trained(run_dir, device=device)
+    if fit is not None:
+        tm.config = fit
+        tm.landscape = None  # a landscape of an earlier export belongs to other poses
+        (Path(run_dir) / run_layout.LANDSCAPE).unlink(missing_ok=True)
+    preds = infer(tm, stack, refine)
+    if fit is not None and fit.z_mode == "continuous" and fit.zdim:
+        preds = fit_landscape(tm, stack, preds, should_stop=should_stop, on_progress=on_progress)
     out = Path(out_dir) if out_dir is not None else Path(run_dir)
-    return export_predictions(infer(tm, stack, refine), tm, stack, out, refine, force=force)
+    return export_predictions(preds, tm, stack, out, refine, force=force)
 
 
 def export_predictions(preds: Predictions, tm: "TrainedModel", stack: ParticleStack, out: Path, refine: RefineConfig,
                        *, force: bool = False) -> JobOutputs:
     """Write `preds` of `stack` (made with the trained run `tm` and the settings `refine`) into `out`:
     predictions.npz, particles.star (rlnClassNumber = class + 1), particles.cs (alignments3D/class = class),
-    refine.json, classes.json, the decoder's maps (maps/mean_z.mrc and maps/class_NN.mrc at each class's mean z,
-    NN = rlnClassNumber; maps/consensus.mrc without z) and loss.png."""
+    refine.json, classes.json (counts, each class's mean z), the decoder's maps (maps/mean_z.mrc at the mean z,
+    by the landscape when the run has one; maps/class_NN.mrc, the pose model's map of class NN =
+    rlnClassNumber; maps/consensus.mrc without z) and loss.png."""
     from cryofire_ext.analysis import write_maps
+    from cryofire_ext.images import write_mrc
     from integrations.cryosparc import write_cs
     from integrations.relion import write_star
 
@@ -200,18 +216,18 @@ def export_predictions(preds: Predictions, tm: "TrainedModel", stack: ParticleSt
     if preds.zdim:
         centres = np.stack([preds.z[preds.class_id == k].mean(0) if counts[k] else np.full(preds.zdim, np.nan)
                             for k in range(K)]).astype(np.float32)
-        points = np.concatenate([preds.z.mean(0, keepdims=True), centres[counts > 0]])
-        names = ["mean_z"] + [f"class_{k + 1:02d}" for k in range(K) if counts[k]]
-        if K == 1:
-            points, names = points[:1], names[:1]
         info["centres"] = centres
+        maps = write_maps(tm, preds.z.mean(0, keepdims=True), out / MAPS, ["mean_z"], force=force)
     else:
-        points, names = np.zeros((1, 0), np.float32), ["consensus"]
+        maps = write_maps(tm, np.zeros((1, 0), np.float32), out / MAPS, ["consensus"], force=force)
     with atomic_path(out / CLASSES, force=force) as tmp:
         tmp.write_text(json.dumps({"k": K, "numbering": "rlnClassNumber (1-based) = alignments3D/class + 1",
                                    "counts": counts.tolist(),
                                    "mean_z": info["centres"].tolist() if preds.zdim else None}, default=float))
-    maps = write_maps(tm, points, out / MAPS, names, force=force)
+    if K > 1:  # the pose model's map of each class (at its class code), numbered as rlnClassNumber
+        vols = tm.class_volumes()
+        maps += [write_mrc(out / MAPS / f"class_{k + 1:02d}.mrc", vols[k], tm.pixel_size_A, force=force)
+                 for k in range(K) if counts[k]]
     plot = loss_plot(tm.run_dir, out / LOSS_PLOT, force=force)
     return JobOutputs(out, star, cs, pred_path, maps, plot, info)
 

@@ -31,7 +31,8 @@ def test_export_replaces_the_input_classes_with_the_predicted_ones(tmp_path, mon
     preds = Predictions(ids=stack.ids, A=random_rotations(n, np.random.default_rng(0)), shifts_A=np.zeros((n, 2)),
                         z=np.zeros((n, 0), np.float32), loss=np.zeros(n), class_id=classes)
     monkeypatch.setattr(cryofire_ext.analysis, "write_maps", lambda *args, **kwargs: [])
-    tm = types.SimpleNamespace(run_dir=tmp_path / "run")
+    tm = types.SimpleNamespace(run_dir=tmp_path / "run", pixel_size_A=1.0,
+                               class_volumes=lambda: np.zeros((2, 4, 4, 4), np.float32))
     job = export_predictions(preds, tm, stack, tmp_path / "out", RefineConfig())
     assert job.particles_star == tmp_path / "out" / PARTICLES_STAR and job.predictions.name == PREDICTIONS
     star = starfile.read(job.particles_star, always_dict=True)["particles"]

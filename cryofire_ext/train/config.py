@@ -17,7 +17,9 @@ from cryofire_ext.configfile import ConfigFile
 from cryofire_ext.errors import InputError
 
 # fields a resumed run may change (they do not alter what has been trained so far)
-RESUMABLE_FIELDS = ("epochs", "max_minutes", "device", "precision", "num_workers", "log_every")
+RESUMABLE_FIELDS = ("epochs", "max_minutes", "device", "precision", "num_workers", "log_every",
+                    # the landscape stage runs after training, from its results
+                    "z_mode", "landscape_box", "landscape_epochs", "landscape_lr")
 
 
 @dataclass
@@ -47,10 +49,12 @@ class TrainConfig(ConfigFile):
     (`train.candidates.SearchCache`). For `distill_images` images (then decaying to 0 over as many again)
     the encoder is taught the searched poses and the class's z target (a vertex of a simplex in z,
     `class_codes`) while the decoder learns from the searched poses only. With `search_candidates` the
-    searched pose is also a candidate in the winner-take-all loss, in training and in the model pass after it:
-    with `z_mode="classes"` once at every class's z code (z is then a class label), with `"continuous"` at the
-    encoder's own z once the distillation is over (z is each particle's coordinate, free to move from its
-    class's code; the class is the nearest code).
+    searched pose is also a candidate in the winner-take-all loss, at every class's z code, in training and in
+    the model pass after it: the pose model's z is a class label.
+
+    Landscape (`cryofire_ext.landscape`): with `z_mode="continuous"`, after training and the refinement, a
+    second model learns each particle's z as a continuous coordinate at the refined poses, on images
+    Fourier-cropped to `landscape_box`, for `landscape_epochs` epochs at learning rate `landscape_lr`. The classes stay the refinement's. `z_mode="classes"`: z is the class code.
 
     The refinement after training has its own config (`refine.config.RefineConfig`), saved apart.
 
@@ -91,6 +95,10 @@ class TrainConfig(ConfigFile):
     march_images: int = 20000
     z_l2: float = 0.0
     z_mode: str = "classes"
+    # landscape (z_mode "continuous")
+    landscape_box: int = 32
+    landscape_epochs: int = 20
+    landscape_lr: float = 1e-3
     # warm start
     warm_start: str = "search"
     warm_images: int = 1000
@@ -138,7 +146,13 @@ class TrainConfig(ConfigFile):
         if self.n_pose_heads < 1:
             bad("n_pose_heads", "an integer >= 1")
         if self.z_mode not in ("classes", "continuous"):
-            bad("z_mode", "'classes' (z is the class code of the searched class) or 'continuous' (the encoder's z)")
+            bad("z_mode", "'classes' (z is the class code) or 'continuous' (z learned by the landscape stage)")
+        if self.landscape_box < 32 or self.landscape_box % 32:
+            bad("landscape_box", "a multiple of 32 px (the encoder pools 5 times by 2), e.g. 32 or 64")
+        if not isinstance(self.landscape_epochs, int) or self.landscape_epochs < 1:
+            bad("landscape_epochs", "an integer >= 1")
+        if self.landscape_lr <= 0:
+            bad("landscape_lr", "a positive learning rate")
         if self.warm_start not in ("search", "none"):
             bad("warm_start", "'search' or 'none'")
         if not 0 < self.march_start <= 1:

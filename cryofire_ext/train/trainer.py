@@ -38,11 +38,12 @@ log = logging.getLogger(__name__)
 
 class TrainingStopped(Exception):
     """Raised when `should_stop()` returned True; the state was checkpointed to `checkpoint` first
-    (None when the stop came during the warm start, before the first checkpoint)."""
+    (None when the stop came during the warm start, before the first checkpoint, or during the landscape
+    stage, which a resume runs again)."""
 
-    def __init__(self, checkpoint: Path | None):
+    def __init__(self, checkpoint: Path | None, during: str = "the warm start (no checkpoint yet)"):
         super().__init__(f"training stopped on request; state saved to {checkpoint}" if checkpoint is not None
-                         else "training stopped on request during the warm start (no checkpoint yet)")
+                         else f"training stopped on request during {during}")
         self.checkpoint = Path(checkpoint) if checkpoint is not None else None
 
 
@@ -218,10 +219,8 @@ def train(stack: ParticleStack, run_dir, config: TrainConfig, *, resume: bool = 
                     z_t = codes[c_t]
                     if dw >= 1.0:  # the decoder learns each class from its searched class's z
                         z_rand = z_t
-                    elif config.search_candidates and config.z_mode == "classes":  # at every class's z
+                    elif config.search_candidates:  # at every class's z
                         extra, ez = candidates_at_codes(A_t, t_t, codes)
-                    # z_mode "continuous": the searched pose competes at the encoder's own z, which the
-                    # reconstruction then moves freely (the class code taught it where to start)
             with autocast:
                 out = net(img, ctf, radius, z_rand, *extra, extra[0] is not None and dw >= 1.0, ez)
             loss = out.loss.mean()
