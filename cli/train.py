@@ -136,13 +136,6 @@ def register(app: typer.Typer) -> None:
         out: Path = typer.Option(..., "-o", "--out", help="Output folder."),
         datadir: Optional[Path] = typer.Option(None, "--datadir", help="Folder holding the image stacks."),
         force: bool = typer.Option(False, "--force", help="Overwrite existing outputs."),
-        z_mode: Optional[str] = typer.Option(None, "--z-mode",
-                                             help="classes (z is the class code) or continuous (after training, "
-                                                  "z is learned as a continuous coordinate at the refined poses: "
-                                                  "the conformational landscape). Default classes."),
-        landscape_epochs: Optional[int] = typer.Option(None, "--landscape-epochs",
-                                                       help="Epochs of the landscape stage (--z-mode continuous; "
-                                                            "default 20)."),
         polish_rounds: Optional[int] = typer.Option(None, "--polish-rounds",
                                                     help="Pose refinement rounds (default: the run's; 0 = none)."),
         polish_global_search: Optional[bool] = typer.Option(
