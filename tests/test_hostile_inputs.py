@@ -421,6 +421,7 @@ def test_pickles_are_refused_without_quoting_unsafe_advice(data, trained_run, ca
     torch.save({"format": "cryofire-checkpoint", "evil": Path("x")}, run / "checkpoints" / "last.pt")
     err = refused(capsys, r"last\.pt: unreadable checkpoint \(it holds Python objects besides tensors", "predict",
                   run, data / "particles.star", "-o", tmp_path / "pred", root=data)
+    assert "weights_only=False" not in err  # torch's advice to load it unsafely is not passed on
     assert not (tmp_path / "pred").exists()
     np.savez(run / "predictions.npz", header=np.array([{"a": 1}], dtype=object))
     refused(capsys, r"predictions\.npz: not a cryofire predictions file \(it holds pickled Python objects",
