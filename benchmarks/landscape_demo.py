@@ -54,7 +54,8 @@ def main() -> None:
     state = np.array([of_id[i] for i in preds.ids])
     k, _ = analysis.choose_k(preds.z)
     two = analysis.cluster(preds.z, 2)
-    result = {"command": "python benchmarks/landscape_demo.py DEMO" + (f" --epochs {args.epochs}" if args.epochs else ""),
+    command = "python benchmarks/landscape_demo.py DEMO" + (f" --epochs {args.epochs}" if args.epochs else "")
+    result = {"command": command,
               "n": len(preds), "zdim": preds.zdim, "landscape_epochs": tm.config.landscape_epochs,
               "landscape_s": round(wall, 1), "load_average_at_start": round(load, 2),
               "pc1_abs_corr_state": metrics.pc1_correlation(preds.z, state),

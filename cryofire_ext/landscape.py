@@ -30,8 +30,10 @@ from cryofire_ext.particles import ParticleStack
 from cryofire_ext.train.checkpoint import load_checkpoint, save_checkpoint
 from cryofire_ext.train.config import TrainConfig
 from cryofire_ext.train.data import PrefetchLoader, StackStats, TrainingImages, epoch_batches, scan_stack
+from cryofire_ext.train.trainer import TrainingStopped, training_autocast
 
 log = logging.getLogger(__name__)
+
 
 @dataclass
 class Landscape:
@@ -70,15 +72,12 @@ class Landscape:
         return np.stack([self.model.volume(torch.as_tensor(zi, device=dev), out_box=self.map_box).cpu().numpy()
                          for zi in np.asarray(z, np.float32).reshape(-1, self.zdim)]).astype(np.float32)
 
-    def save(self, path, force: bool = True) -> Path:
-        """`path` (atomic): weights, image statistics, grids and the config."""
+    def save(self, path) -> Path:
+        """`path` (atomic, replacing it: the run folder's own file): weights, image statistics, grids, config."""
         state = {"model": self.model.state_dict(), "stats": [self.stats.mean, self.stats.std], "box": self.box,
                  "pixel_size_A": self.pixel_size_A, "map_box": self.map_box,
                  "map_pixel_size_A": self.map_pixel_size_A, "config": self.config.to_dict()}
-        if not force and Path(path).exists():
-            raise InputError(f"{path} exists; pass --force to replace it")
-        save_checkpoint(Path(path), state)
-        return Path(path)
+        return save_checkpoint(Path(path), state)
 
 
 def landscape_model(config: TrainConfig, box: int, pixel_size_A: float) -> CryoFIRE:
@@ -103,8 +102,6 @@ def fit_landscape(stack: ParticleStack, A: np.ndarray, shifts_A: np.ndarray, con
     (RELION origins, Angstrom) for `config.landscape_epochs` epochs. `map_box` / `map_pixel_size_A`: the run's
     model grid (where its maps go). Raises `train.trainer.TrainingStopped` (nothing saved) when
     `should_stop()` says so; `on_progress` gets the trainer's dict (with `stage` "landscape")."""
-    from cryofire_ext.train.trainer import TrainingStopped, training_autocast
-
     if config.zdim < 1:
         raise InputError("the landscape stage needs zdim >= 1 (z_mode 'continuous' with zdim 0 has no z to learn)")
     n = len(stack)

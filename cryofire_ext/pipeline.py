@@ -47,10 +47,7 @@ def infer(run: "TrainedModel | str | Path", stack: ParticleStack, refine: Refine
     if refine.polish_rounds > 0:
         preds = _refine(tm, stack, preds, refine)
     preds.meta["refine"] = refine.to_dict()
-    if tm.landscape is not None:
-        preds.z = tm.landscape.z_of(stack, batch_size=batch_size)
-        preds.meta.update(z="landscape", zdim=tm.landscape.zdim)
-    return preds
+    return _landscape_z(tm, stack, preds, batch_size) if tm.landscape is not None else preds
 
 
 def fit_landscape(tm: TrainedModel, stack: ParticleStack, preds: Predictions, *,
@@ -62,10 +59,15 @@ def fit_landscape(tm: TrainedModel, stack: ParticleStack, preds: Predictions, *,
     lm = landscape.fit_landscape(stack, preds.A, preds.shifts_A, tm.config, map_box=tm.box,
                                  map_pixel_size_A=tm.pixel_size_A, device=tm.model.k_half.device,
                                  should_stop=should_stop, on_progress=on_progress)
-    lm.save(tm.run_dir / run_layout.LANDSCAPE, force=True)
+    lm.save(tm.run_dir / run_layout.LANDSCAPE)
     tm.landscape = lm
-    preds.z = lm.z_of(stack)
-    preds.meta.update(z="landscape", zdim=lm.zdim)
+    return _landscape_z(tm, stack, preds)
+
+
+def _landscape_z(tm: TrainedModel, stack: ParticleStack, preds: Predictions, batch_size: int = 256) -> Predictions:
+    """`preds` with z from the run's landscape encoder (recorded in its meta)."""
+    preds.z = tm.landscape.z_of(stack, batch_size=batch_size)
+    preds.meta.update(z="landscape", zdim=tm.landscape.zdim)
     return preds
 
 

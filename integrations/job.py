@@ -179,11 +179,11 @@ def export_run(run_dir, stack: ParticleStack, *, out_dir=None, refine: RefineCon
     from cryofire_ext.predict import load_trained
 
     refine = refine or saved_refine_config(run_dir)
+    if fit is not None:  # a landscape of an earlier export belongs to other poses
+        (Path(run_dir) / run_layout.LANDSCAPE).unlink(missing_ok=True)
     tm = load_trained(run_dir, device=device)
     if fit is not None:
         tm.config = fit
-        tm.landscape = None  # a landscape of an earlier export belongs to other poses
-        (Path(run_dir) / run_layout.LANDSCAPE).unlink(missing_ok=True)
     preds = infer(tm, stack, refine)
     if fit is not None and fit.z_mode == "continuous" and fit.zdim:
         preds = fit_landscape(tm, stack, preds, should_stop=should_stop, on_progress=on_progress)

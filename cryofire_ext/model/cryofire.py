@@ -45,7 +45,8 @@ class StepOutput:
 class CryoFIRE(nn.Module):
     def __init__(self, box: int, pixel_size_A: float, zdim: int, *, enc_channels=(32, 64, 128, 256, 256),
                  hidden: int = 256, dec_hidden: int = 256, dec_layers: int = 4, pe_freqs: int | None = None,
-                 pe_sigma: float = 0.15, n_pose_heads: int = 1, symmetric: bool = True, seed: int = 0, z_norm: bool = False):
+                 pe_sigma: float = 0.15, n_pose_heads: int = 1, symmetric: bool = True, seed: int = 0,
+                 z_norm: bool = False):
         super().__init__()
         self.box, self.zdim, self.symmetric = int(box), int(zdim), bool(symmetric)
         self.encoder = Encoder(box, zdim, enc_channels, hidden, n_pose_heads, z_norm)

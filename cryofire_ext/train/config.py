@@ -54,7 +54,8 @@ class TrainConfig(ConfigFile):
 
     Landscape (`cryofire_ext.landscape`): with `z_mode="continuous"`, after training and the refinement, a
     second model learns each particle's z as a continuous coordinate at the refined poses, on images
-    Fourier-cropped to `landscape_box`, for `landscape_epochs` epochs at learning rate `landscape_lr`. The classes stay the refinement's. `z_mode="classes"`: z is the class code.
+    Fourier-cropped to `landscape_box`, for `landscape_epochs` epochs at learning rate `landscape_lr`. The
+    classes stay the refinement's. `z_mode="classes"`: z is the class code.
 
     The refinement after training has its own config (`refine.config.RefineConfig`), saved apart.
 
