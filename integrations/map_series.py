@@ -1,4 +1,4 @@
-"""Map series along the landscape of a run, as files to look at: the maps, a montage, a ChimeraX command file.
+"""Map series along the latent space of a run, as files to look at: the maps, a montage, a ChimeraX command file.
 
 `write_series` owns the names in the analysis folder: a series `NAME` (`pc1_traversal`, `cluster_path`) is
 `maps/NAME/step_XX.mrc` (1-based), its montage `plots/NAME.png` and its ChimeraX file `maps/NAME.cxc`.

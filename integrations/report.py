@@ -25,7 +25,7 @@ from cryofire_ext.images import write_mrc
 from cryofire_ext.poses import matrix_to_relion_euler
 from cryofire_ext.safe_io import atomic_path
 from cryofire_ext.analysis.variability import Variability, save_variability
-from integrations import landscape
+from integrations import map_series
 
 log = logging.getLogger(__name__)
 
@@ -183,7 +183,7 @@ class AnalysisResult:
     cluster_maps: list[Path] = field(default_factory=list)
     backprojected_maps: list[Path] = field(default_factory=list)
     traversal_maps: dict = field(default_factory=dict)
-    map_views: dict = field(default_factory=dict)  # series name -> landscape.SeriesViews (montage, ChimeraX file)
+    map_views: dict = field(default_factory=dict)  # series name -> map_series.SeriesViews (montage, ChimeraX file)
     variability: Variability | None = None
     variability_maps: dict = field(default_factory=dict)
     subsets: dict = field(default_factory=dict)
@@ -205,7 +205,7 @@ def analyze_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = 
     """Analyse a run folder into `out_dir` (default `RUN/analysis`): PCA, clusters (`clusters.npz/.json`),
     maps at cluster centres (`maps/cluster_NN.mrc`), along PC traversals (`maps/pcN_traversal/`) and along the
     path through the cluster centres (`maps/cluster_path/`), each series with a montage (`plots/NAME.png`) and
-    a ChimeraX command file that plays it (`maps/NAME.cxc`; `integrations.landscape`),
+    a ChimeraX command file that plays it (`maps/NAME.cxc`; `integrations.map_series`),
     with `member_map` a map back-projected from each cluster's particles at their poses
     (`maps/cluster_NN_backprojected.mrc`: independent of the neural decoder),
     with `particle_variability` the 3D variability of the particles at their poses (`variability.npz`, maps
@@ -292,13 +292,13 @@ def analyze_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = 
                                                         vol, apix, force))
         for pc in range(min(config.n_pcs, len(pcs.components))):
             pts = analysis.pc_traversal(pcs, pc, config.traversal_steps)
-            views = landscape.write_series(src, pts, out, f"pc{pc + 1}_traversal", force=force,
+            views = map_series.write_series(src, pts, out, f"pc{pc + 1}_traversal", force=force,
                                            title=f"PC{pc + 1} traversal (5th to 95th percentile)")
             res.traversal_maps[pc + 1], res.map_views[f"pc{pc + 1}_traversal"] = views.maps, views
         if clus.k > 1:  # the polyline through the cluster maps' points, ordered along PC1
             c = clus.centre_particles
-            pts = landscape.cluster_path_points(z[c], pcs.coords[c, 0], config.traversal_steps)
-            res.map_views["cluster_path"] = landscape.write_series(
+            pts = map_series.cluster_path_points(z[c], pcs.coords[c, 0], config.traversal_steps)
+            res.map_views["cluster_path"] = map_series.write_series(
                 src, pts, out, "cluster_path", title="Path through the cluster centres (ordered along PC1)",
                 force=force)
     else:

@@ -13,7 +13,7 @@ import pytest
 from cryofire_ext.images import write_mrc
 from cryofire_ext import analysis
 from cryofire_ext.analysis import plots
-from integrations import landscape, report
+from integrations import map_series, report
 from cryofire_ext.errors import InputError
 from cryofire_ext.metrics import clustering_error, pc1_correlation
 from cryofire_ext.poses import random_rotations
@@ -77,7 +77,7 @@ def test_polyline_points_are_evenly_spaced_along_the_path_through_its_vertices()
     assert analysis.polyline_points(np.ones((2, 3)), 3).shape == (3, 3)  # length 0: the one point
     # the cluster path visits the centres in the order of their PC1 coordinate, from the lowest to the highest
     centres = np.array([[2.0, 0.0], [0.0, 0.0], [1.0, 5.0]])
-    path = landscape.cluster_path_points(centres, pc1=np.array([2.0, 0.0, 1.0]), n_points=3)
+    path = map_series.cluster_path_points(centres, pc1=np.array([2.0, 0.0, 1.0]), n_points=3)
     np.testing.assert_allclose(path, [[0, 0], [1, 5], [2, 0]])
 
 
@@ -320,7 +320,7 @@ def _cxc_commands(path: Path) -> list[list[str]]:
 def test_chimerax_file_opens_the_series_in_order_from_its_own_folder(tmp_path):
     maps = [write_mrc(tmp_path / "maps" / "pc1_traversal" / f"step_{i:02d}.mrc", v, 4.0)
             for i, v in enumerate(blob_maps(16), start=1)]
-    views = landscape.series_views(maps, tmp_path / "plots" / "pc1.png", tmp_path / "maps" / "pc1.cxc",
+    views = map_series.series_views(maps, tmp_path / "plots" / "pc1.png", tmp_path / "maps" / "pc1.cxc",
                                    title="PC1", run_from=tmp_path)
     text = views.chimerax.read_text()
     assert "chimerax maps/pc1.cxc" in text and "vseries play #1" in text
@@ -328,15 +328,15 @@ def test_chimerax_file_opens_the_series_in_order_from_its_own_folder(tmp_path):
     assert opened == ["open", "pc1_traversal/step_01.mrc", "pc1_traversal/step_02.mrc", "vseries", "true"]
     assert [(views.chimerax.parent / p).resolve() for p in opened[1:-2]] == [m.resolve() for m in maps]
     assert vol[:5] == ["volume", "#1", "style", "surface", "level"]
-    assert float(vol[5]) == pytest.approx(landscape.LEVEL_FRACTION * max(float(v.max()) for v in blob_maps(16)),
+    assert float(vol[5]) == pytest.approx(map_series.LEVEL_FRACTION * max(float(v.max()) for v in blob_maps(16)),
                                           rel=1e-5) == pytest.approx(views.level, rel=1e-5)
     # refuses to overwrite the montage or the .cxc unless forced
     with pytest.raises(InputError, match="exists"):
-        landscape.series_views(maps[::-1], tmp_path / "plots" / "other.png", views.chimerax)
+        map_series.series_views(maps[::-1], tmp_path / "plots" / "other.png", views.chimerax)
     with pytest.raises(InputError, match="exists"):
-        landscape.series_views(maps[::-1], views.picture, tmp_path / "maps" / "other.cxc")
+        map_series.series_views(maps[::-1], views.picture, tmp_path / "maps" / "other.cxc")
     assert _cxc_commands(views.chimerax)[0] == opened
-    landscape.series_views(maps[::-1], views.picture, views.chimerax, force=True)
+    map_series.series_views(maps[::-1], views.picture, views.chimerax, force=True)
     assert _cxc_commands(views.chimerax)[0][1:3] == opened[2:0:-1]
 
 
@@ -445,8 +445,8 @@ def test_analyze_run_end_to_end(tmp_path, monkeypatch):
         assert {f"plots/{name}.png", f"maps/{name}.cxc"} <= set(parser.links)
     assert res.map_views["pc1_traversal"].maps == res.traversal_maps[1]
     # the path through the cluster centres starts and ends at the cluster maps' points
-    path = landscape.read_maps(res.map_views["cluster_path"].maps)
-    ends = landscape.read_maps(res.cluster_maps)
+    path = map_series.read_maps(res.map_views["cluster_path"].maps)
+    ends = map_series.read_maps(res.cluster_maps)
     assert len(path) == 4 and {tuple(np.round([np.abs(path[i] - e).max() for e in ends], 4) == 0) for i in (0, -1)} \
         == {(True, False), (False, True)}
     summary = json.loads((tmp_path / "an" / "summary.json").read_text())
