@@ -48,7 +48,7 @@ def main() -> None:
     ap.add_argument("--warm-classes", type=int, default=None, help="default: the demo's (2)")
     ap.add_argument("--z-mode", default=None, help="classes or continuous (default: the demo's)")
     ap.add_argument("--z-l2", type=float, default=None, help="L2 penalty on z (default: the demo's)")
-    ap.add_argument("--landscape-epochs", type=int, default=None, help="default: TrainConfig's")
+    ap.add_argument("--landscape-nodes", type=int, default=None, help="default: TrainConfig's")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--seed", type=int, default=0)
@@ -72,7 +72,7 @@ def main() -> None:
     run = args.out / "run"
     over = {k: v for k, v in (("zdim", args.zdim), ("epochs", args.epochs), ("warm_classes", args.warm_classes),
                               ("z_mode", args.z_mode), ("z_l2", args.z_l2),
-                              ("landscape_epochs", args.landscape_epochs)) if v is not None}
+                              ("landscape_nodes", args.landscape_nodes)) if v is not None}
     cfg = TrainConfig(**{**DEMO_CONFIG, "device": args.device, "seed": args.seed, **over})
     t1 = time.time()
     from cryofire_ext.results import Predictions
@@ -93,9 +93,12 @@ def main() -> None:
             fit_landscape(tm, ds.particles, Predictions.load(run / "predictions.npz")).save(
                 run / "predictions.npz", force=True)
             landscape_s = round(time.time() - t2, 1)
-        # held-out images (same states, new draws): the encoder's z needs no pose, so this is predict's z
+        # held-out images (same states, new draws) at their true poses turned into the run's frame (the best
+        # global rotation between the run's poses and the truth), not predict's poses
         new = simulate(maps, max(500, args.n // 2), snr=args.snr, shift_px=2.0, pixel_size_A=apix, seed=args.seed + 101)
-        heldout = (tm.landscape.z_of(new.particles), new.state)
+        frame = metrics.rotation_error_deg(Predictions.load(run / "predictions.npz").A, ds.A)
+        A_new = metrics.MIRROR @ new.A @ metrics.MIRROR if frame.flipped else new.A
+        heldout = (tm.landscape.z_of(new.particles, A_new @ frame.global_rotation, new.particles.shifts_A), new.state)
     pred = Predictions.load(run / "predictions.npz")
     rot = metrics.rotation_error_deg(pred.A, ds.A)  # ab initio maps live in a globally rotated frame
     truth_maps = [np.roll(t[::-1], 1, axis=0) if rot.flipped else t for t in ds.maps]
@@ -104,7 +107,7 @@ def main() -> None:
               "reused_run": bool(args.reuse_run), "simulate_s": round(t1 - t0, 1),
               "median_rotation_error_deg": float(np.median(rot.errors_deg)), "hand_flipped": bool(rot.flipped),
               "z_mode": cfg.z_mode, "z_l2": cfg.z_l2, "landscape_s": landscape_s,
-              "landscape_epochs": cfg.landscape_epochs if cfg.z_mode == "continuous" else None,
+              "landscape_nodes": cfg.landscape_nodes if cfg.z_mode == "continuous" else None,
               "pc1_abs_corr_state": metrics.pc1_correlation(pred.z, ds.state),
               "neighbours_within_one_state": neighbour_state_agreement(pred.z, ds.state)}
     if heldout is not None:  # along the training particles' PC1

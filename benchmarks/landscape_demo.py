@@ -1,7 +1,7 @@
 """The landscape stage on a finished demo run: does the two-state latent become two modes in a continuous space?
 
     cryofire demo -o DEMO
-    python benchmarks/landscape_demo.py DEMO --epochs 20 -o landscape_demo.json
+    python benchmarks/landscape_demo.py DEMO -o landscape_demo.json
 
 Trains the landscape (`pipeline.fit_landscape`, the training job's z_mode "continuous" step) on a copy of
 DEMO/run at its refined poses, then reports: |corr(PC1(z), state)|, distinct z values, K chosen by BIC of a
@@ -27,7 +27,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("demo", type=Path, help="a `cryofire demo` output folder (data/ and run/)")
     ap.add_argument("-o", "--out", type=Path, required=True, help="result JSON")
-    ap.add_argument("--epochs", type=int, default=None, help="landscape epochs (default: TrainConfig's)")
+    ap.add_argument("--nodes", type=int, default=None, help="landscape nodes (default: TrainConfig's)")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -45,7 +45,7 @@ def main() -> None:
         run = Path(tmp) / "run"
         shutil.copytree(args.demo / "run", run)
         tm = load_trained(run)
-        over = {"z_mode": "continuous", **({"landscape_epochs": args.epochs} if args.epochs else {})}
+        over = {"z_mode": "continuous", **({"landscape_nodes": args.nodes} if args.nodes else {})}
         tm.config = type(tm.config).from_dict({**tm.config.to_dict(), **over})
         t0 = time.time()
         preds = fit_landscape(tm, stack, Predictions.load(run / "predictions.npz"))
@@ -54,9 +54,9 @@ def main() -> None:
     state = np.array([of_id[i] for i in preds.ids])
     k, _ = analysis.choose_k(preds.z)
     two = analysis.cluster(preds.z, 2)
-    command = "python benchmarks/landscape_demo.py DEMO" + (f" --epochs {args.epochs}" if args.epochs else "")
+    command = "python benchmarks/landscape_demo.py DEMO" + (f" --nodes {args.nodes}" if args.nodes else "")
     result = {"command": command,
-              "n": len(preds), "zdim": preds.zdim, "landscape_epochs": tm.config.landscape_epochs,
+              "n": len(preds), "zdim": preds.zdim, "landscape_nodes": tm.config.landscape_nodes,
               "landscape_s": round(wall, 1), "load_average_at_start": round(load, 2),
               "pc1_abs_corr_state": metrics.pc1_correlation(preds.z, state),
               "distinct_z": int(len(np.unique(preds.z[:, 0]))), "bic_k": int(k),

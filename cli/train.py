@@ -85,11 +85,11 @@ def register(app: typer.Typer) -> None:
                                                         "(default 2; 1 = none; ignored for --zdim 0)."),
         z_mode: Optional[str] = typer.Option(None, "--z-mode",
                                              help="classes (z is the class code) or continuous (after training, "
-                                                  "z is learned as a continuous coordinate at the refined poses: "
-                                                  "the conformational landscape). Default classes."),
-        landscape_epochs: Optional[int] = typer.Option(None, "--landscape-epochs",
-                                                       help="Epochs of the landscape stage (--z-mode continuous; "
-                                                            "default 20)."),
+                                                  "z is each particle's position along the main motion, at its "
+                                                  "refined pose: the conformational landscape). Default classes."),
+        landscape_nodes: Optional[int] = typer.Option(None, "--landscape-nodes",
+                                                      help="Maps along the landscape (--z-mode continuous; "
+                                                           "default 16)."),
         polish_rounds: Optional[int] = typer.Option(None, "--polish-rounds",
                                                     help="Rounds of per-particle refinement of pose, shift and class "
                                                          "after training (default 3, or the run's on --resume; 0 = the "
@@ -110,7 +110,7 @@ def register(app: typer.Typer) -> None:
             cfg = TrainConfig.load(out / CONFIG)
         overrides = {"zdim": zdim, "epochs": epochs, "max_minutes": max_minutes, "batch_size": batch_size,
                      "seed": seed, "device": device, "precision": precision, "train_box": train_box, "warm_start": warm_start,
-                     "warm_classes": warm_classes, "z_mode": z_mode, "landscape_epochs": landscape_epochs}
+                     "warm_classes": warm_classes, "z_mode": z_mode, "landscape_nodes": landscape_nodes}
         cfg = TrainConfig.from_dict({**cfg.to_dict(), **{k: v for k, v in overrides.items() if v is not None}})
         refine = saved_refine_config(out if resume else None)
         if config:  # a --config file may hold refinement fields beside the training ones

@@ -1,16 +1,25 @@
-"""The landscape stage: each particle's conformation z as a continuous coordinate, learned at fixed poses.
+"""The landscape stage: each particle's conformation z as a continuous coordinate, found at its refined pose.
 
-The pose model's z is a class code (`train.candidates.class_codes`): it names the warm start's class and
-cannot vary within one. Once training and the refinement have fixed every particle's pose and shift, this
-stage learns z the way cryoDRGN's `train_vae` does given poses: a second `CryoFIRE` (encoder -> z, neural
-field `V(k, z)`; no pose heads used, no in-plane copy) on images Fourier-cropped to `landscape_box`
-(heterogeneity lives at low resolution, and a 32 px box runs several times more images per second than 64 px),
-trained so that the field at the encoder's z, seen at the particle's pose and shift through its CTF, explains
-the image. The encoder's z is batch-normalised (zero mean, unit variance per dimension), so the decoder uses
-it from the first steps, and `z_l2` bounds it.
+The pose model's z is a class code (`train.candidates.class_codes`): it names the warm start's class and cannot
+vary within one. Once training and the refinement have fixed every particle's pose and shift, this stage lays a
+curve through map space along the particles' main motion and gives each particle its position on it:
 
-The encoder is amortized: new particles get their z in one pass (`Landscape.z_of`). The run keeps the stage in
-`landscape.pt` (`run_layout.LANDSCAPE`); its maps (`Landscape.volumes`) are on the run's map grid.
+1. images Fourier-cropped to `landscape_resolution_A` (heterogeneity lives at low resolution), at their poses
+   (`analysis.variability.observe_at_poses`);
+2. the first 3D variability component (`analysis.variability.variability_of`) orders the particles; its
+   quantiles make `landscape_nodes` K groups, the curve's starting nodes;
+3. `landscape_iters` rounds of a self-organising EM along the curve: each node's map is back-projected from the
+   particles weighted by their responsibilities, smoothed over neighbouring nodes (a Gaussian over the node
+   index whose width shrinks from K/5 to K/10 nodes, which keeps the nodes in order); each particle is scored
+   against the maps of the half-set it is not in (its own contribution does not hold it), and its
+   responsibilities are the softmax of those log-likelihoods over the nodes;
+4. z `(n, 1)` in [0, 1]: the particle's expected position along the curve, node k at `k / (K - 1)`.
+
+The map at any z interpolates the two nearest nodes' Fourier maps (`Landscape.volumes`, on the run's map grid).
+New particles get their z in one pass at their pose (`Landscape.z_of`): the same scores against the nodes' maps
+from all the training particles. Unlike an image-only encoder, z is a function of the image *at its pose*, so it
+is the same function on training and new particles. The run keeps the stage in `landscape.pt`
+(`run_layout.LANDSCAPE`).
 """
 
 from __future__ import annotations
@@ -24,125 +33,154 @@ from typing import Callable
 import numpy as np
 import torch
 
+from cryofire_ext import fourier
+from cryofire_ext.analysis.variability import Observed, observe_at_poses, variability_of
 from cryofire_ext.errors import InputError
-from cryofire_ext.model.cryofire import CryoFIRE
 from cryofire_ext.particles import ParticleStack
+from cryofire_ext.recon.classmaps import half_set
+from cryofire_ext.recon.lattice import insert, slices, solve
 from cryofire_ext.train.checkpoint import load_checkpoint, save_checkpoint
 from cryofire_ext.train.config import TrainConfig
-from cryofire_ext.train.data import PrefetchLoader, StackStats, TrainingImages, epoch_batches, scan_stack
-from cryofire_ext.train.trainer import TrainingStopped, training_autocast
+from cryofire_ext.train.trainer import TrainingStopped
 
 log = logging.getLogger(__name__)
+
+LANDSCAPE_FORMAT, LANDSCAPE_VERSION = "cryofire-landscape-curve", 1
+#: the node maps' Wiener constant (`recon.lattice.solve`: relative to the mean weight of the filled voxels)
+NODE_REG = 0.05
+#: responsibilities are softmax(score / (TEMPERATURE * sigma2)); 1 would be the Gaussian posterior, 2 softens
+#: it for the errors of the poses and of the maps themselves
+TEMPERATURE = 2.0
 
 
 @dataclass
 class Landscape:
-    """The trained landscape stage. `box` / `pixel_size_A`: its images' grid; `map_box` / `map_pixel_size_A`:
-    the grid of its maps (the run's model box, so landscape and class maps overlay)."""
+    """The fitted landscape. nodes `(K, G, G, G)` complex64: the curve's Fourier maps on the lattice grid of `box`
+    (`G = box + 1`, `recon.lattice` units) at `pixel_size_A` (the cropped grid, Nyquist `resolution_A`);
+    `sigma2` the noise power per lattice point that scales the scores; `map_box` / `map_pixel_size_A`: the grid
+    of its maps (the run's model box, so landscape and class maps overlay)."""
 
-    model: CryoFIRE
-    stats: StackStats
+    nodes: torch.Tensor
+    sigma2: float
     box: int
     pixel_size_A: float
+    resolution_A: float
     map_box: int
     map_pixel_size_A: float
     config: TrainConfig
 
+    zdim = 1
+
     @property
-    def zdim(self) -> int:
-        return self.model.zdim
+    def n_nodes(self) -> int:
+        return int(self.nodes.shape[0])
 
     @torch.no_grad()
-    def z_of(self, stack: ParticleStack, batch_size: int = 256) -> np.ndarray:
-        """z `(n, zdim)` float32 of every particle of `stack` (the encoder alone, evaluation mode)."""
-        data = TrainingImages(stack, self.box, self.stats)
-        dev = self.model.k_half.device
-        self.model.eval()
-        out = np.empty((len(stack), self.zdim), np.float32)
-        for s in range(0, len(stack), batch_size):
-            idx = np.arange(s, min(len(stack), s + batch_size))
-            img, _ = data.read(idx)
-            out[idx] = self.model.encoder(img.to(dev)).z.float().cpu().numpy()
+    def z_of(self, stack: ParticleStack, A: np.ndarray, shifts_A: np.ndarray, chunk: int = 2048) -> np.ndarray:
+        """z `(n, 1)` float32 in [0, 1] of every particle of `stack` at its pose A `(n, 3, 3)` (RELION matrices)
+        and shift shifts_A `(n, 2)` (RELION origins, Angstrom), read in chunks of `chunk` particles."""
+        n = len(stack)
+        A = np.asarray(A).reshape(n, 3, 3)
+        shifts_A = np.asarray(shifts_A).reshape(n, 2)
+        self._check_grid(stack)
+        out = np.empty((n, 1), np.float32)
+        dev = self.nodes.device
+        for s in range(0, n, chunk):
+            idx = np.arange(s, min(n, s + chunk))
+            obs = observe_at_poses(stack.take(idx).require_images(), A[idx], shifts_A[idx], stack.ctf.as_array()[idx],
+                                   stack.pixel_size_A, self.resolution_A, device=dev)
+            out[idx, 0] = _positions(_scores(obs, self.nodes), self.sigma2).cpu().numpy()
         return out
 
     @torch.no_grad()
     def volumes(self, z: np.ndarray) -> np.ndarray:
-        """Maps `(m, B, B, B)` float32 at z `(m, zdim)`, B = `map_box` (voxel size `map_pixel_size_A`)."""
-        dev = self.model.k_half.device
-        return np.stack([self.model.volume(torch.as_tensor(zi, device=dev), out_box=self.map_box).cpu().numpy()
-                         for zi in np.asarray(z, np.float32).reshape(-1, self.zdim)]).astype(np.float32)
+        """Maps `(m, B, B, B)` float32 at z `(m, 1)` (clipped to [0, 1]), B = `map_box` (voxel size
+        `map_pixel_size_A`), in the images' units: the nodes' Fourier maps interpolated linearly between the two
+        nearest nodes, Fourier-padded to B."""
+        z = np.clip(np.asarray(z, np.float64).reshape(-1), 0.0, 1.0)
+        pos = z * (self.n_nodes - 1)
+        lo = np.minimum(np.floor(pos).astype(int), self.n_nodes - 2) if self.n_nodes > 1 else np.zeros(len(z), int)
+        B, D = self.map_box, self.box
+        ax = (torch.arange(B, dtype=torch.float32) - B // 2) / (D / 2)
+        kz, ky, kx = torch.meshgrid(ax, ax, ax, indexing="ij")
+        pts = torch.stack((kx, ky, kz), dim=-1).reshape(-1, 3)
+        inside = torch.linalg.vector_norm(pts, dim=-1) < 1.0
+        nodes = self.nodes.cpu()
+        out = np.empty((len(z), B, B, B), np.float32)
+        for i, (k, p) in enumerate(zip(lo, pos)):
+            f = float(p - k) if self.n_nodes > 1 else 0.0
+            V = nodes[k] * (1 - f) + (nodes[k + 1] * f if f > 0 else 0)
+            F = torch.zeros(B ** 3, dtype=torch.complex64)
+            F[inside] = slices(V, pts[inside][None])[0]
+            # as `CryoFIRE.volume`: the lattice holds image transforms / D; D (B/D)^2 gives a B-grid map whose
+            # projections are B-pixel images
+            out[i] = fourier.ifft3_centered(F.reshape(B, B, B) * (D * (B / D) ** 2)).real.numpy()
+        return out
 
     def save(self, path) -> Path:
-        """`path` (atomic, replacing it: the run folder's own file): weights, image statistics, grids, config."""
-        state = {"model": self.model.state_dict(), "stats": [self.stats.mean, self.stats.std], "box": self.box,
-                 "pixel_size_A": self.pixel_size_A, "map_box": self.map_box,
+        """`path` (atomic, replacing it: the run folder's own file)."""
+        state = {"landscape_format": LANDSCAPE_FORMAT, "landscape_version": LANDSCAPE_VERSION,
+                 "nodes": self.nodes.cpu(), "sigma2": self.sigma2, "box": self.box, "pixel_size_A": self.pixel_size_A,
+                 "resolution_A": self.resolution_A, "map_box": self.map_box,
                  "map_pixel_size_A": self.map_pixel_size_A, "config": self.config.to_dict()}
         return save_checkpoint(Path(path), state)
 
-
-def landscape_model(config: TrainConfig, box: int, pixel_size_A: float) -> CryoFIRE:
-    """The landscape's model for `box`-pixel images, weights drawn from `config.seed` (global RNG untouched)."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(config.seed + 1)
-        return CryoFIRE(box, pixel_size_A, config.zdim, enc_channels=config.enc_channels, hidden=config.hidden,
-                        dec_hidden=config.dec_hidden, dec_layers=config.dec_layers, pe_sigma=config.pe_sigma,
-                        n_pose_heads=1, symmetric=False, seed=config.seed, z_norm=True)
-
-
-def landscape_box(config: TrainConfig, model_box: int) -> int:
-    """The landscape's image box: `config.landscape_box`, at most the pose model's box."""
-    return min(int(config.landscape_box), int(model_box))
+    def _check_grid(self, stack: ParticleStack) -> None:
+        want = self.map_box * self.map_pixel_size_A
+        have = stack.box * stack.pixel_size_A
+        if abs(have - want) > 1e-3 * want:
+            raise InputError(f"particles of {stack.box} px at {stack.pixel_size_A:.4g} A/px "
+                             f"({have:.1f} A across) do not match the landscape's {want:.1f} A box")
 
 
 def fit_landscape(stack: ParticleStack, A: np.ndarray, shifts_A: np.ndarray, config: TrainConfig, *,
                   map_box: int, map_pixel_size_A: float, device: torch.device | str = "cpu",
                   should_stop: Callable[[], bool] | None = None,
-                  on_progress: Callable[[dict], None] | None = None) -> Landscape:
-    """Train the landscape on `stack` at fixed poses A `(n, 3, 3)` (RELION matrices) and shifts_A `(n, 2)`
-    (RELION origins, Angstrom) for `config.landscape_epochs` epochs. `map_box` / `map_pixel_size_A`: the run's
-    model grid (where its maps go). Raises `train.trainer.TrainingStopped` (nothing saved) when
-    `should_stop()` says so; `on_progress` gets the trainer's dict (with `stage` "landscape")."""
-    if config.zdim < 1:
-        raise InputError("the landscape stage needs zdim >= 1 (z_mode 'continuous' with zdim 0 has no z to learn)")
+                  on_progress: Callable[[dict], None] | None = None) -> tuple[Landscape, np.ndarray]:
+    """Fit the landscape to `stack` at fixed poses A `(n, 3, 3)` (RELION matrices) and shifts_A `(n, 2)`
+    (RELION origins, Angstrom). `map_box` / `map_pixel_size_A`: the run's model grid (where its maps go).
+    Returns (the landscape, the training particles' z `(n, 1)`, each scored against the other half-set's
+    maps). Raises `train.trainer.TrainingStopped` (nothing kept) when `should_stop()` says so between rounds;
+    `on_progress` gets a trainer-like dict (`stage` "landscape", one `epoch` per round)."""
+    K, iters = int(config.landscape_nodes), int(config.landscape_iters)
     n = len(stack)
-    dev = torch.device(device)
-    box = landscape_box(config, map_box)
-    apix = stack.pixel_size_A * stack.box / box
-    stats = scan_stack(stack, box)
-    data = TrainingImages(stack, box, stats)
-    model = landscape_model(config, box, apix)
-    model.img_scale.fill_(stats.std)
-    model.to(dev).train()
-    opt = torch.optim.Adam(model.parameters(), lr=config.landscape_lr)
-    A_t = torch.as_tensor(np.asarray(A), dtype=torch.float32, device=dev).reshape(n, 3, 3)
-    t_px = torch.as_tensor(np.asarray(shifts_A) / apix, dtype=torch.float32, device=dev).reshape(n, 2)
-    autocast = training_autocast(config.precision, dev)
-    epochs = config.landscape_epochs
+    if n < 4 * K:
+        raise InputError(f"{n} particles are too few for a landscape of {K} nodes "
+                         f"(at least {4 * K}; lower landscape_nodes)")
     t0 = time.monotonic()
-    for epoch in range(epochs):
-        batches = epoch_batches(n, config.batch_size, config.seed, 10_000 + epoch)
-        losses = []
-        for b, idx, img, ctf in PrefetchLoader(data, list(enumerate(batches)), config.num_workers):
-            if should_stop is not None and should_stop():
-                raise TrainingStopped(None, "the landscape stage (the trained model is kept; --resume runs the "
-                                            "landscape again)")
-            img, ctf = img.to(dev), ctf.to(dev)
-            sel = torch.as_tensor(idx, device=dev)
-            with autocast:
-                out = model(img, ctf, 1.0, None, A_t[sel][:, None], t_px[sel][:, None], True)
-            loss = out.loss.mean()
-            if config.z_l2 > 0:
-                loss = loss + config.z_l2 * out.z.square().sum(-1).mean()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            losses.append(float(out.loss.detach().mean()))
-            if on_progress is not None and (len(losses) % config.log_every == 0 or b == len(batches) - 1):
-                on_progress({"stage": "landscape", "epoch": epoch, "batch": b, "batches": len(batches),
-                             "epochs": epochs, "loss": losses[-1], "time_s": time.monotonic() - t0})
-        log.info("landscape epoch %d/%d: mean loss %.5f", epoch + 1, epochs, float(np.mean(losses)))
-    model.eval()
-    return Landscape(model, stats, box, apix, int(map_box), float(map_pixel_size_A), config)
+    obs = observe_at_poses(stack.require_images(), A, shifts_A, stack.ctf, stack.pixel_size_A, config.landscape_resolution_A,
+                           device=device)
+    first = variability_of(obs, n_components=1, resolution_A=config.landscape_resolution_A, iters=15,
+                           seed=config.seed).coords[:, 0]
+    rank = np.argsort(np.argsort(first, kind="stable"), kind="stable")
+    resp = torch.nn.functional.one_hot(torch.as_tensor(rank * K // n), K).float().to(obs.Y.device)
+    half = half_set(n, obs.Y.device)
+    index = torch.arange(K, dtype=torch.float32, device=obs.Y.device)
+    sigma2 = 1.0
+    for it in range(iters):
+        if should_stop is not None and should_stop():
+            raise TrainingStopped(None, "the landscape stage (the trained model is kept; --resume runs the "
+                                        "landscape again)")
+        weights = resp @ _neighbourhood(index, _width(K, it))
+        scores = torch.empty(n, K, device=obs.Y.device)
+        for h in (0, 1):  # each half scored against the other half's node maps
+            mine = half == h
+            nodes = _node_maps(_take(obs, ~mine), weights[~mine])
+            scores[mine] = _scores(_take(obs, mine), nodes)
+        sigma2 = _noise_power(obs, scores)
+        resp = torch.softmax(scores / (TEMPERATURE * sigma2), 1)
+        if on_progress is not None:
+            on_progress({"stage": "landscape", "epoch": it, "epochs": iters, "batch": 0, "batches": 1,
+                         "loss": -float(scores.max(1).values.mean()) / sigma2, "time_s": time.monotonic() - t0})
+        log.info("landscape round %d/%d: particles per node %s", it + 1, iters,
+                 torch.bincount(resp.argmax(1), minlength=K).tolist())
+    z = (resp @ index / max(K - 1, 1)).cpu().numpy().astype(np.float32)[:, None]
+    nodes = _node_maps(obs, resp @ _neighbourhood(index, _width(K, max(iters - 1, 0))))
+    lm = Landscape(nodes, float(sigma2), obs.box, obs.pixel_size_A, float(config.landscape_resolution_A),
+                   int(map_box), float(map_pixel_size_A), config)
+    log.info("landscape: %d nodes from %d particles at %d px (%.0f A) in %.0f s", K, n, obs.box,
+             config.landscape_resolution_A, time.monotonic() - t0)
+    return lm, z
 
 
 def load_landscape(path, device: torch.device | str = "cpu") -> Landscape:
@@ -150,13 +188,67 @@ def load_landscape(path, device: torch.device | str = "cpu") -> Landscape:
     path = Path(path)
     state = load_checkpoint(path)
     try:
+        if state["landscape_format"] != LANDSCAPE_FORMAT or int(state["landscape_version"]) > LANDSCAPE_VERSION:
+            raise ValueError(f"format {state['landscape_format']} v{state['landscape_version']}")
         config = TrainConfig.from_dict(state["config"], source=str(path))
-        model = landscape_model(config, int(state["box"]), float(state["pixel_size_A"]))
-        model.load_state_dict(state["model"])
-        lm = Landscape(model, StackStats(*[float(v) for v in state["stats"]]), int(state["box"]),
-                       float(state["pixel_size_A"]), int(state["map_box"]), float(state["map_pixel_size_A"]), config)
+        nodes = torch.as_tensor(state["nodes"]).to(torch.complex64)
+        box = int(state["box"])
+        if nodes.ndim != 4 or nodes.shape[1:] != (box + 1,) * 3:
+            raise ValueError(f"node maps of shape {tuple(nodes.shape)} for box {box}")
+        return Landscape(nodes.to(device), float(state["sigma2"]), box, float(state["pixel_size_A"]),
+                         float(state["resolution_A"]), int(state["map_box"]), float(state["map_pixel_size_A"]),
+                         config)
     except (KeyError, RuntimeError, TypeError, ValueError) as exc:
         raise InputError(f"{path}: not a landscape of this cryofire ({exc}); train the run again, or delete the "
                          "file to use the class z") from exc
-    lm.model.to(device).eval()
-    return lm
+
+
+def _width(K: int, it: int) -> float:
+    """Neighbourhood width (nodes) of round `it`: K/5 shrinking by 0.7 a round to K/10."""
+    return max(K / 10.0, K / 5.0 * 0.7 ** it)
+
+
+def _neighbourhood(index: torch.Tensor, width: float) -> torch.Tensor:
+    """`(K, K)` Gaussian weights between nodes `width` apart."""
+    return torch.exp(-0.5 * ((index[:, None] - index[None]) / width) ** 2)
+
+
+def _take(obs: Observed, rows: torch.Tensor) -> Observed:
+    return Observed(obs.lat, obs.Y[rows], obs.C[rows], obs.coords[rows], obs.box, obs.pixel_size_A)
+
+
+def _node_maps(obs: Observed, weights: torch.Tensor) -> torch.Tensor:
+    """Wiener back-projections `(K, G, G, G)` of the particles weighted by `weights` `(n, K)`."""
+    G = obs.box + 1
+    pts = obs.coords.reshape(-1, 3)
+    YC = obs.Y * obs.C
+    out = []
+    for k in range(weights.shape[1]):
+        w = weights[:, k:k + 1]
+        acc = torch.zeros(G, G, G, 3, device=obs.Y.device)
+        insert(acc, pts, torch.stack((YC.real * w, YC.imag * w, obs.C * obs.C * w), -1).reshape(-1, 3))
+        out.append(solve(acc, NODE_REG))
+    return torch.stack(out)
+
+
+def _scores(obs: Observed, nodes: torch.Tensor) -> torch.Tensor:
+    """Log-likelihood up to a constant, times sigma2, `(n, K)`: `2 Re<Y, C S_k> - |C S_k|^2` of each particle
+    under each node map's slice at its pose."""
+    out = []
+    for V in nodes:
+        S = obs.C * slices(V, obs.coords)
+        out.append(2.0 * (obs.Y.conj() * S).real.sum(1) - S.abs().square().sum(1))
+    return torch.stack(out, 1)
+
+
+def _noise_power(obs: Observed, scores: torch.Tensor) -> float:
+    """Mean residual power per lattice point at each particle's best node: `(|Y|^2 - best score) / m`."""
+    power = obs.Y.abs().square().sum(1)
+    return max(float((power - scores.max(1).values).mean()) / obs.Y.shape[1], 1e-12)
+
+
+def _positions(scores: torch.Tensor, sigma2: float) -> torch.Tensor:
+    """Expected position `(n,)` in [0, 1] along the nodes under softmax(scores / (TEMPERATURE sigma2))."""
+    K = scores.shape[1]
+    resp = torch.softmax(scores / (TEMPERATURE * sigma2), 1)
+    return resp @ torch.arange(K, dtype=resp.dtype, device=resp.device) / max(K - 1, 1)

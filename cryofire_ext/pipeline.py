@@ -7,7 +7,7 @@ poses, shifts and z, with the warm start's searched poses as targets and candida
 "continuous", the landscape (`landscape`: z as a continuous coordinate at the refined poses).
 
 Training is `train.trainer.train`, then `fit_landscape` on the training particles' inferred poses; `infer` (a
-trained run over any particles) does the rest, z from the landscape's encoder when the run has one. The
+trained run over any particles) does the rest, z from the landscape at the refined poses when the run has one. The
 integrations' jobs call them and write the files.
 """
 
@@ -38,7 +38,8 @@ def infer(run: "TrainedModel | str | Path", stack: ParticleStack, refine: Refine
     """Poses, shifts, z and classes of every particle of `stack` from a trained run (a folder or a loaded
     `TrainedModel`): the model pass, then `refine.polish_rounds` rounds of per-particle refinement of pose, shift
     and class against class maps back-projected from these particles (a particle whose class changes gets that
-    class's z code); z is then the landscape's encoder's when the run has one (`landscape.pt`). `loss` stays the
+    class's z code); z is then the particle's position along the landscape, at its refined pose, when the run has
+    one (`landscape.pt`). `loss` stays the
     model's. `refine` None: `RefineConfig()` defaults. The settings that ran are in the result's meta
     (`refine`)."""
     refine = refine or RefineConfig()
@@ -47,27 +48,32 @@ def infer(run: "TrainedModel | str | Path", stack: ParticleStack, refine: Refine
     if refine.polish_rounds > 0:
         preds = _refine(tm, stack, preds, refine)
     preds.meta["refine"] = refine.to_dict()
-    return _landscape_z(tm, stack, preds, batch_size) if tm.landscape is not None else preds
+    return _landscape_z(tm, stack, preds) if tm.landscape is not None else preds
 
 
 def fit_landscape(tm: TrainedModel, stack: ParticleStack, preds: Predictions, *,
                   should_stop: Callable[[], bool] | None = None,
                   on_progress: Callable[[dict], None] | None = None) -> Predictions:
-    """Train the landscape stage of the run `tm` on `stack` at the poses and shifts of `preds` (the refined
+    """Fit the landscape stage of the run `tm` to `stack` at the poses and shifts of `preds` (the refined
     ones), save it in the run folder (`landscape.pt`) and attach it to `tm`; returns `preds` with the
     landscape's z."""
-    lm = landscape.fit_landscape(stack, preds.A, preds.shifts_A, tm.config, map_box=tm.box,
-                                 map_pixel_size_A=tm.pixel_size_A, device=tm.model.k_half.device,
-                                 should_stop=should_stop, on_progress=on_progress)
+    lm, z = landscape.fit_landscape(stack, preds.A, preds.shifts_A, tm.config, map_box=tm.box,
+                                    map_pixel_size_A=tm.pixel_size_A, device=tm.model.k_half.device,
+                                    should_stop=should_stop, on_progress=on_progress)
     lm.save(tm.run_dir / run_layout.LANDSCAPE)
     tm.landscape = lm
-    return _landscape_z(tm, stack, preds)
+    return _with_landscape_z(preds, z, lm)
 
 
-def _landscape_z(tm: TrainedModel, stack: ParticleStack, preds: Predictions, batch_size: int = 256) -> Predictions:
-    """`preds` with z from the run's landscape encoder (recorded in its meta)."""
-    preds.z = tm.landscape.z_of(stack, batch_size=batch_size)
-    preds.meta.update(z="landscape", zdim=tm.landscape.zdim)
+def _landscape_z(tm: TrainedModel, stack: ParticleStack, preds: Predictions) -> Predictions:
+    """`preds` with z from the run's landscape at their poses."""
+    return _with_landscape_z(preds, tm.landscape.z_of(stack, preds.A, preds.shifts_A), tm.landscape)
+
+
+def _with_landscape_z(preds: Predictions, z: np.ndarray, lm: landscape.Landscape) -> Predictions:
+    """`preds` with z `(n, 1)` along the landscape (recorded in its meta)."""
+    preds.z = z
+    preds.meta.update(z="landscape", zdim=lm.zdim)
     return preds
 
 

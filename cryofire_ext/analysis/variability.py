@@ -72,38 +72,73 @@ def crop_box(box: int, pixel_size_A: float, resolution_A: float) -> int:
     return int(min(box - box % 2, max(8, b + b % 2)))
 
 
+@dataclass
+class Observed:
+    """Particles on the slice lattice of a Fourier-cropped box, at their poses: Y `(n, m)` complex64 observed
+    transforms with the shifts undone, C `(n, m)` float32 CTF, coords `(n, m, 3)` the slice points `k @ A`
+    (Nyquist units of `box`); `lat` the lattice, `pixel_size_A` the cropped grid's."""
+
+    lat: Lattice
+    Y: torch.Tensor
+    C: torch.Tensor
+    coords: torch.Tensor
+    box: int
+    pixel_size_A: float
+
+    def __len__(self) -> int:
+        return self.Y.shape[0]
+
+
+@torch.no_grad()
+def observe_at_poses(images, A, shifts_A, ctf, pixel_size_A: float, resolution_A: float, chunk: int = 256,
+                     device: torch.device | str = "cpu") -> Observed:
+    """Read `images` (an image source: `len`, `.box`, `.read(indices)` -> `(m, D, D)`) once in chunks onto the
+    lattice of the box whose Nyquist is `resolution_A` (`crop_box`). A `(n, 3, 3)` RELION matrices; shifts_A
+    `(n, 2)` RELION origins in Angstrom (or None); ctf: a `CTFParams` or `(n, 9)` array; pixel_size_A of the
+    images. Memory: about `n * (b/2)^2 * 30` bytes for the cropped box b."""
+    n = len(images)
+    if not resolution_A > 2 * pixel_size_A * 0.999:
+        raise InputError(f"resolution {resolution_A} A is finer than Nyquist ({2 * pixel_size_A:.3g} A)")
+    A = torch.as_tensor(np.asarray(A), dtype=torch.float32).reshape(n, 3, 3).to(device)
+    ctf_rows = torch.as_tensor(np.asarray(ctf.as_array() if hasattr(ctf, "as_array") else ctf), dtype=torch.float64)
+    box = crop_box(int(images.box), pixel_size_A, resolution_A)
+    apix = pixel_size_A * images.box / box
+    t = (torch.zeros(n, 2) if shifts_A is None
+         else torch.as_tensor(np.asarray(shifts_A), dtype=torch.float32).reshape(n, 2) / apix).to(device)
+    lat = Lattice(box, apix, device)
+    Y = torch.empty(n, len(lat.r), dtype=torch.complex64, device=device)
+    for s in range(0, n, chunk):
+        idx = np.arange(s, min(n, s + chunk))
+        img = fourier.fourier_crop(torch.as_tensor(images.read(idx)).float(), box).to(device)
+        Y[s:s + len(idx)] = undo_shift(lat.observe(img), lat.k[:, :2], t[idx][:, None])[:, 0]
+    C = evaluate_ctf(ctf_rows.to(device), lat.freqs).float()
+    return Observed(lat, Y, C, torch.einsum("mi,nij->nmj", lat.k, A), box, float(apix))
+
+
 @torch.no_grad()
 def variability(images, A, shifts_A, ctf, pixel_size_A: float, *, n_components: int = 2,
                 resolution_A: float = 20.0, iters: int = 50, tol: float = 1e-6, seed: int = 0,
                 chunk: int = 256, reg: float = 0.05) -> Variability:
     """Leading 3D variability components and each particle's coordinates along them.
 
-    images: an image source (`len`, `.box`, `.read(indices)` -> `(m, D, D)`), read once in chunks;
-    A `(n, 3, 3)` RELION matrices; shifts_A `(n, 2)` RELION origins in Angstrom (or None); ctf: a
-    `CTFParams` or `(n, 9)` array; pixel_size_A of the images. Memory: the cropped lattice of every
-    particle (about `n * (b/2)^2 * 14` bytes for the cropped box b). Deterministic given `seed`.
-    """
+    images, A, shifts_A, ctf, pixel_size_A as in `observe_at_poses` (memory likewise). Deterministic given
+    `seed`."""
     n = len(images)
     if n_components < 1:
         raise InputError(f"variability components must be at least 1, got {n_components}")
-    if not resolution_A > 2 * pixel_size_A * 0.999:
-        raise InputError(f"variability resolution {resolution_A} A is finer than Nyquist ({2 * pixel_size_A:.3g} A)")
     if n < 2 * (n_components + 1):
         raise InputError(f"{n} particles are too few for {n_components} variability component(s)")
-    A = torch.as_tensor(np.asarray(A), dtype=torch.float32).reshape(n, 3, 3)
-    ctf_rows = torch.as_tensor(np.asarray(ctf.as_array() if hasattr(ctf, "as_array") else ctf), dtype=torch.float64)
-    box = crop_box(int(images.box), pixel_size_A, resolution_A)
-    apix = pixel_size_A * images.box / box
-    t = (torch.zeros(n, 2) if shifts_A is None
-         else torch.as_tensor(np.asarray(shifts_A), dtype=torch.float32).reshape(n, 2) / apix)
-    lat = Lattice(box, apix, "cpu")
-    Y = torch.empty(n, len(lat.r), dtype=torch.complex64)
-    for s in range(0, n, chunk):
-        idx = np.arange(s, min(n, s + chunk))
-        img = fourier.fourier_crop(torch.as_tensor(images.read(idx)).float(), box)
-        Y[s:s + len(idx)] = undo_shift(lat.observe(img), lat.k[:, :2], t[idx][:, None])[:, 0]
-    C = evaluate_ctf(ctf_rows, lat.freqs).float()
-    coords = torch.einsum("mi,nij->nmj", lat.k, A)  # (n, m, 3)
+    obs = observe_at_poses(images, A, shifts_A, ctf, pixel_size_A, resolution_A, chunk)
+    return variability_of(obs, n_components=n_components, resolution_A=resolution_A, iters=iters, tol=tol,
+                          seed=seed, reg=reg)
+
+
+@torch.no_grad()
+def variability_of(obs: Observed, *, n_components: int, resolution_A: float, iters: int = 50, tol: float = 1e-6,
+                   seed: int = 0, reg: float = 0.05) -> Variability:
+    """`variability` of particles already on the lattice (`observe_at_poses`)."""
+    Y, C, coords, box = obs.Y.cpu(), obs.C.cpu(), obs.coords.cpu(), obs.box
+    n = len(obs)
     pts = coords.reshape(-1, 3)
     G = box + 1
     acc = torch.zeros(G, G, G, 3)
@@ -147,9 +182,9 @@ def variability(images, A, shifts_A, ctf, pixel_size_A: float, *, n_components: 
     comps, a = comps * sign[:, None, None, None], a * sign[None]  # deterministic sign: largest voxel positive
     mean = fourier.ifft3_centered(V0[:box, :box, :box]).real
     log.info("variability: %d particles at %d px (%.2f A/px, %.0f A), %d component(s) in %d iterations",
-             n, box, apix, resolution_A, n_components, it)
+             n, box, obs.pixel_size_A, resolution_A, n_components, it)
     return Variability(mean.numpy().astype(np.float32), comps.numpy().astype(np.float32), a.numpy().astype(np.float64),
-                       var.numpy().astype(np.float64), box, float(apix), float(resolution_A), it)
+                       var.numpy().astype(np.float64), box, float(obs.pixel_size_A), float(resolution_A), it)
 
 
 def _flat(V: torch.Tensor) -> torch.Tensor:

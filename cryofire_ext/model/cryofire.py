@@ -45,11 +45,10 @@ class StepOutput:
 class CryoFIRE(nn.Module):
     def __init__(self, box: int, pixel_size_A: float, zdim: int, *, enc_channels=(32, 64, 128, 256, 256),
                  hidden: int = 256, dec_hidden: int = 256, dec_layers: int = 4, pe_freqs: int | None = None,
-                 pe_sigma: float = 0.15, n_pose_heads: int = 1, symmetric: bool = True, seed: int = 0,
-                 z_norm: bool = False):
+                 pe_sigma: float = 0.15, n_pose_heads: int = 1, symmetric: bool = True, seed: int = 0):
         super().__init__()
         self.box, self.zdim, self.symmetric = int(box), int(zdim), bool(symmetric)
-        self.encoder = Encoder(box, zdim, enc_channels, hidden, n_pose_heads, z_norm)
+        self.encoder = Encoder(box, zdim, enc_channels, hidden, n_pose_heads)
         self.decoder = NeuralField(box, zdim, dec_hidden, dec_layers, pe_freqs, pe_sigma, seed)
         lat = Lattice(box, pixel_size_A, "cpu")  # the engine's half lattice, as buffers that follow the device
         self.register_buffer("half_idx", lat.idx)
@@ -121,20 +120,15 @@ class CryoFIRE(nn.Module):
 
     # ---- maps
     @torch.no_grad()
-    def volume(self, z: torch.Tensor | None = None, chunk: int = 65536, out_box: int | None = None) -> torch.Tensor:
-        """Real-space map `(B, B, B)` float32 (index [z, y, x]) at conformation z `(d,)`, in the images'
-        units (its projection matches a raw image of that box), from the field inside `|k| < 1`. `out_box` B
-        (default: the model's box D, at least D): the same band-limited map on a finer grid of the same
-        physical size (voxel size `pixel_size_A * D / B`), i.e. the map Fourier-padded to B."""
+    def volume(self, z: torch.Tensor | None = None, chunk: int = 65536) -> torch.Tensor:
+        """Real-space map `(D, D, D)` float32 (index [z, y, x]) at conformation z `(d,)`, in the
+        images' units (its projection matches a raw image), from the field inside `|k| < 1`."""
         D = self.box
-        B = D if out_box is None else int(out_box)
-        if B < D:
-            raise ValueError(f"out_box {B} is smaller than the model's box {D}")
-        ax = (torch.arange(B, device=self.k_half.device, dtype=torch.float32) - B // 2) / (D / 2)
+        ax = (torch.arange(D, device=self.k_half.device, dtype=torch.float32) - D // 2) / (D / 2)
         kz, ky, kx = torch.meshgrid(ax, ax, ax, indexing="ij")
         pts = torch.stack((kx, ky, kz), dim=-1).reshape(-1, 3)
         inside = torch.nonzero(torch.linalg.vector_norm(pts, dim=-1) < 1.0).squeeze(-1)
-        F = torch.zeros(B ** 3, dtype=torch.complex64, device=pts.device)
+        F = torch.zeros(D ** 3, dtype=torch.complex64, device=pts.device)
         zz = None
         if self.zdim:
             zz = torch.as_tensor(z, dtype=torch.float32, device=pts.device).reshape(1, self.zdim)
@@ -142,8 +136,7 @@ class CryoFIRE(nn.Module):
             sel = inside[s:s + chunk]
             out = self.decoder(pts[sel], None if zz is None else zz.expand(len(sel), -1))
             F[sel] = torch.complex(out[:, 0], out[:, 1])
-        # (B/D)^3 keeps voxel values through the padding, D/B keeps projections equal to a B-pixel image's
-        F = F.reshape(B, B, B) * (D * self.img_scale.float() * (B / D) ** 2)
+        F = F.reshape(D, D, D) * (D * self.img_scale.float())
         return fourier.ifft3_centered(F).real.float()
 
     def flops_per_image(self, march_radius: float = 1.0) -> int:
@@ -159,4 +152,4 @@ def build_model(config, box: int, pixel_size_A: float) -> CryoFIRE:
     return CryoFIRE(box, pixel_size_A, config.zdim, enc_channels=config.enc_channels, hidden=config.hidden,
                     dec_hidden=config.dec_hidden, dec_layers=config.dec_layers, pe_freqs=config.pe_freqs,
                     pe_sigma=config.pe_sigma, n_pose_heads=config.n_pose_heads, symmetric=config.symmetric,
-                    seed=config.seed)  # the pose model; the landscape's is `landscape.landscape_model`
+                    seed=config.seed)

@@ -3,9 +3,7 @@
 CNN: 5 levels of 3x3 conv + BatchNorm + ReLU + 2x2 max-pool, so a `D`-pixel image
 ends as `channels[-1]` (256) maps of `(D/32)^2`; flattened; shared MLP (4 hidden x
 `hidden`) -> `y`; conformation MLP (3 hidden x `hidden`) -> `z` `(n, zdim)`;
-`(y, z)` -> rotation MLP (6D per head, Gram-Schmidt) and translation MLP. With `z_norm` the conformation MLP
-ends in a BatchNorm without affine parameters, so z has zero mean and unit variance per dimension over a batch
-from the start (the decoder cannot ignore a z that is not tiny; the landscape stage uses it).
+`(y, z)` -> rotation MLP (6D per head, Gram-Schmidt) and translation MLP.
 
 Translation unit: pixels of the model's box (RELION origin sign: the shift that
 re-centres the particle), `(x, y)`.
@@ -43,8 +41,7 @@ class EncoderOutput:
 
 
 class Encoder(nn.Module):
-    def __init__(self, box: int, zdim: int, channels=(32, 64, 128, 256, 256), hidden: int = 256, n_heads: int = 1,
-                 z_norm: bool = False):
+    def __init__(self, box: int, zdim: int, channels=(32, 64, 128, 256, 256), hidden: int = 256, n_heads: int = 1):
         super().__init__()
         if box < MIN_BOX or box % 32:
             raise InputError(f"box {box} px does not suit the encoder: it pools 5 times by 2, so the box must be "
@@ -59,8 +56,6 @@ class Encoder(nn.Module):
         n_flat = c_in * (box // 32) ** 2
         self.shared = mlp(n_flat, hidden, 4, hidden)
         self.conf = mlp(hidden, hidden, 3, zdim) if zdim else None
-        if self.conf is not None and z_norm:
-            self.conf.append(nn.BatchNorm1d(zdim, affine=False))
         self.rot = mlp(hidden + zdim, hidden, 2, 6 * n_heads)
         self.trans = mlp(hidden + zdim, hidden, 2, 2 * n_heads)
         # start the 6D heads at spread-out rotations (one random rotation per head)

@@ -19,7 +19,7 @@ from cryofire_ext.errors import InputError
 # fields a resumed run may change (they do not alter what has been trained so far)
 RESUMABLE_FIELDS = ("epochs", "max_minutes", "device", "precision", "num_workers", "log_every",
                     # the landscape stage runs after training, from its results
-                    "z_mode", "landscape_box", "landscape_epochs", "landscape_lr")
+                    "z_mode", "landscape_resolution_A", "landscape_nodes", "landscape_iters")
 
 
 @dataclass
@@ -52,10 +52,10 @@ class TrainConfig(ConfigFile):
     searched pose is also a candidate in the winner-take-all loss, at every class's z code, in training and in
     the model pass after it: the pose model's z is a class label.
 
-    Landscape (`cryofire_ext.landscape`): with `z_mode="continuous"`, after training and the refinement, a
-    second model learns each particle's z as a continuous coordinate at the refined poses, on images
-    Fourier-cropped to `landscape_box`, for `landscape_epochs` epochs at learning rate `landscape_lr`. The
-    classes stay the refinement's. `z_mode="classes"`: z is the class code.
+    Landscape (`cryofire_ext.landscape`): with `z_mode="continuous"`, after training and the refinement, each
+    particle's z becomes its position along a curve of `landscape_nodes` maps through the particles' main
+    motion, fitted at the refined poses on images Fourier-cropped to `landscape_resolution_A`, in
+    `landscape_iters` rounds. The classes stay the refinement's. `z_mode="classes"`: z is the class code.
 
     The refinement after training has its own config (`refine.config.RefineConfig`), saved apart.
 
@@ -69,7 +69,7 @@ class TrainConfig(ConfigFile):
     FORMAT = "cryofire-train-config"
     KIND = "training config"
     #: the refinement settings of runs made before `RefineConfig` (read into it by `refine_config_of_run`)
-    RETIRED_FIELDS = ("polish_rounds", "polish_global_search")
+    RETIRED_FIELDS = ("polish_rounds", "polish_global_search", "landscape_box", "landscape_epochs", "landscape_lr")
 
     zdim: int = 8
     epochs: int = 20
@@ -97,9 +97,9 @@ class TrainConfig(ConfigFile):
     z_l2: float = 0.0
     z_mode: str = "classes"
     # landscape (z_mode "continuous")
-    landscape_box: int = 32
-    landscape_epochs: int = 20
-    landscape_lr: float = 1e-3
+    landscape_resolution_A: float = 20.0
+    landscape_nodes: int = 16
+    landscape_iters: int = 3
     # warm start
     warm_start: str = "search"
     warm_images: int = 1000
@@ -148,12 +148,12 @@ class TrainConfig(ConfigFile):
             bad("n_pose_heads", "an integer >= 1")
         if self.z_mode not in ("classes", "continuous"):
             bad("z_mode", "'classes' (z is the class code) or 'continuous' (z learned by the landscape stage)")
-        if self.landscape_box < 32 or self.landscape_box % 32:
-            bad("landscape_box", "a multiple of 32 px (the encoder pools 5 times by 2), e.g. 32 or 64")
-        if not isinstance(self.landscape_epochs, int) or self.landscape_epochs < 1:
-            bad("landscape_epochs", "an integer >= 1")
-        if self.landscape_lr <= 0:
-            bad("landscape_lr", "a positive learning rate")
+        if not self.landscape_resolution_A > 0:
+            bad("landscape_resolution_A", "a positive resolution in Angstrom (20 A keeps the large-scale motions)")
+        if not isinstance(self.landscape_nodes, int) or self.landscape_nodes < 2:
+            bad("landscape_nodes", "an integer >= 2 (maps along the landscape's curve)")
+        if not isinstance(self.landscape_iters, int) or self.landscape_iters < 1:
+            bad("landscape_iters", "an integer >= 1")
         if self.warm_start not in ("search", "none"):
             bad("warm_start", "'search' or 'none'")
         if not 0 < self.march_start <= 1:
