@@ -99,7 +99,7 @@ class TrainConfig(ConfigFile):
     # landscape (z_mode "continuous")
     landscape_resolution_A: float = 20.0
     landscape_nodes: int = 16
-    landscape_iters: int = 3
+    landscape_iters: int = 1
     # warm start
     warm_start: str = "search"
     warm_images: int = 1000
