@@ -87,9 +87,10 @@ class Landscape:
         dev = self.nodes.device
         for s in range(0, n, chunk):
             idx = np.arange(s, min(n, s + chunk))
-            obs = observe_at_poses(stack.take(idx).require_images(), A[idx], shifts_A[idx], stack.ctf.as_array()[idx],
-                                   stack.pixel_size_A, self.resolution_A, device=dev)
-            out[idx, 0] = _positions(_scores(obs, self.nodes), self.sigma2).cpu().numpy()
+            part = stack.take(idx)
+            obs = observe_at_poses(part.require_images(), A[idx], shifts_A[idx], part.ctf, stack.pixel_size_A,
+                                   self.resolution_A, device=dev)
+            out[idx, 0] = _positions(_responsibilities(_scores(obs, self.nodes), self.sigma2)).cpu().numpy()
         return out
 
     @torch.no_grad()
@@ -168,13 +169,13 @@ def fit_landscape(stack: ParticleStack, A: np.ndarray, shifts_A: np.ndarray, con
             nodes = _node_maps(_take(obs, ~mine), weights[~mine])
             scores[mine] = _scores(_take(obs, mine), nodes)
         sigma2 = _noise_power(obs, scores)
-        resp = torch.softmax(scores / (TEMPERATURE * sigma2), 1)
+        resp = _responsibilities(scores, sigma2)
         if on_progress is not None:
             on_progress({"stage": "landscape", "epoch": it, "epochs": iters, "batch": 0, "batches": 1,
                          "loss": -float(scores.max(1).values.mean()) / sigma2, "time_s": time.monotonic() - t0})
         log.info("landscape round %d/%d: particles per node %s", it + 1, iters,
                  torch.bincount(resp.argmax(1), minlength=K).tolist())
-    z = (resp @ index / max(K - 1, 1)).cpu().numpy().astype(np.float32)[:, None]
+    z = _positions(resp).cpu().numpy().astype(np.float32)[:, None]
     nodes = _node_maps(obs, resp @ _neighbourhood(index, _width(K, max(iters - 1, 0))))
     lm = Landscape(nodes, float(sigma2), obs.box, obs.pixel_size_A, float(config.landscape_resolution_A),
                    int(map_box), float(map_pixel_size_A), config)
@@ -247,8 +248,12 @@ def _noise_power(obs: Observed, scores: torch.Tensor) -> float:
     return max(float((power - scores.max(1).values).mean()) / obs.Y.shape[1], 1e-12)
 
 
-def _positions(scores: torch.Tensor, sigma2: float) -> torch.Tensor:
-    """Expected position `(n,)` in [0, 1] along the nodes under softmax(scores / (TEMPERATURE sigma2))."""
-    K = scores.shape[1]
-    resp = torch.softmax(scores / (TEMPERATURE * sigma2), 1)
+def _responsibilities(scores: torch.Tensor, sigma2: float) -> torch.Tensor:
+    """Each particle's weights `(n, K)` over the nodes: softmax(scores / (TEMPERATURE sigma2))."""
+    return torch.softmax(scores / (TEMPERATURE * sigma2), 1)
+
+
+def _positions(resp: torch.Tensor) -> torch.Tensor:
+    """Expected position `(n,)` in [0, 1] along the nodes (node k at k / (K - 1)) under `resp` `(n, K)`."""
+    K = resp.shape[1]
     return resp @ torch.arange(K, dtype=resp.dtype, device=resp.device) / max(K - 1, 1)
