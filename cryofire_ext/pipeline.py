@@ -4,16 +4,21 @@ warm start (`refine.warmstart`: ab initio maps, classes) -> training (`train.tra
 poses, shifts and z, with the warm start's searched poses as targets and candidates) -> the model pass
 (`predict.model_pass`) -> per-particle refinement of pose, shift and class against the particles' own class maps
 (`refine.polish`, settings in `RefineConfig`) -> `Predictions` (with each particle's class) -> with `z_mode`
-"continuous", the landscape (`landscape`: z as a continuous coordinate at the refined poses).
+"continuous", the landscape (`landscape`: z as a continuous coordinate at the refined poses) -> the references
+(`refine.references`: the final class maps, saved in the run, with each particle's pose confidence and class
+probability).
 
-Training is `train.trainer.train`, then `fit_landscape` on the training particles' inferred poses; `infer` (a
-trained run over any particles) does the rest, z from the landscape at the refined poses when the run has one. The
-integrations' jobs call them and write the files.
+Training is `train.trainer.train`, then `fit_landscape` and `fit_references` on the training particles' inferred
+poses. `infer` (a trained run over any particles) aligns particles the run was not trained on to its references
+(`refine.references.align`); the training particles (and, for runs without references, any) take the model pass
+and the refinement. z comes from the landscape at the final poses when the run has one. The integrations' jobs
+call them and write the files.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -22,9 +27,12 @@ import torch
 
 from cryofire_ext import landscape, run_layout
 from cryofire_ext.particles import ParticleStack
-from cryofire_ext.predict import TrainedModel, load_trained, model_pass
+from cryofire_ext.poses import random_rotations
+from cryofire_ext.predict import TrainedModel, is_training_stack, load_trained, model_pass
+from cryofire_ext.refine import references
 from cryofire_ext.refine.config import RefineConfig
 from cryofire_ext.refine.polish import polish
+from cryofire_ext.refine.search import shift_grid
 from cryofire_ext.results import Predictions
 from cryofire_ext.train.candidates import class_targets
 from cryofire_ext.train.data import TrainingImages
@@ -36,17 +44,26 @@ log = logging.getLogger(__name__)
 def infer(run: "TrainedModel | str | Path", stack: ParticleStack, refine: RefineConfig | None = None, *,
           batch_size: int = 256, device: str | None = "auto") -> Predictions:
     """Poses, shifts, z and classes of every particle of `stack` from a trained run (a folder or a loaded
-    `TrainedModel`): the model pass, then `refine.polish_rounds` rounds of per-particle refinement of pose, shift
-    and class against class maps back-projected from these particles (a particle whose class changes gets that
-    class's z code); z is then the particle's position along the landscape, at its refined pose, when the run has
-    one (`landscape.pt`). `loss` stays the
-    model's. `refine` None: `RefineConfig()` defaults. The settings that ran are in the result's meta
-    (`refine`)."""
+    `TrainedModel`).
+
+    Particles the run was not trained on, with a run that has references and `refine.new_particles`
+    "references": aligned to the references (`_align`; meta `inference` "references"). Otherwise (meta
+    `inference` "refine"): the model pass, then `refine.polish_rounds` rounds of per-particle refinement of pose,
+    shift and class against class maps back-projected from these particles (a particle whose class changes gets
+    that class's z code; `loss` stays the model's). z is then the particle's position along the landscape, at
+    its final pose, when the run has one (`landscape.pt`). `refine` None: `RefineConfig()` defaults. The settings
+    that ran are in the result's meta (`refine`)."""
     refine = refine or RefineConfig()
     tm = run if isinstance(run, TrainedModel) else load_trained(run, device=device)
-    preds = model_pass(tm, stack, batch_size=batch_size)
-    if refine.polish_rounds > 0:
-        preds = _refine(tm, stack, preds, refine)
+    if tm.references is not None and refine.new_particles == "references" and not is_training_stack(tm, stack):
+        preds = _align(tm, stack)
+    else:
+        preds = model_pass(tm, stack, batch_size=batch_size)
+        if refine.polish_rounds > 0:
+            preds = _refine(tm, stack, preds, refine)
+        preds.meta["inference"] = "refine"
+        if tm.references is not None:
+            preds = _confidences(tm, stack, preds)
     preds.meta["refine"] = refine.to_dict()
     return _landscape_z(tm, stack, preds) if tm.landscape is not None else preds
 
@@ -63,6 +80,78 @@ def fit_landscape(tm: TrainedModel, stack: ParticleStack, preds: Predictions, *,
     lm.save(tm.run_dir / run_layout.LANDSCAPE)
     tm.landscape = lm
     return _with_landscape_z(preds, z, lm)
+
+
+def fit_references(tm: TrainedModel, stack: ParticleStack, preds: Predictions) -> Predictions:
+    """Build the run's references from its training particles `stack` at their final poses and classes `preds`
+    (`refine.references.build_references`, with the warm start's search grid, or one of `warm_rotations`
+    random rotations and shifts up to `warm_max_shift_px` without a warm start), save them in the run folder
+    (`references.pt`) and attach them to `tm`; returns `preds` with each particle's pose confidence and class
+    probability against them."""
+    dev = tm.model.k_half.device
+    data = TrainingImages(stack, tm.box, tm.stats)
+    A = torch.as_tensor(preds.A, device=dev).float()
+    shifts_px = torch.as_tensor(preds.shifts_A / tm.pixel_size_A, device=dev).float()
+    labels = torch.as_tensor(preds.class_id, device=dev)
+    refs = references.build_references(data.read, len(preds), A, shifts_px, labels, preds.n_classes, tm.box,
+                                       tm.pixel_size_A, _search_grid(tm))
+    refs.save(tm.run_dir / run_layout.REFERENCES)
+    tm.references = refs
+    return _confidences(tm, stack, preds)
+
+
+def _confidences(tm: TrainedModel, stack: ParticleStack, preds: Predictions) -> Predictions:
+    """`preds` with each particle's pose confidence and class probability at its pose against the run's references
+    (`refine.references.confidence_at`)."""
+    dev = tm.model.k_half.device
+    data = TrainingImages(stack, tm.box, tm.stats)
+    conf, prob = references.confidence_at(
+        tm.references, data.read, len(preds), torch.as_tensor(preds.A, device=dev),
+        torch.as_tensor(preds.shifts_A / tm.pixel_size_A, device=dev), torch.as_tensor(preds.class_id, device=dev))
+    preds.pose_confidence, preds.class_probability = conf.cpu().numpy(), prob.cpu().numpy()
+    return preds
+
+
+def _search_grid(tm: TrainedModel) -> tuple[torch.Tensor, torch.Tensor]:
+    """The global search grid (rotations `(M, 3, 3)`, shifts `(S, 2)` px of the model box): the warm start's, or
+    for a run without one `warm_rotations` random rotations (seeded) and shifts up to `warm_max_shift_px`."""
+    if tm.warm is not None:
+        return tm.warm.rotations, tm.warm.shifts_px * (tm.box / tm.warm.box)
+    c = tm.config
+    rots = random_rotations(c.warm_rotations, np.random.default_rng(c.seed))
+    return torch.as_tensor(rots).float(), shift_grid(c.warm_max_shift_px * tm.box / tm.input_box)
+
+
+def _align(tm: TrainedModel, stack: ParticleStack) -> Predictions:
+    """`refine.references.align` of `stack` to the run's references -> Predictions (z: the class's z code in the
+    pose model's space, the landscape's after `infer`; loss: the residual against the class map in units of
+    the noise power)."""
+    refs = tm.references
+    data = TrainingImages(stack, tm.box, tm.stats)
+    n = len(stack)
+    t0 = time.perf_counter()
+    done = [0]
+
+    def progress(k: int) -> None:
+        if k - done[0] >= 2000 or k == n:
+            log.info("aligned %d of %d particles to the references (%.0f images/s)", k, n,
+                     k / max(time.perf_counter() - t0, 1e-9))
+            done[0] = k
+
+    out = references.align(refs, data.read, n, on_chunk=progress)
+    labels = out.labels.cpu().numpy().astype(np.int64)
+    codes = class_targets(tm.warm, tm.model.zdim, "cpu")
+    z = codes.numpy()[labels] if codes is not None and len(codes) == refs.n_classes else \
+        np.zeros((n, tm.model.zdim), np.float32)
+    meta = {"pixel_size_A": stack.pixel_size_A, "box": stack.box, "model_box": tm.box,
+            "model_pixel_size_A": tm.pixel_size_A, "zdim": tm.model.zdim, "run_dir": str(tm.run_dir),
+            "epoch": tm.epoch, "images_seen": tm.images_seen, "inference": "references",
+            "loss": "residual power against the class map / noise power"}
+    return Predictions(ids=stack.ids, A=out.A.double().cpu().numpy(),
+                       shifts_A=out.shifts_px.double().cpu().numpy() * tm.pixel_size_A, z=z,
+                       loss=out.residual.double().cpu().numpy(), meta=meta, class_id=labels,
+                       pose_confidence=out.pose_confidence.cpu().numpy(),
+                       class_probability=out.class_probability.cpu().numpy())
 
 
 def _landscape_z(tm: TrainedModel, stack: ParticleStack, preds: Predictions) -> Predictions:

@@ -25,6 +25,7 @@ from cryofire_ext.results import Predictions
 from cryofire_ext.train.checkpoint import load_checkpoint
 from cryofire_ext.train.config import TrainConfig
 from cryofire_ext.train.data import StackStats, TrainingImages, stack_fingerprint
+from cryofire_ext.refine.references import References, load_references
 from cryofire_ext.refine.search import WarmMap
 from cryofire_ext.train.candidates import SearchCache, candidates_at_codes, class_targets
 from cryofire_ext.train.distributed import resolve_device
@@ -56,6 +57,8 @@ class TrainedModel:
     particles_fingerprint: str | None = None
     #: the landscape stage (`landscape.pt`, z_mode "continuous"): z and the maps at z are its
     landscape: Landscape | None = None
+    #: the run's fixed references (`references.pt`, written after training's refinement): new particles align to them
+    references: References | None = None
 
     @property
     def zdim(self) -> int:
@@ -123,10 +126,13 @@ def load_trained(run_dir, device: str | None = "cpu", checkpoint: str | Path | N
     landscape = None
     if (run_dir / run_layout.LANDSCAPE).is_file():
         landscape = load_landscape(run_dir / run_layout.LANDSCAPE, device=model.k_half.device)
+    references = None
+    if (run_dir / run_layout.REFERENCES).is_file():
+        references = load_references(run_dir / run_layout.REFERENCES, device=model.k_half.device)
     return TrainedModel(model, config, box, psize, int(state["input_box"]), float(state["input_pixel_size_A"]),
                         StackStats(*[float(v) for v in state["stats"]]), run_dir, int(state["epoch"]),
                         int(state["images"]), warm, state.get("searched") if warm is not None else None,
-                        state.get("particles_fingerprint"), landscape)
+                        state.get("particles_fingerprint"), landscape, references)
 
 
 @torch.no_grad()
@@ -187,12 +193,15 @@ def check_matches_run(tm: TrainedModel, stack: ParticleStack) -> None:
                          "re-extract or rescale them to match")
 
 
+def is_training_stack(tm: TrainedModel, stack: ParticleStack) -> bool:
+    """Whether `stack` is the run's training particles (same fingerprint; False when the run kept none)."""
+    return tm.particles_fingerprint is not None and stack_fingerprint(stack) == tm.particles_fingerprint
+
+
 def _training_search(tm: TrainedModel, stack: ParticleStack) -> dict | None:
     """The trainer's searched (pose, shift, class) per particle when `stack` is the training stack
     (same fingerprint): the warm maps are fixed, so searching again would give the same values."""
-    if tm.searched is None or tm.particles_fingerprint is None or len(tm.searched["known"]) != len(stack):
-        return None
-    if stack_fingerprint(stack) != tm.particles_fingerprint:
+    if tm.searched is None or len(tm.searched["known"]) != len(stack) or not is_training_stack(tm, stack):
         return None
     log.info("reusing the training search for %d of %d particles", int(tm.searched["known"].sum()), len(stack))
     return tm.searched

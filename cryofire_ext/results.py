@@ -14,6 +14,8 @@ from cryofire_ext.safe_io import atomic_path
 
 FORMAT = "cryofire-predictions"
 FORMAT_VERSION = 2
+#: the optional per-particle confidences (written when present)
+CONFIDENCES = ("pose_confidence", "class_probability")
 
 
 @dataclass
@@ -22,7 +24,9 @@ class Predictions:
     shifts_A `(n, 2)` RELION-sign origins in Angstrom; z `(n, d)` (d may be 0);
     loss `(n,)` per-particle loss; class_id `(n,)` int64, each particle's class, 0-based (the refinement's
     classes; all 0 for one class; None = all 0); meta: JSON-able run facts (pixel_size_A, box, ...).
-    Files of format version 1 (before classes) load with every particle in class 0."""
+    pose_confidence / class_probability `(n,)` in [0, 1] or None (`refine.references`: the posterior mass near
+    each particle's pose, the probability of its class). Files of format version 1 (before classes) load with
+    every particle in class 0; files without the confidences load with None."""
 
     ids: np.ndarray
     A: np.ndarray
@@ -31,6 +35,8 @@ class Predictions:
     loss: np.ndarray
     meta: dict = field(default_factory=dict)
     class_id: np.ndarray | None = None
+    pose_confidence: np.ndarray | None = None
+    class_probability: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         n = len(self.ids)
@@ -47,6 +53,14 @@ class Predictions:
         for name, shape in (("A", (n, 3, 3)), ("shifts_A", (n, 2)), ("loss", (n,))):
             if np.shape(getattr(self, name)) != shape:
                 raise InputError(f"Predictions.{name} has shape {np.shape(getattr(self, name))}, expected {shape}")
+        for name in CONFIDENCES:
+            v = getattr(self, name)
+            if v is None:
+                continue
+            v = np.asarray(v, dtype=np.float32)
+            if v.shape != (n,) or not np.all((v >= 0) & (v <= 1)):
+                raise InputError(f"Predictions.{name} must be {n} numbers in [0, 1], got shape {v.shape}")
+            setattr(self, name, v)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -63,11 +77,12 @@ class Predictions:
     def save(self, path: str | os.PathLike, force: bool = False) -> Path:
         """Write a versioned `.npz` (atomic; refuses to overwrite unless `force`)."""
         header = {"format": FORMAT, "version": FORMAT_VERSION, "meta": self.meta}
+        optional = {name: getattr(self, name) for name in CONFIDENCES if getattr(self, name) is not None}
         with atomic_path(path, force=force) as tmp:
             with open(tmp, "wb") as fh:
                 np.savez(fh, header=np.array(json.dumps(header)), ids=self.ids.astype("U"), A=self.A,
                          shifts_A=self.shifts_A, z=self.z, loss=self.loss,
-                         class_id=self.class_id)
+                         class_id=self.class_id, **optional)
         return Path(path)
 
     @classmethod
@@ -79,7 +94,8 @@ class Predictions:
             with np.load(path, allow_pickle=False) as npz:
                 header = json.loads(str(npz["header"]))
                 arrays = {k: npz[k] for k in ("ids", "A", "shifts_A", "z", "loss")}
-                arrays["class_id"] = npz["class_id"] if "class_id" in npz.files else None
+                for name in ("class_id",) + CONFIDENCES:
+                    arrays[name] = npz[name] if name in npz.files else None
         except Exception as exc:  # zip, npy, JSON and key errors of a damaged or foreign file
             raise InputError(f"{path}: not a cryofire predictions file ({brief(exc)})") from None
         if header.get("format") != FORMAT or header.get("version", 0) > FORMAT_VERSION:

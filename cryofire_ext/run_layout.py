@@ -9,6 +9,8 @@ CHECKPOINTS = "checkpoints"
 LAST_CHECKPOINT = "checkpoints/last.pt"
 #: the landscape stage (z_mode "continuous"), written after training
 LANDSCAPE = "landscape.pt"
+#: the run's references (`refine.references`): its final class maps, written after the refinement of training
+REFERENCES = "references.pt"
 #: the exports
 PREDICTIONS = "predictions.npz"
 PARTICLES_STAR = "particles.star"

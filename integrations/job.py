@@ -173,20 +173,24 @@ def export_run(run_dir, stack: ParticleStack, *, out_dir=None, refine: RefineCon
     `run_dir`) by `export_predictions`. `fit` (the training job, `stack` = the training particles): the job's
     config, whose landscape settings hold (a resume may change them): with `z_mode` "continuous" the landscape
     stage is trained on the refined poses first (`pipeline.fit_landscape`; `should_stop` / `on_progress` as in
-    training); with "classes" a landscape left by an earlier export is removed."""
+    training); with "classes" a landscape left by an earlier export is removed; then the run's references are
+    built from the final poses (`pipeline.fit_references`), against which `predict` aligns new particles."""
     from cryofire_ext import run_layout
-    from cryofire_ext.pipeline import fit_landscape, infer
+    from cryofire_ext.pipeline import fit_landscape, fit_references, infer
     from cryofire_ext.predict import load_trained
 
     refine = refine or saved_refine_config(run_dir)
-    if fit is not None:  # a landscape of an earlier export belongs to other poses
-        (Path(run_dir) / run_layout.LANDSCAPE).unlink(missing_ok=True)
+    if fit is not None:  # a landscape or references of an earlier export belong to other poses
+        for name in (run_layout.LANDSCAPE, run_layout.REFERENCES):
+            (Path(run_dir) / name).unlink(missing_ok=True)
     tm = load_trained(run_dir, device=device)
     if fit is not None:
         tm.config = fit
     preds = infer(tm, stack, refine)
     if fit is not None and fit.z_mode == "continuous" and fit.zdim:
         preds = fit_landscape(tm, stack, preds, should_stop=should_stop, on_progress=on_progress)
+    if fit is not None:
+        preds = fit_references(tm, stack, preds)
     out = Path(out_dir) if out_dir is not None else Path(run_dir)
     return export_predictions(preds, tm, stack, out, refine, force=force)
 

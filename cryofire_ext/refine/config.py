@@ -11,19 +11,31 @@ from cryofire_ext.configfile import ConfigFile
 from cryofire_ext.errors import InputError
 
 
+#: `RefineConfig.new_particles`: align to the run's references, or refine against the particles' own maps
+NEW_PARTICLES = ("references", "refine")
+
+
 @dataclass
 class RefineConfig(ConfigFile):
     """`polish_rounds`: rounds of per-particle refinement of pose, shift and class against class maps
     back-projected from the particles themselves (0 = the model's own predictions). With
     `polish_global_search` (and a run with a search warm start) the first and the last round first search every
     particle over the warm start's rotation and shift grid against the round's maps and keep the searched pose
-    where it explains the image better (`polish.global_research`)."""
+    where it explains the image better (`polish.global_research`).
+
+    `new_particles`: how `predict` treats particles the run was not trained on. "references" (the default):
+    aligned to the run's saved references (`refine.references.align`: global search and local refinement
+    against the run's final class maps, kept fixed), as RELION or cryoSPARC refine new particles against a
+    reference; the polish settings do not apply to them. "refine": the model pass, then `polish_rounds` rounds
+    against class maps back-projected from the new particles themselves (for a large new dataset that should
+    make its own maps). Runs without saved references (made before them) always "refine"."""
 
     FORMAT = "cryofire-refine-config"
     KIND = "refinement config"
 
     polish_rounds: int = 3
     polish_global_search: bool = True
+    new_particles: str = "references"
 
     def __post_init__(self) -> None:
         if not isinstance(self.polish_rounds, int) or isinstance(self.polish_rounds, bool) or self.polish_rounds < 0:
@@ -32,6 +44,9 @@ class RefineConfig(ConfigFile):
         if not isinstance(self.polish_global_search, bool):
             raise InputError(f"refinement config field polish_global_search={self.polish_global_search!r}: expected "
                              "true or false")
+        if self.new_particles not in NEW_PARTICLES:
+            raise InputError(f"refinement config field new_particles={self.new_particles!r}: expected one of "
+                             f"{', '.join(NEW_PARTICLES)}")
 
     @classmethod
     def fields_in(cls, d: dict) -> dict:

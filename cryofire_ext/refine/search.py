@@ -65,6 +65,45 @@ def search(warm: WarmMap, images: torch.Tensor, ctf_params: torch.Tensor, refine
     on the shells it resolves) and then of shifts (`REFINE_SHIFT_STEPS`, a fraction of the grid's
     pitch) follows the grid search.
     """
+    A, t, cls, _ = _search(warm, images, ctf_params, refine, chunk, posterior=False)
+    return A, t, cls
+
+
+@torch.no_grad()
+def search_posterior(warm: WarmMap, images: torch.Tensor, ctf_params: torch.Tensor, sigma2: float,
+                     chunk: int = 64):
+    """`search` (with the local refinement) that also returns each image's posterior over the grid:
+    (A, shifts, class as `search`'s, and the posterior mass `(n,)` of the grid rotations within
+    `POSTERIOR_NEAR_SPACINGS` grid spacings of the final pose). The posterior weighs each grid rotation by exp(score / `sigma2`), its score the best over the grid's shifts and the classes on the
+    shells the grid resolves: 1 when the image's likelihood has one peak near the chosen pose, low when other
+    orientations explain it about as well."""
+    return _search(warm, images, ctf_params, True, chunk, posterior=True, sigma2=sigma2)
+
+
+#: `search_posterior` counts the grid rotations this many grid spacings (`grid_spacing_rad`) from the final pose
+POSTERIOR_NEAR_SPACINGS = 2.0
+
+
+def grid_spacing_rad(n_rotations: int) -> float:
+    """Typical spacing (rad) of `n_rotations` random rotations: `(8 pi^2 / M)^(1/3)`."""
+    return float((8.0 * np.pi ** 2 / max(int(n_rotations), 1)) ** (1.0 / 3.0))
+
+
+def posterior_near(scores: torch.Tensor, rotations: torch.Tensor, A: torch.Tensor, sigma2: float) -> torch.Tensor:
+    """Posterior mass `(n,)` in [0, 1] of the grid rotations `(M, 3, 3)` within `POSTERIOR_NEAR_SPACINGS` grid
+    spacings of each image's pose A `(n, 3, 3)`, each rotation weighted by exp(score / sigma2), its score
+    `scores` `(n, M)` a log-likelihood up to a constant."""
+    p = torch.softmax(scores / sigma2, dim=1)
+    cos = (torch.einsum("rij,nij->nr", rotations, A) - 1.0) / 2.0  # cos of the angle between grid and pose
+    near = np.cos(POSTERIOR_NEAR_SPACINGS * grid_spacing_rad(len(rotations)))
+    return (p * (cos >= near)).sum(1).clamp(0.0, 1.0)
+
+
+def _search(warm: WarmMap, images: torch.Tensor, ctf_params: torch.Tensor, refine: bool, chunk: int, *,
+            posterior: bool, sigma2: float = 1.0):
+    """The engine of `search` and `search_posterior`: per chunk, each class's grid scores, its best grid
+    point, its local refinement, then the best class; with `posterior` also the posterior mass near the final
+    pose (else None)."""
     device = images.device
     box = images.shape[-1]
     images = crop(images, warm.box)
@@ -77,14 +116,20 @@ def search(warm: WarmMap, images: torch.Tensor, ctf_params: torch.Tensor, refine
     coords = torch.einsum("mi,rij->rmj", sub.k, rots)
     maps = [V.to(device) for V in warm.V]
     S_all = [slices(V, coords) for V in maps]
-    out_A, out_t, out_c = [], [], []
+    out_A, out_t, out_c, out_m = [], [], [], []
     for s in range(0, images.shape[0], chunk):
         Y = lat.observe(images[s:s + chunk])
         C = evaluate_ctf(ctf_params[s:s + chunk].double().to(device), lat.freqs).float()
         per_class = []  # each class searched (and refined) on its own; the best final score wins
+        per_rotation = None  # (n, M): each rotation's best score over shifts and classes
         for V, S in zip(maps, S_all):
-            val, flat = grid_scores(Y[:, low], C[:, low], S, sub, shifts).flatten(1).max(1)  # (shift, rotation)
-            A, t = rots[flat % S.shape[0]], shifts[flat // S.shape[0]]
+            g = grid_scores(Y[:, low], C[:, low], S, sub, shifts)  # (n, shift, rotation)
+            val, flat = g.flatten(1).max(1)
+            if posterior:
+                g = g.amax(1)
+                per_rotation = g if per_rotation is None else torch.maximum(per_rotation, g)
+            del g
+            A, t = rots[flat % len(rots)], shifts[flat // len(rots)]
             if refine:
                 A, t, val = refine_local(V, Y, C, lat, A, t, pitch)
             per_class.append((A, t, val))
@@ -92,7 +137,10 @@ def search(warm: WarmMap, images: torch.Tensor, ctf_params: torch.Tensor, refine
         out_A.append(A)
         out_t.append(t)
         out_c.append(cls)
-    return torch.cat(out_A), torch.cat(out_t) * (box / warm.box), torch.cat(out_c)
+        if posterior:
+            out_m.append(posterior_near(per_rotation, rots, A, sigma2))
+    mass = torch.cat(out_m) if posterior else None
+    return torch.cat(out_A), torch.cat(out_t) * (box / warm.box), torch.cat(out_c), mass
 
 
 #: the global grid is scored up to the radius where its spacing moves a lattice point this many pixels
@@ -110,8 +158,7 @@ def global_radius(n_rotations: int, box: int) -> float:
     `resolved_radius` of its spacing `(8 pi^2 / M)^(1/3)` rad at `GLOBAL_REACH_PX`. Finer shells cost
     time and add noise to the grid's choice (D=64, SNR 0.1, maps from true poses: 1.05 deg median
     error after refinement at radius 0.5 vs 1.51 deg when the grid was scored to Nyquist)."""
-    spacing_rad = (8.0 * np.pi ** 2 / max(int(n_rotations), 1)) ** (1.0 / 3.0)
-    return resolved_radius(spacing_rad, box, GLOBAL_REACH_PX)
+    return resolved_radius(grid_spacing_rad(n_rotations), box, GLOBAL_REACH_PX)
 
 
 def best_class(per_class: list) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
