@@ -181,24 +181,46 @@ def register(app: typer.Typer) -> None:
     @app.command("select")
     def select(
         run: Path = typer.Argument(..., help="Run folder of `cryofire train` (analysed by `cryofire analyze`)."),
-        clusters: str = typer.Option(..., "--clusters", help="1-based cluster numbers as shown by analyze: 1,3"),
         out: Path = typer.Option(..., "-o", "--out", help="Subset file: .star (RELION) or .cs (cryoSPARC)."),
+        clusters: Optional[str] = typer.Option(None, "--clusters",
+                                               help="1-based cluster numbers as shown by analyze: 1,3"),
+        min_confidence: Optional[float] = typer.Option(
+            None, "--min-confidence",
+            help="Keep particles whose pose confidence (cryofirePoseConfidence) is at least this, in [0, 1]."),
         analysis_dir: Optional[Path] = typer.Option(None, "--analysis",
                                                     help="Folder of `cryofire analyze` (default: RUN/analysis)."),
         force: bool = typer.Option(False, "--force", help="Overwrite the output."),
     ) -> None:
-        """Write the particles of chosen clusters (1-based numbers) with every input column, ready for refinement."""
+        """Write the particles of chosen clusters (1-based numbers), and/or those with a pose confidence of at least
+        --min-confidence, with every input column, ready for refinement."""
         from cryofire_ext import analysis
 
         if out.suffix.lower() not in (".star", ".cs"):
             raise InputError(f"{out}: the subset must be a .star (RELION) or .cs (cryoSPARC) file")
+        if clusters is None and min_confidence is None:
+            raise InputError("select: give --clusters, --min-confidence or both")
+        if min_confidence is not None and not 0.0 <= min_confidence <= 1.0:
+            raise InputError(f"--min-confidence {min_confidence}: expected a number in [0, 1]")
         pred = analysis.load_run(run).predictions
-        clus, ids = analysis.load_clustering((analysis_dir or run / "analysis") / "clusters.npz")
-        if len(ids) != len(pred.ids) or np.any(ids != pred.ids):
-            raise InputError(f"{analysis_dir or run / 'analysis'}/clusters.npz: its particles differ from "
-                             f"{run}/{PREDICTIONS}; run `cryofire analyze {run} --force` again")
-        wanted = analysis.parse_cluster_numbers(clusters, clus.k)
-        rows = analysis.cluster_members(clus.labels, wanted)
+        keep = np.ones(len(pred), dtype=bool)
+        said = []
+        if clusters is not None:
+            clus, ids = analysis.load_clustering((analysis_dir or run / "analysis") / "clusters.npz")
+            if len(ids) != len(pred.ids) or np.any(ids != pred.ids):
+                raise InputError(f"{analysis_dir or run / 'analysis'}/clusters.npz: its particles differ from "
+                                 f"{run}/{PREDICTIONS}; run `cryofire analyze {run} --force` again")
+            wanted = analysis.parse_cluster_numbers(clusters, clus.k)
+            keep &= np.isin(np.arange(len(pred)), analysis.cluster_members(clus.labels, wanted))
+            said.append(f"of cluster(s) {', '.join(str(c + 1) for c in wanted)} (1-based)")
+        if min_confidence is not None:
+            if pred.pose_confidence is None:
+                raise InputError(f"{run}/{PREDICTIONS} has no pose confidences (a run exported before them); "
+                                 f"export it again (`cryofire train ... --resume`) or `cryofire predict` with it")
+            keep &= pred.pose_confidence >= min_confidence
+            said.append(f"with pose confidence >= {min_confidence:g}")
+        rows = np.flatnonzero(keep)
+        if len(rows) == 0:
+            raise InputError(f"no particle of {run} is {' and '.join(said)}; nothing written")
         src, stack = _particle_source(run, out.suffix.lower())
         if stack is None:
             raise InputError(f"{run}: the run folder holds no {PARTICLES_STAR} or {PARTICLES_CS} to select from")
@@ -206,5 +228,4 @@ def register(app: typer.Typer) -> None:
 
         map_rows = _rows_for(stack, src, pred.ids)
         write_particles(stack.take(map_rows[rows]), out, z=pred.z[rows], force=force)
-        typer.echo(f"wrote {len(rows)} particles of cluster(s) {', '.join(str(c + 1) for c in wanted)} "
-                   f"(1-based) from {src.name} to {out}")
+        typer.echo(f"wrote {len(rows)} of {len(pred)} particles {' and '.join(said)} from {src.name} to {out}")

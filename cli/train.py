@@ -141,12 +141,17 @@ def register(app: typer.Typer) -> None:
         polish_global_search: Optional[bool] = typer.Option(
             None, "--polish-global-search/--no-polish-global-search",
             help="Global search in the first and last refinement round (default: the run's)."),
+        new_particles: Optional[str] = typer.Option(
+            None, "--new-particles",
+            help="Particles the run was not trained on: 'references' aligns them to the run's saved maps (fast, "
+                 "default); 'refine' runs the model and the polish rounds against maps of these particles."),
         device: Optional[str] = typer.Option(None, "--device", help="auto, cpu or cuda (default: the run's)."),
     ) -> None:
         """Run a trained model over any particles (new images included): predictions, STAR, .cs and maps."""
         from integrations.job import predict_job, saved_refine_config
 
-        refine = saved_refine_config(run).replace(polish_rounds=polish_rounds, polish_global_search=polish_global_search)
+        refine = saved_refine_config(run).replace(polish_rounds=polish_rounds, polish_global_search=polish_global_search,
+                                                  new_particles=new_particles)
         job = predict_job(run, particles, out, datadir=datadir, force=force, refine=refine, device=device)
         typer.echo(f"wrote {job.predictions}, {job.particles_star}, {job.particles_cs}")
 

@@ -69,6 +69,10 @@ class Predictions:
     def zdim(self) -> int:
         return int(self.z.shape[1])
 
+    def confidences(self) -> dict[str, np.ndarray]:
+        """{name: `(n,)`} of the confidences present (`CONFIDENCES`)."""
+        return {name: getattr(self, name) for name in CONFIDENCES if getattr(self, name) is not None}
+
     @property
     def n_classes(self) -> int:
         """Number of classes: the largest class id + 1 (1 when empty)."""
@@ -77,7 +81,7 @@ class Predictions:
     def save(self, path: str | os.PathLike, force: bool = False) -> Path:
         """Write a versioned `.npz` (atomic; refuses to overwrite unless `force`)."""
         header = {"format": FORMAT, "version": FORMAT_VERSION, "meta": self.meta}
-        optional = {name: getattr(self, name) for name in CONFIDENCES if getattr(self, name) is not None}
+        optional = self.confidences()
         with atomic_path(path, force=force) as tmp:
             with open(tmp, "wb") as fh:
                 np.savez(fh, header=np.array(json.dumps(header)), ids=self.ids.astype("U"), A=self.A,

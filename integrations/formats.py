@@ -104,22 +104,37 @@ def input_files(source, stack: ParticleStack | None = None, twins: bool = True) 
     return files
 
 
-def write_particles(stack: ParticleStack, path, z=None, force: bool = False, classes=None) -> Path:
-    """Write `stack` (and latent coordinates `z` `(n, d)`, 0-based `classes` `(n,)`) as `.star` (RELION 3.1) or
-    `.cs` (cryoSPARC) by suffix; see `relion.write_star` / `cryosparc.write_cs`."""
+def write_particles(stack: ParticleStack, path, z=None, force: bool = False, classes=None,
+                    confidences: dict | None = None) -> Path:
+    """Write `stack` (and latent coordinates `z` `(n, d)`, 0-based `classes` `(n,)`, `confidences` {name:
+    `(n,)` in [0, 1]} of `results.CONFIDENCES`) as `.star` (RELION 3.1) or `.cs` (cryoSPARC) by suffix; see
+    `relion.write_star` / `cryosparc.write_cs`."""
     path = Path(path)
     suffix = _suffix(path, WRITE_SUFFIXES, "writing")
     if suffix == ".star":
         from integrations.relion import write_star
 
-        return write_star(stack, path, z=z, force=force, classes=classes)
+        return write_star(stack, path, z=z, force=force, classes=classes, confidences=confidences)
     from integrations.cryosparc import write_cs
 
-    return write_cs(stack, path, z=z, force=force, classes=classes)
+    return write_cs(stack, path, z=z, force=force, classes=classes, confidences=confidences)
 
 
 #: the largest class id a writer accepts (cryoSPARC stores alignments3D/class as uint32)
 MAX_CLASS_ID = 2**32 - 2
+
+
+def check_confidence(values, n: int, field: str) -> np.ndarray:
+    """`values` as `(n,)` float32 in [0, 1] (a per-particle confidence or probability); InputError naming `field`
+    (the file field they are written to) otherwise."""
+    v = np.asarray(values, dtype=np.float64)
+    if v.shape != (n,):
+        raise InputError(f"{field}: {v.shape} values; expected {n}, one per particle")
+    bad = ~((v >= 0) & (v <= 1))
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise InputError(f"{field}[{i}] = {v[i]}; expected a number in [0, 1]")
+    return v.astype(np.float32)
 
 
 def check_classes(classes, n: int, field: str) -> np.ndarray:

@@ -211,8 +211,9 @@ def export_predictions(preds: Predictions, tm: "TrainedModel", stack: ParticleSt
     pred_path = preds.save(out / PREDICTIONS, force=force)
     posed = stack.with_poses(preds.A, preds.shifts_A)
     z = preds.z if preds.zdim else None
-    star = write_star(posed, out / PARTICLES_STAR, z=z, classes=preds.class_id, force=force)
-    cs = write_cs(posed, out / PARTICLES_CS, z=z, classes=preds.class_id, force=force)
+    conf = preds.confidences()
+    star = write_star(posed, out / PARTICLES_STAR, z=z, classes=preds.class_id, force=force, confidences=conf)
+    cs = write_cs(posed, out / PARTICLES_CS, z=z, classes=preds.class_id, force=force, confidences=conf)
     refine.save(out / REFINE, force=force)
     K = preds.n_classes
     counts = np.bincount(preds.class_id, minlength=K)

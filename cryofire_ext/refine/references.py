@@ -5,12 +5,12 @@ After training, the refinement's final poses and classes give each class a gold-
 keeps them with the global search grid and the noise power of the images; the run saves them
 (`run_layout.REFERENCES`). `align` puts particles onto them the way RELION or cryoSPARC refine new particles
 against a reference: a global search over the grid and a local refinement against each class's map
-(`search.search_posterior`), then the class whose map explains the particle best up to
+(`search.search_scored`), then the class whose map explains the particle best up to
 `classify.CLASSIFY_RESOLUTION_A` (the refinement's rule). No map is rebuilt from the new particles, so each chunk
 costs the same and a handful of particles is aligned as well as a million.
 
 Each aligned particle also gets a pose confidence (the posterior mass, over the search grid, near its pose:
-`search.search_posterior`) and its class probability (softmax over the classes of the log-likelihood at its
+`posterior_near` over the search grid, `_judged`) and its class probability (softmax over the classes of the log-likelihood at its
 pose, on the shells the class is decided on). `confidence_at` gives the same two numbers at given poses (the
 training particles', after the refinement).
 
@@ -36,7 +36,7 @@ from cryofire_ext.recon.classmaps import RECONSTRUCT_PAD, class_maps_fsc
 from cryofire_ext.recon.lattice import Lattice, SubLattice, grid_scores, slices
 from cryofire_ext.refine.classify import class_scores, low_resolution
 from cryofire_ext.refine.polish import SHIFT_PITCH_PX
-from cryofire_ext.refine.search import WarmMap, global_radius, posterior_near, refine_local, search_posterior
+from cryofire_ext.refine.search import WarmMap, global_radius, posterior_near, refine_local, search_scored
 from cryofire_ext.train.checkpoint import load_checkpoint, save_checkpoint
 
 log = logging.getLogger(__name__)
@@ -141,7 +141,7 @@ def build_references(read: Reader, n: int, A: torch.Tensor, shifts_px: torch.Ten
 @dataclass
 class Aligned:
     """A `(n, 3, 3)` RELION matrices; shifts_px `(n, 2)` pixels of the references' box; labels `(n,)` int64;
-    pose_confidence `(n,)` in [0, 1] (`search.search_posterior`); class_probability `(n,)` in [0, 1];
+    pose_confidence `(n,)` in [0, 1] (`_judged`); class_probability `(n,)` in [0, 1];
     residual `(n,)`: the mean of `|Y - C S|^2` over the lattice, the image against its class map's slice at its
     pose, in units of the noise power (about 1 for an image the references explain)."""
 
@@ -157,7 +157,7 @@ class Aligned:
 def align(refs: References, read: Reader, n: int, chunk: int = 64,
           on_chunk: Callable[[int], None] | None = None) -> Aligned:
     """Align `n` particles `read(idx)` to the references (module docstring): global search and local refinement
-    (`search_posterior`), `LOCAL_PASSES` more local refinements against the searched class's map, then the
+    (`search_scored`), `LOCAL_PASSES` more local refinements against the searched class's map, then the
     class at the refined pose. Streams `chunk` images at a time;
     `on_chunk(done)` after each. Deterministic."""
     device = refs.V.device
@@ -170,15 +170,15 @@ def align(refs: References, read: Reader, n: int, chunk: int = 64,
         idx = np.arange(s, min(n, s + chunk))
         img, ctf = read(idx)
         img, ctf = img.to(device), ctf.to(device)
-        A, t, searched, mass = search_posterior(warm, img, ctf, refs.sigma2, chunk=chunk)
+        A, t, searched, grid = search_scored(warm, img, ctf, chunk=chunk)
         Y = lat.observe(img)
         C = evaluate_ctf(ctf.double(), lat.freqs).float()
         for _ in range(LOCAL_PASSES):
             for k in torch.unique(searched).tolist():
                 sel = searched == k
                 A[sel], t[sel], _ = refine_local(refs.V[k], Y[sel], C[sel], lat, A[sel], t[sel], SHIFT_PITCH_PX)
-        labels, prob = _classes_at(refs, Y[:, low], C[:, low], sub, A, t)
-        out.append((A, t, labels, mass, prob, _residual_power(refs.V, Y, C, lat, A, t, labels) / refs.sigma2))
+        labels, prob, conf, residual = _judged(refs, Y, C, lat, (low, sub), grid, A, t)
+        out.append((A, t, labels, conf, prob, residual))
         if on_chunk is not None:
             on_chunk(int(idx[-1]) + 1)
     return Aligned(*(torch.cat(parts) for parts in zip(*out)))
@@ -205,21 +205,29 @@ def confidence_at(refs: References, read: Reader, n: int, A: torch.Tensor, shift
         img, ctf = read(idx)
         Y = lat.observe(img.to(device))
         C = evaluate_ctf(ctf.double().to(device), lat.freqs).float()
-        per_rotation = torch.stack([grid_scores(Y[:, low], C[:, low], S, sub, refs.shifts_px).amax(1)
-                                    for S in S_all]).amax(0)
-        conf.append(posterior_near(per_rotation, refs.rotations, A[idx], refs.sigma2))
-        prob.append(_class_probabilities(refs, Y[:, low_cls], C[:, low_cls], sub_cls, A[idx], shifts_px[idx])
-                    [torch.arange(len(idx), device=device), labels[idx]])
+        grid = torch.stack([grid_scores(Y[:, low], C[:, low], S, sub, refs.shifts_px).amax(1) for S in S_all]).amax(0)
+        _, p, c, _ = _judged(refs, Y, C, lat, (low_cls, sub_cls), grid, A[idx], shifts_px[idx], labels[idx])
+        conf.append(c)
+        prob.append(p)
     return torch.cat(conf), torch.cat(prob)
 
 
-def _classes_at(refs: References, Y: torch.Tensor, C: torch.Tensor, sub: SubLattice, A: torch.Tensor,
-                t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each image's class `(n,)` and its probability `(n,)`: the log-likelihood of every class map at the
-    image's pose on the points of `sub` (where classes are compared), softmax over the classes at `sigma2`."""
-    prob = _class_probabilities(refs, Y, C, sub, A, t)
-    labels = prob.argmax(1)
-    return labels, prob[torch.arange(len(labels), device=labels.device), labels]
+def _judged(refs: References, Y: torch.Tensor, C: torch.Tensor, lat: Lattice, classed: tuple, grid: torch.Tensor,
+            A: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None = None):
+    """(class `(n,)`, its probability `(n,)`, pose confidence `(n,)`, residual `(n,)`) of images `Y` `(n, m)` (CTF
+    `C`) on `lat` at poses A, shifts t; `classed` = (mask, SubLattice) of the shells the class is decided on;
+    `grid` `(n, M)` each grid rotation's score. The class: the given `labels`, else the most probable. The
+    residual (`Aligned.residual`) scales the noise of the pose posterior per image (`posterior_near` at
+    `sigma2 * max(1, residual)`): an image the references explain worse than the noise (junk, another
+    particle) is judged with its own, larger noise, so that its posterior is not sharper than the data allow."""
+    mask, sub = classed
+    p_all = _class_probabilities(refs, Y[:, mask], C[:, mask], sub, A, t)
+    if labels is None:
+        labels = p_all.argmax(1)
+    ar = torch.arange(len(labels), device=labels.device)
+    residual = _residual_power(refs.V, Y, C, lat, A, t, labels) / refs.sigma2
+    conf = posterior_near(grid, refs.rotations, A, refs.sigma2 * residual.clamp_min(1.0))
+    return labels, p_all[ar, labels], conf, residual
 
 
 def _class_probabilities(refs: References, Y: torch.Tensor, C: torch.Tensor, sub: SubLattice, A: torch.Tensor,

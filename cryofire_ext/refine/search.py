@@ -65,22 +65,19 @@ def search(warm: WarmMap, images: torch.Tensor, ctf_params: torch.Tensor, refine
     on the shells it resolves) and then of shifts (`REFINE_SHIFT_STEPS`, a fraction of the grid's
     pitch) follows the grid search.
     """
-    A, t, cls, _ = _search(warm, images, ctf_params, refine, chunk, posterior=False)
+    A, t, cls, _ = _search(warm, images, ctf_params, refine, chunk, scored=False)
     return A, t, cls
 
 
 @torch.no_grad()
-def search_posterior(warm: WarmMap, images: torch.Tensor, ctf_params: torch.Tensor, sigma2: float,
-                     chunk: int = 64):
-    """`search` (with the local refinement) that also returns each image's posterior over the grid:
-    (A, shifts, class as `search`'s, and the posterior mass `(n,)` of the grid rotations within
-    `POSTERIOR_NEAR_SPACINGS` grid spacings of the final pose). The posterior weighs each grid rotation by exp(score / `sigma2`), its score the best over the grid's shifts and the classes on the
-    shells the grid resolves: 1 when the image's likelihood has one peak near the chosen pose, low when other
-    orientations explain it about as well."""
-    return _search(warm, images, ctf_params, True, chunk, posterior=True, sigma2=sigma2)
+def search_scored(warm: WarmMap, images: torch.Tensor, ctf_params: torch.Tensor, chunk: int = 64):
+    """`search` (with the local refinement) that also returns each image's score of every grid rotation
+    `(n, M)`: its log-likelihood up to a constant, the best over the grid's shifts and the classes, on the shells
+    the grid resolves (for `posterior_near`)."""
+    return _search(warm, images, ctf_params, True, chunk, scored=True)
 
 
-#: `search_posterior` counts the grid rotations this many grid spacings (`grid_spacing_rad`) from the final pose
+#: `posterior_near` counts the grid rotations this many grid spacings (`grid_spacing_rad`) from the final pose
 POSTERIOR_NEAR_SPACINGS = 2.0
 
 
@@ -89,10 +86,13 @@ def grid_spacing_rad(n_rotations: int) -> float:
     return float((8.0 * np.pi ** 2 / max(int(n_rotations), 1)) ** (1.0 / 3.0))
 
 
-def posterior_near(scores: torch.Tensor, rotations: torch.Tensor, A: torch.Tensor, sigma2: float) -> torch.Tensor:
+def posterior_near(scores: torch.Tensor, rotations: torch.Tensor, A: torch.Tensor,
+                   sigma2: "float | torch.Tensor") -> torch.Tensor:
     """Posterior mass `(n,)` in [0, 1] of the grid rotations `(M, 3, 3)` within `POSTERIOR_NEAR_SPACINGS` grid
     spacings of each image's pose A `(n, 3, 3)`, each rotation weighted by exp(score / sigma2), its score
-    `scores` `(n, M)` a log-likelihood up to a constant."""
+    `scores` `(n, M)` a log-likelihood up to a constant, sigma2 a number or one per image `(n,)`."""
+    if torch.is_tensor(sigma2):
+        sigma2 = sigma2.reshape(-1, 1)
     p = torch.softmax(scores / sigma2, dim=1)
     cos = (torch.einsum("rij,nij->nr", rotations, A) - 1.0) / 2.0  # cos of the angle between grid and pose
     near = np.cos(POSTERIOR_NEAR_SPACINGS * grid_spacing_rad(len(rotations)))
@@ -100,10 +100,9 @@ def posterior_near(scores: torch.Tensor, rotations: torch.Tensor, A: torch.Tenso
 
 
 def _search(warm: WarmMap, images: torch.Tensor, ctf_params: torch.Tensor, refine: bool, chunk: int, *,
-            posterior: bool, sigma2: float = 1.0):
-    """The engine of `search` and `search_posterior`: per chunk, each class's grid scores, its best grid
-    point, its local refinement, then the best class; with `posterior` also the posterior mass near the final
-    pose (else None)."""
+            scored: bool):
+    """The engine of `search` and `search_scored`: per chunk, each class's grid scores, its best grid point, its
+    local refinement, then the best class; with `scored` also each grid rotation's score (else None)."""
     device = images.device
     box = images.shape[-1]
     images = crop(images, warm.box)
@@ -125,7 +124,7 @@ def _search(warm: WarmMap, images: torch.Tensor, ctf_params: torch.Tensor, refin
         for V, S in zip(maps, S_all):
             g = grid_scores(Y[:, low], C[:, low], S, sub, shifts)  # (n, shift, rotation)
             val, flat = g.flatten(1).max(1)
-            if posterior:
+            if scored:
                 g = g.amax(1)
                 per_rotation = g if per_rotation is None else torch.maximum(per_rotation, g)
             del g
@@ -137,10 +136,10 @@ def _search(warm: WarmMap, images: torch.Tensor, ctf_params: torch.Tensor, refin
         out_A.append(A)
         out_t.append(t)
         out_c.append(cls)
-        if posterior:
-            out_m.append(posterior_near(per_rotation, rots, A, sigma2))
-    mass = torch.cat(out_m) if posterior else None
-    return torch.cat(out_A), torch.cat(out_t) * (box / warm.box), torch.cat(out_c), mass
+        if scored:
+            out_m.append(per_rotation)
+    scores = torch.cat(out_m) if scored else None
+    return torch.cat(out_A), torch.cat(out_t) * (box / warm.box), torch.cat(out_c), scores
 
 
 #: the global grid is scored up to the radius where its spacing moves a lattice point this many pixels

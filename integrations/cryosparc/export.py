@@ -111,10 +111,10 @@ def _dtype_of(v: np.ndarray):
     return ("O" if v.dtype == object else v.dtype.str) if v.ndim == 1 else (v.dtype.str, v.shape[1:])
 
 
-def dataset_from_stack(stack: ParticleStack, z: np.ndarray | None = None, classes: np.ndarray | None = None
-                       ) -> Dataset:
+def dataset_from_stack(stack: ParticleStack, z: np.ndarray | None = None, classes: np.ndarray | None = None,
+                       confidences: dict | None = None) -> Dataset:
     """The cryoSPARC `Dataset` that `write_cs` saves for `stack` (latent coordinates `z` `(n, d)`, 0-based
-    `classes` `(n,)`).
+    `classes` `(n,)`, `confidences` as `write_cs`'s).
 
     Pure: builds the table only. A Dataset passthrough is copied (rows in `stack.source_rows`
     order), never modified. The alignments3D and components_mode_K fields come from `fields.alignment_fields`.
@@ -132,23 +132,25 @@ def dataset_from_stack(stack: ParticleStack, z: np.ndarray | None = None, classe
         dset = _new_dataset(stack)
     fields = alignment_fields(n, A=stack.A if posed else None, shifts_A=stack.shifts_A,
                               psize_A=float(stack.pixel_size_A), split=stack.subset if posed else None,
-                              classes=classes, class_posterior=posterior, z=z)
+                              classes=classes, class_posterior=posterior, z=z, confidences=confidences)
     if z is not None:
         drop_stale_components(dset, np.shape(z)[1])
     return set_fields(dset, fields)
 
 
 def write_cs(stack: ParticleStack, path, z: np.ndarray | None = None, force: bool = False,
-             classes: np.ndarray | None = None) -> Path:
+             classes: np.ndarray | None = None, confidences: dict | None = None) -> Path:
     """Save `stack` (poses, and `z` `(n, d)` when given) as a cryoSPARC `.cs` file; returns the path.
 
     `classes` `(n,)` 0-based: written as `alignments3D/class` (replacing any input value) with
-    `alignments3D/class_posterior` 1.0; None: the stack's own `class_id` (when it has poses), or the input's.
+    `alignments3D/class_posterior` 1.0 (the `confidences` "class_probability" when given); None: the stack's own
+    `class_id` (when it has poses), or the input's. `confidences` {"pose_confidence": `(n,)` in [0, 1], ...}: our
+    per-particle confidences as `CONFIDENCE_FIELDS`.
     InputError when `classes` are not n whole numbers >= 0.
     Refuses to overwrite unless `force`; writes to a temporary name beside `path`, then renames.
     """
     path = check_writable(path, force)
-    dset = dataset_from_stack(stack, z, classes=classes)
+    dset = dataset_from_stack(stack, z, classes=classes, confidences=confidences)
     with atomic_path(path, force=force) as tmp:
         with open(tmp, "wb") as fh:
             dset.save(fh)

@@ -22,19 +22,27 @@ from cryosparc.dataset import Dataset
 
 from cryofire_ext.errors import InputError
 from cryofire_ext.poses import matrix_to_cryosparc_pose
+from integrations.formats import check_confidence
 
 COMPONENT_FIELD = re.compile(r"^components_mode_(\d+)/")
+
+
+#: our per-particle confidences (`results.CONFIDENCES`) as .cs fields; the class probability is cryoSPARC's own
+#: class posterior
+CONFIDENCE_FIELDS = {"pose_confidence": "cryofire/pose_confidence", "class_probability": "alignments3D/class_posterior"}
 
 
 def alignment_fields(n: int, *, A: np.ndarray | None = None, shifts_A: np.ndarray | None = None,
                      psize_A: np.ndarray | float | None = None, split: np.ndarray | None = None,
                      classes: np.ndarray | None = None, class_posterior: np.ndarray | float | None = None,
-                     z: np.ndarray | None = None) -> dict[str, np.ndarray]:
+                     z: np.ndarray | None = None, confidences: dict | None = None) -> dict[str, np.ndarray]:
     """Field name -> values `(n, ...)` in cryoSPARC's dtypes, for `n` particles; only what is given.
 
     `A` `(n, 3, 3)` with `shifts_A` `(n, 2)` (Angstrom; zeros when None) and `psize_A` (scalar or `(n,)`,
     Angstrom, > 0): pose, shift and psize_A. `split` `(n,)` 0/1; `classes` `(n,)` 0-based (checked by the
-    caller); `class_posterior` scalar or `(n,)`; `z` `(n, d)`: components_mode_0..d-1.
+    caller); `class_posterior` scalar or `(n,)`; `z` `(n, d)`: components_mode_0..d-1; `confidences` {name of
+    `results.CONFIDENCES`: `(n,)` in [0, 1]}: `CONFIDENCE_FIELDS` (the class probability replaces
+    `class_posterior`).
     """
     out: dict[str, np.ndarray] = {}
     if A is not None:
@@ -58,6 +66,8 @@ def alignment_fields(n: int, *, A: np.ndarray | None = None, shifts_A: np.ndarra
         for k in range(z.shape[1]):
             out[f"components_mode_{k}/component"] = np.full(n, k, dtype=np.uint32)
             out[f"components_mode_{k}/value"] = z[:, k]
+    for name, values in (confidences or {}).items():
+        out[CONFIDENCE_FIELDS[name]] = check_confidence(values, n, CONFIDENCE_FIELDS[name])
     return out
 
 

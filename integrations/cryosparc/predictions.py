@@ -37,9 +37,9 @@ def alignment_columns(dset: Dataset, preds: Predictions, *, psize_A: np.ndarray 
     prediction, and `columns` mapping field name -> (dtype, values `(m, ...)`), built by
     `fields.alignment_fields`: `alignments3D/pose` `(m, 3)` f4 (-rotvec(A), radians),
     `alignments3D/shift` `(m, 2)` f4 (pixels of `alignments3D/psize_A`, RELION's origin sign),
-    `alignments3D/psize_A` f4, `alignments3D/class_posterior` (1), `alignments3D/class` u4
-    (`preds.class_id`, 0-based), and per latent dimension K `components_mode_K/component` u4 = K,
-    `components_mode_K/value` f4 = z_K. `psize_A` defaults to each row's `blob/psize_A`.
+    `alignments3D/psize_A` f4, `alignments3D/class_posterior` (the class probability, else 1),
+    `alignments3D/class` u4 (`preds.class_id`, 0-based), `cryofire/pose_confidence` f4 when the predictions
+    have it, and per latent dimension K `components_mode_K/component` u4 = K, `components_mode_K/value` f4 = z_K. `psize_A` defaults to each row's `blob/psize_A`.
     """
     uids = np.asarray(dset["uid"]).astype(np.uint64).astype(str)
     index = {str(u): i for i, u in enumerate(np.asarray(preds.ids).astype(str))}
@@ -60,7 +60,8 @@ def alignment_columns(dset: Dataset, preds: Predictions, *, psize_A: np.ndarray 
         raise InputError("the particle dataset has a non-positive pixel size (blob/psize_A)")
     fields = alignment_fields(len(rows), A=preds.A[pick], shifts_A=preds.shifts_A[pick], psize_A=psize,
                               classes=preds.class_id[pick], class_posterior=1.0,
-                              z=preds.z[pick] if preds.zdim else None)
+                              z=preds.z[pick] if preds.zdim else None,
+                              confidences={k: v[pick] for k, v in preds.confidences().items()})
     return rows, {name: (field_spec(values), values) for name, values in fields.items()}
 
 

@@ -39,13 +39,15 @@ from cryofire_ext.errors import InputError
 from cryofire_ext.particles import ParticleStack
 from cryofire_ext.poses import matrix_to_relion_euler
 from cryofire_ext.safe_io import atomic_path
-from integrations.formats import check_classes
+from integrations.formats import check_classes, check_confidence
 from integrations.relion.paths import relion_stack_name, resolve_stack, split_image_names
 from integrations.relion.star import LATENT_LABEL, RelionTables
 
 log = logging.getLogger(__name__)
 
 STAR_VERSION = "30001"
+#: our per-particle confidences (`Predictions.CONFIDENCES`) as STAR columns
+CONFIDENCE_LABELS = {"pose_confidence": "cryofirePoseConfidence", "class_probability": "cryofireClassProbability"}
 # per-particle columns of a 3.0 file that live in the optics table in 3.1
 OPTICS_LEVEL_LABELS = ("rlnVoltage", "rlnSphericalAberration", "rlnAmplitudeContrast", "rlnMagnification",
                        "rlnDetectorPixelSize", "rlnImagePixelSize", "rlnImageSize", "rlnImageDimensionality")
@@ -150,8 +152,8 @@ def _image_names_foreign(stack: ParticleStack) -> np.ndarray:
                      "--datadir so their stacks are found.")
 
 
-def star_tables(stack: ParticleStack, out_path, z: np.ndarray | None = None, classes: np.ndarray | None = None
-                ) -> tuple[pd.DataFrame, pd.DataFrame]:
+def star_tables(stack: ParticleStack, out_path, z: np.ndarray | None = None, classes: np.ndarray | None = None,
+                confidences: dict | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(optics, particles) tables of the RELION 3.1 file that `write_star` writes for `stack` at `out_path`."""
     n = len(stack)
     if classes is not None:
@@ -206,6 +208,8 @@ def star_tables(stack: ParticleStack, out_path, z: np.ndarray | None = None, cla
             raise InputError(f"latent coordinates have shape {z.shape}; expected ({n}, d) for {n} particles")
         for j in range(z.shape[1]):
             particles[f"cryofireZ{j + 1}"] = z[:, j]
+    for name, values in (confidences or {}).items():
+        particles[CONFIDENCE_LABELS[name]] = check_confidence(values, n, CONFIDENCE_LABELS[name])
     return optics, particles
 
 
@@ -227,16 +231,17 @@ def relion_text(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def write_star(stack: ParticleStack, path, z: np.ndarray | None = None, force: bool = False,
-               classes: np.ndarray | None = None) -> Path:
+               classes: np.ndarray | None = None, confidences: dict | None = None) -> Path:
     """Write `stack` (+ latent coordinates `z` `(n, d)`) as a RELION 3.1 particle STAR file; returns the path.
 
     `classes` `(n,)` 0-based: written as `rlnClassNumber = classes + 1` (replacing any input value); None: the
-    stack's own `class_id`, else the input's column as read. InputError when `classes` are not n whole
+    stack's own `class_id`, else the input's column as read. `confidences`: {"pose_confidence" or
+    "class_probability": `(n,)` in [0, 1]}, written as `CONFIDENCE_LABELS` columns. InputError when `classes` are not n whole
     numbers >= 0. Refuses to overwrite an existing file unless `force`; nothing is left under `path` when
     writing fails.
     """
     path = Path(path)
-    optics, particles = star_tables(stack, path, z, classes=classes)
+    optics, particles = star_tables(stack, path, z, classes=classes, confidences=confidences)
     with atomic_path(path, force=force) as tmp, open(tmp, "w") as fh:
         fh.write(f"# written by cryofire-ext {__version__}\n\n")
         for name, table in (("optics", optics), ("particles", particles)):
