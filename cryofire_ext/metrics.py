@@ -77,6 +77,15 @@ def rotation_error_deg(A_pred, A_true) -> RotationErrors:
     return best
 
 
+def rotation_error_in_frame_deg(A_pred, A_true, frame: RotationErrors) -> np.ndarray:
+    """Rotation errors `(n,)` (degrees) of `A_pred` against `A_true` turned into the frame `frame` found for other
+    particles of the same run (its hand and global rotation, `rotation_error_deg`): no alignment of its own, so
+    new particles are judged in the frame of the run's maps."""
+    T = _as_rotations(A_true, "A_true")
+    X = MIRROR @ T @ MIRROR if frame.flipped else T
+    return geodesic_deg(X @ frame.global_rotation, _as_rotations(A_pred, "A_pred"))
+
+
 def shift_error_px(shifts_pred_px, shifts_true_px, A_pred=None) -> tuple[np.ndarray, np.ndarray]:
     """Per-particle shift errors `(n,)` in pixels after the best global offset, and that offset.
 

@@ -35,6 +35,7 @@ from cryofire_ext.refine.polish import polish
 from cryofire_ext.refine.search import shift_grid
 from cryofire_ext.results import Predictions
 from cryofire_ext.train.candidates import class_targets
+from cryofire_ext.train import distributed
 from cryofire_ext.train.data import TrainingImages
 
 log = logging.getLogger(__name__)
@@ -125,21 +126,26 @@ def _search_grid(tm: TrainedModel) -> tuple[torch.Tensor, torch.Tensor]:
 def _align(tm: TrainedModel, stack: ParticleStack) -> Predictions:
     """`refine.references.align` of `stack` to the run's references -> Predictions (z: the class's z code in the
     pose model's space, the landscape's after `infer`; loss: the residual against the class map in units of
-    the noise power)."""
+    the noise power). Under torchrun each rank aligns a contiguous block of the particles and every rank gets
+    all the results in input order (alignment is per particle, so the answer does not depend on the ranks)."""
     refs = tm.references
     data = TrainingImages(stack, tm.box, tm.stats)
     n = len(stack)
+    env = distributed.current()  # under torchrun each rank aligns its block; all get every result
+    lo, hi = distributed.block(n, env)
     t0 = time.perf_counter()
     done = [0]
 
     def progress(k: int) -> None:
-        if k - done[0] >= 2000 or k == n:
-            log.info("aligned %d of %d particles to the references (%.0f images/s)", k, n,
-                     k / max(time.perf_counter() - t0, 1e-9))
+        if k - done[0] >= 2000 or k == hi - lo:
+            log.info("aligned %d of %d particles to the references (%.0f images/s)%s", k, hi - lo,
+                     k / max(time.perf_counter() - t0, 1e-9), f" on rank {env.rank}" if env.world > 1 else "")
             done[0] = k
 
-    out = references.align(refs, data.read, n, on_chunk=progress)
-    labels = out.labels.cpu().numpy().astype(np.int64)
+    aligned = references.align(refs, lambda idx: data.read(idx + lo), hi - lo, on_chunk=progress)
+    out = distributed.gather_blocks({name: getattr(aligned, name).cpu().numpy()
+                                     for name in references.Aligned.__dataclass_fields__}, env)
+    labels = out["labels"].astype(np.int64)
     codes = class_targets(tm.warm, tm.model.zdim, "cpu")
     z = codes.numpy()[labels] if codes is not None and len(codes) == refs.n_classes else \
         np.zeros((n, tm.model.zdim), np.float32)
@@ -147,11 +153,10 @@ def _align(tm: TrainedModel, stack: ParticleStack) -> Predictions:
             "model_pixel_size_A": tm.pixel_size_A, "zdim": tm.model.zdim, "run_dir": str(tm.run_dir),
             "epoch": tm.epoch, "images_seen": tm.images_seen, "inference": "references",
             "loss": "residual power against the class map / noise power"}
-    return Predictions(ids=stack.ids, A=out.A.double().cpu().numpy(),
-                       shifts_A=out.shifts_px.double().cpu().numpy() * tm.pixel_size_A, z=z,
-                       loss=out.residual.double().cpu().numpy(), meta=meta, class_id=labels,
-                       pose_confidence=out.pose_confidence.cpu().numpy(),
-                       class_probability=out.class_probability.cpu().numpy())
+    return Predictions(ids=stack.ids, A=out["A"].astype(np.float64),
+                       shifts_A=out["shifts_px"].astype(np.float64) * tm.pixel_size_A,
+                       z=z, loss=out["residual"].astype(np.float64), meta=meta, class_id=labels,
+                       pose_confidence=out["pose_confidence"], class_probability=out["class_probability"])
 
 
 def _landscape_z(tm: TrainedModel, stack: ParticleStack, preds: Predictions) -> Predictions:

@@ -2,9 +2,10 @@
 
 Also the demo: simulate the bundled two-state phantom, run the job, score it against the truth.
 Run folder layout (`out_dir`, names owned by `run_folder`): config.json, refine.json, checkpoints/last.pt
-(+ epoch_NNNN.pt), history.json, predictions.npz, particles.star (RELION 3.1 + cryofireZ*, rlnClassNumber ours),
-particles.cs (alignments3D with our class + components_mode_K), classes.json, maps/*.mrc (mean z and each class's
-mean z, numbered as rlnClassNumber), loss.png.
+(+ epoch_NNNN.pt), history.json, references.pt (and landscape.pt with z_mode "continuous"), predictions.npz,
+particles.star (RELION 3.1 + cryofireZ*, rlnClassNumber ours, cryofirePoseConfidence, cryofireClassProbability),
+particles.cs (alignments3D with our class and its probability + cryofire/pose_confidence + components_mode_K),
+classes.json, maps/*.mrc (mean z and each class's mean z, numbered as rlnClassNumber), loss.png.
 """
 
 from __future__ import annotations
@@ -151,30 +152,35 @@ def predict_job(run_dir, particles, out_dir, *, datadir=None, force: bool = Fals
                 refine: RefineConfig | None = None, device: str | None = None) -> JobOutputs:
     """`cryofire predict`: the run in `run_dir` over `particles` (path or stack), exported into `out_dir`
     (locked while written; nothing left there when it fails; never over an input file). `refine` None: the run's
-    saved refinement settings."""
+    saved refinement settings. Under torchrun (WORLD_SIZE > 1) every rank aligns its block of the new particles
+    (`pipeline.infer`) and rank 0 alone holds the folder and writes."""
+    from cryofire_ext.train import distributed
     from integrations.formats import input_files
     from integrations.run_folder import check_inputs_kept, run_folder
 
     out = Path(out_dir)
     check_outputs(out, force)
     refine = refine or saved_refine_config(run_dir)
-    with run_folder(out, what="cryofire predict", resumable=()):
+    env = distributed.setup(device or "cpu") if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None
+    main = env is None or env.is_main
+    with run_folder(out, what="cryofire predict", resumable=()) if main else contextlib.nullcontext(out):
         stack = load_particles(particles, datadir)
         check_inputs_kept(out, input_files(particles, stack))
-        return export_run(run_dir, stack, out_dir=out, refine=refine, device=device, force=force)
+        return export_run(run_dir, stack, out_dir=out, refine=refine, device=device, force=force, write=main)
 
 
 def export_run(run_dir, stack: ParticleStack, *, out_dir=None, refine: RefineConfig | None = None,
                device: str | None = None, force: bool = False, fit: TrainConfig | None = None,
                should_stop: Callable[[], bool] | None = None,
-               on_progress: Callable[[dict], None] | None = None) -> JobOutputs:
+               on_progress: Callable[[dict], None] | None = None, write: bool = True) -> JobOutputs:
     """Inference over `stack` with the run in `run_dir` (`pipeline.infer`: the model pass and the refinement
     `refine`, None: the run's saved settings) on `device` (None: the run's), exported into `out_dir` (default
     `run_dir`) by `export_predictions`. `fit` (the training job, `stack` = the training particles): the job's
     config, whose landscape settings hold (a resume may change them): with `z_mode` "continuous" the landscape
     stage is trained on the refined poses first (`pipeline.fit_landscape`; `should_stop` / `on_progress` as in
     training); with "classes" a landscape left by an earlier export is removed; then the run's references are
-    built from the final poses (`pipeline.fit_references`), against which `predict` aligns new particles."""
+    built from the final poses (`pipeline.fit_references`), against which `predict` aligns new particles.
+    `write` False: compute only (a torchrun rank other than 0)."""
     from cryofire_ext import run_layout
     from cryofire_ext.pipeline import fit_landscape, fit_references, infer
     from cryofire_ext.predict import load_trained
@@ -192,6 +198,8 @@ def export_run(run_dir, stack: ParticleStack, *, out_dir=None, refine: RefineCon
     if fit is not None:
         preds = fit_references(tm, stack, preds)
     out = Path(out_dir) if out_dir is not None else Path(run_dir)
+    if not write:  # another rank of a torchrun predict: rank 0 writes
+        return JobOutputs(out, out / PARTICLES_STAR, out / PARTICLES_CS, out / PREDICTIONS, [], out / LOSS_PLOT)
     return export_predictions(preds, tm, stack, out, refine, force=force)
 
 

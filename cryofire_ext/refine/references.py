@@ -33,10 +33,10 @@ from cryofire_ext.ctf import evaluate_ctf
 from cryofire_ext.errors import InputError
 from cryofire_ext.model.losses import undo_shift
 from cryofire_ext.recon.classmaps import RECONSTRUCT_PAD, class_maps_fsc
-from cryofire_ext.recon.lattice import Lattice, SubLattice, grid_scores, slices
+from cryofire_ext.recon.lattice import Lattice, SubLattice, slices
 from cryofire_ext.refine.classify import class_scores, low_resolution
 from cryofire_ext.refine.polish import SHIFT_PITCH_PX
-from cryofire_ext.refine.search import WarmMap, global_radius, posterior_near, refine_local, search_scored
+from cryofire_ext.refine.search import WarmMap, posterior_near, refine_local, search_scored
 from cryofire_ext.train.checkpoint import load_checkpoint, save_checkpoint
 
 log = logging.getLogger(__name__)
@@ -191,22 +191,20 @@ def confidence_at(refs: References, read: Reader, n: int, A: torch.Tensor, shift
     `(n, 3, 3)` and shifts_px `(n, 2)` px of the references' box: as `align` gives them, without moving the
     poses (the grid's posterior mass within `POSTERIOR_NEAR_SPACINGS` spacings of A)."""
     device = refs.V.device
+    warm = refs._search_grid()
     lat = Lattice(refs.box, refs.pixel_size_A, device)
-    low_cls = low_resolution(lat, refs.pixel_size_A)
-    sub_cls = SubLattice(lat, low_cls)
-    low = lat.r <= global_radius(len(refs.rotations), refs.box) + 1e-6
+    low = low_resolution(lat, refs.pixel_size_A)
     sub = SubLattice(lat, low)
-    coords = torch.einsum("mi,rij->rmj", sub.k, refs.rotations)
-    S_all = [slices(V, coords) for V in refs.V]
     A, shifts_px, labels = A.float().to(device), shifts_px.float().to(device), labels.long().to(device)
     conf, prob = [], []
     for s in range(0, n, chunk):
         idx = np.arange(s, min(n, s + chunk))
         img, ctf = read(idx)
-        Y = lat.observe(img.to(device))
-        C = evaluate_ctf(ctf.double().to(device), lat.freqs).float()
-        grid = torch.stack([grid_scores(Y[:, low], C[:, low], S, sub, refs.shifts_px).amax(1) for S in S_all]).amax(0)
-        _, p, c, _ = _judged(refs, Y, C, lat, (low_cls, sub_cls), grid, A[idx], shifts_px[idx], labels[idx])
+        img, ctf = img.to(device), ctf.to(device)
+        grid = search_scored(warm, img, ctf, refine=False, chunk=chunk)[3]
+        Y = lat.observe(img)
+        C = evaluate_ctf(ctf.double(), lat.freqs).float()
+        _, p, c, _ = _judged(refs, Y, C, lat, (low, sub), grid, A[idx], shifts_px[idx], labels[idx])
         conf.append(c)
         prob.append(p)
     return torch.cat(conf), torch.cat(prob)

@@ -70,11 +70,12 @@ def search(warm: WarmMap, images: torch.Tensor, ctf_params: torch.Tensor, refine
 
 
 @torch.no_grad()
-def search_scored(warm: WarmMap, images: torch.Tensor, ctf_params: torch.Tensor, chunk: int = 64):
-    """`search` (with the local refinement) that also returns each image's score of every grid rotation
-    `(n, M)`: its log-likelihood up to a constant, the best over the grid's shifts and the classes, on the shells
-    the grid resolves (for `posterior_near`)."""
-    return _search(warm, images, ctf_params, True, chunk, scored=True)
+def search_scored(warm: WarmMap, images: torch.Tensor, ctf_params: torch.Tensor, refine: bool = True,
+                  chunk: int = 64):
+    """`search` that also returns each image's score of every grid rotation `(n, M)`: its log-likelihood up to a
+    constant, the best over the grid's shifts and the classes, on the shells the grid resolves (for
+    `posterior_near`)."""
+    return _search(warm, images, ctf_params, refine, chunk, scored=True)
 
 
 #: `posterior_near` counts the grid rotations this many grid spacings (`grid_spacing_rad`) from the final pose

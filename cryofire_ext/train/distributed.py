@@ -4,7 +4,8 @@
 then join a process group (gloo on CPU, nccl on CUDA), convert BatchNorm to
 SyncBatchNorm (so the global batch normalises as in one process) and wrap the model
 in DistributedDataParallel. Each rank takes an equal slice of every global batch;
-only rank 0 writes files.
+only rank 0 writes files. `cryofire predict` under torchrun gives each rank a contiguous block of the
+particles (`block`) and gathers the per-particle results in input order on every rank (`gather_blocks`).
 """
 
 from __future__ import annotations
@@ -120,3 +121,28 @@ def all_mean(x: torch.Tensor, env: DistEnv) -> torch.Tensor:
 def barrier(env: DistEnv) -> None:
     if env.world > 1:
         dist.barrier()
+
+
+def current() -> DistEnv:
+    """The world this process is in (joined by `setup`): its rank and size; a world of one on the CPU otherwise."""
+    if dist.is_initialized():
+        return DistEnv(dist.get_rank(), dist.get_world_size(), torch.device("cpu"))
+    return DistEnv(0, 1, torch.device("cpu"))
+
+
+def block(n: int, env: DistEnv) -> tuple[int, int]:
+    """[start, stop) of this rank's contiguous block of `n` items (sizes differ by at most one)."""
+    edges = [n * r // env.world for r in range(env.world + 1)]
+    return edges[env.rank], edges[env.rank + 1]
+
+
+def gather_blocks(arrays: dict, env: DistEnv) -> dict:
+    """{name: `(m_r, ...)` numpy array of this rank's block} -> {name: every rank's blocks concatenated in rank
+    order} on every rank (the input itself in a world of one)."""
+    if env.world <= 1:
+        return arrays
+    parts: list = [None] * env.world
+    dist.all_gather_object(parts, arrays)
+    import numpy as np
+
+    return {name: np.concatenate([p[name] for p in parts]) for name in arrays}
