@@ -22,17 +22,9 @@ from cryosparc.dataset import Dataset
 
 from cli.main import main
 from cryofire_ext.results import Predictions
-from tests.conftest import TEST_DEVICE
+from tests.run_fixture import CLASS_RUN
 
 N = 240
-#: a seconds-long run with a search warm start into two classes and one refinement round (no global search)
-CLASS_RUN = {"zdim": 2, "epochs": 1, "batch_size": 32, "hidden": 32, "dec_hidden": 32, "dec_layers": 2,
-             "enc_channels": [4, 8, 8, 16, 16], "warm_start": "search", "warm_images": 160, "warm_box": 16,
-             "warm_steps": 60, "warm_rotations": 800, "warm_max_shift_px": 1.0, "warm_classes": 2,
-             "warm_rounds": 1, "distill_images": 240, "pose_only_images": 0, "num_workers": 0,
-             "device": TEST_DEVICE, "polish_rounds": 1, "polish_global_search": False}
-
-
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
     """particles.star (+ .mrcs) of the two-state phantom whose rlnClassNumber is 7 for every particle, and the

@@ -23,7 +23,8 @@ from cryofire_ext.refine.references import align, build_references, confidence_a
 from cryofire_ext.refine.search import shift_grid
 from cryofire_ext.results import Predictions
 from cryofire_ext.train.data import TrainingImages
-from tests.conftest import TEST_DEVICE, phantom_training_set
+from tests.conftest import phantom_training_set
+from tests.run_fixture import CLASS_RUN
 
 
 @pytest.fixture(scope="module")
@@ -89,13 +90,6 @@ def test_references_round_trip_and_a_corrupt_file_is_named(truth_references, tmp
 
 
 # ---------------------------------------------------------------- through the CLI
-TINY_RUN = {"zdim": 2, "epochs": 1, "batch_size": 32, "hidden": 32, "dec_hidden": 32, "dec_layers": 2,
-            "enc_channels": [4, 8, 8, 16, 16], "warm_start": "search", "warm_images": 160, "warm_box": 16,
-            "warm_steps": 60, "warm_rotations": 800, "warm_max_shift_px": 1.0, "warm_classes": 2,
-            "warm_rounds": 1, "distill_images": 240, "pose_only_images": 0, "num_workers": 0,
-            "device": TEST_DEVICE, "polish_rounds": 1, "polish_global_search": False}
-
-
 @pytest.fixture(scope="module")
 def exported_run(tmp_path_factory) -> tuple[Path, Path]:
     """`cryofire train` on a simulated two-state STAR, and a second, independently simulated STAR for predict."""
@@ -105,7 +99,7 @@ def exported_run(tmp_path_factory) -> tuple[Path, Path]:
     for name, seed in (("data", 4), ("new", 9)):
         run_simulate(SimulateConfig(out_dir=str(root / name), n=240 if name == "data" else 120, phantom=True, box=32,
                                     snr=3.0, shift_px=1.0, seed=seed))
-    (root / "config.json").write_text(json.dumps(TINY_RUN))
+    (root / "config.json").write_text(json.dumps(CLASS_RUN))
     run = root / "run"
     assert main(["train", str(root / "data" / "particles.star"), "-o", str(run), "--config",
                  str(root / "config.json")]) == 0
