@@ -72,7 +72,8 @@ def check_classes_out(folder: Path, star_name: str = "particles.star", cs_name: 
 def test_train_exports_our_classes(trained):
     check_classes_out(trained)
     assert json.loads((trained / "refine.json").read_text())["config"] == {"polish_rounds": 1,
-                                                                           "polish_global_search": False}
+                                                                           "polish_global_search": False,
+                                                                           "new_particles": "references"}
 
 
 def test_predict_exports_our_classes_with_the_runs_refinement(trained, data, tmp_path):
