@@ -3,7 +3,7 @@ path (`--new-particles refine`), with the run trained by benchmarks/target_run.p
 
     python benchmarks/target_run.py ... --out-dir /tmp/t20/out ...           # the run (seed 0 images)
     python benchmarks/predict_new.py --run-dir /tmp/t20/out --n 20000 --box 64 --snr 0.1 --shift-px 4 \\
-        --mix 0.9 0.1 --old-subset 1000 --out benchmarks/results/predict_new_n20000_box64_snr0.1.json
+        --mix 0.9 0.1 --n-new 20000 --old-subset 1000 --out benchmarks/results/predict_new_n20000_box64_snr0.1.json
 
 Simulates a second, independent set of the same states (`--seed`, default 1), writes it as a STAR + stack, and
 runs `cryofire predict RUN NEW.star -o OUT` as a subprocess with its defaults (wall time, peak RSS). Scores: median
@@ -53,6 +53,7 @@ def main() -> None:
     ap.add_argument("--shift-px", type=float, default=4.0)
     ap.add_argument("--mix", type=float, nargs="+", default=[0.9, 0.1])
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--n-new", type=int, default=None, help="new particles to predict (default: --n)")
     ap.add_argument("--old-subset", type=int, default=1000)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", required=True)
@@ -82,12 +83,13 @@ def main() -> None:
                                  "clustering_error": metrics.clustering_error(train_preds.class_id, train.state),
                                  **confidence_scores(train_preds.pose_confidence, frame.errors_deg)}
 
-    new = simulate(maps, args.n, mix=args.mix, snr=args.snr, shift_px=args.shift_px, pixel_size_A=apix,
+    n_new = args.n_new or args.n
+    new = simulate(maps, n_new, mix=args.mix, snr=args.snr, shift_px=args.shift_px, pixel_size_A=apix,
                    seed=args.seed)
-    new_dir = root / f"new_seed{args.seed}"
+    new_dir = root / f"new_seed{args.seed}_n{n_new}"
     if not (new_dir / "particles.star").is_file():
         write_dataset(new, new_dir)
-    out = root / f"predict_seed{args.seed}"
+    out = root / f"predict_seed{args.seed}_n{n_new}"
     t0 = time.time()
     proc = subprocess.run([sys.executable, "-m", "cli.main", "predict", str(run), str(new_dir / "particles.star"),
                            "-o", str(out), "--force"], cwd=Path(__file__).resolve().parents[1],
@@ -98,8 +100,8 @@ def main() -> None:
     preds = Predictions.load(out / "predictions.npz")
     err = metrics.rotation_error_in_frame_deg(preds.A, new.A, frame)
     sh, _ = metrics.shift_error_px(preds.shifts_A / apix, new.shifts_A / apix, preds.A)
-    res["predict"] = {"inference": preds.meta.get("inference"), "n": args.n, "wall_s": wall,
-                      "images_per_s": args.n / wall,
+    res["predict"] = {"inference": preds.meta.get("inference"), "n": n_new, "wall_s": wall,
+                      "images_per_s": n_new / wall,
                       "peak_rss_MiB": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
                       "median_rotation_error_deg_run_frame": float(np.median(err)),
                       "median_shift_error_px": float(np.median(sh)),
