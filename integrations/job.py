@@ -193,7 +193,7 @@ def export_run(run_dir, stack: ParticleStack, *, out_dir=None, refine: RefineCon
     if fit is not None:
         tm.config = fit
     preds = infer(tm, stack, refine)
-    if fit is not None and fit.z_mode == "continuous" and fit.zdim:
+    if fit is not None and fit.z_mode == "continuous":
         preds = fit_landscape(tm, stack, preds, should_stop=should_stop, on_progress=on_progress)
     if fit is not None:
         preds = fit_references(tm, stack, preds)

@@ -211,3 +211,20 @@ def test_resuming_with_class_z_drops_the_landscape(continuous_run, tmp_path):
     preds = Predictions.load(again / "predictions.npz")
     assert "z" not in preds.meta  # z is the pose model's again (its class codes), not the landscape's
     assert not np.allclose(preds.z, Predictions.load(run / "predictions.npz").z, atol=1e-3)
+
+
+def test_a_run_without_class_z_gets_its_landscape_too(tmp_path):
+    """`--zdim 0 --z-mode continuous`: the pose model has no z, the landscape still gives every particle one."""
+    from integrations.simulated import SimulateConfig, run_simulate
+
+    run_simulate(SimulateConfig(out_dir=str(tmp_path / "data"), n=160, phantom=True, box=32, snr=3.0, shift_px=1.0,
+                                seed=6))
+    cfg = {k: v for k, v in CONTINUOUS_RUN.items() if k != "z_mode"}
+    cfg.update(zdim=0, warm_classes=1, warm_images=120, distill_images=160)
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    run = tmp_path / "run"
+    assert main(["train", str(tmp_path / "data" / "particles.star"), "-o", str(run), "--config",
+                 str(tmp_path / "config.json"), "--z-mode", "continuous"]) == 0
+    preds = Predictions.load(run / "predictions.npz")
+    assert (run / "landscape.pt").is_file() and preds.meta["z"] == "landscape" and preds.zdim == 1
+    assert np.all((preds.z >= 0) & (preds.z <= 1)) and len(np.unique(preds.z[:, 0])) > len(preds) // 2
