@@ -28,7 +28,7 @@ import torch
 from cryofire_ext import landscape, run_layout
 from cryofire_ext.particles import ParticleStack
 from cryofire_ext.poses import random_rotations
-from cryofire_ext.predict import TrainedModel, is_training_stack, load_trained, model_pass
+from cryofire_ext.predict import TrainedModel, is_training_stack, load_trained, model_pass, run_meta
 from cryofire_ext.refine import references
 from cryofire_ext.refine.config import RefineConfig
 from cryofire_ext.refine.polish import polish
@@ -149,9 +149,7 @@ def _align(tm: TrainedModel, stack: ParticleStack) -> Predictions:
     codes = class_targets(tm.warm, tm.model.zdim, "cpu")
     z = codes.numpy()[labels] if codes is not None and len(codes) == refs.n_classes else \
         np.zeros((n, tm.model.zdim), np.float32)
-    meta = {"pixel_size_A": stack.pixel_size_A, "box": stack.box, "model_box": tm.box,
-            "model_pixel_size_A": tm.pixel_size_A, "zdim": tm.model.zdim, "run_dir": str(tm.run_dir),
-            "epoch": tm.epoch, "images_seen": tm.images_seen, "inference": "references",
+    meta = {**run_meta(tm, stack), "inference": "references",
             "loss": "residual power against the class map / noise power"}
     return Predictions(ids=stack.ids, A=out["A"].astype(np.float64),
                        shifts_A=out["shifts_px"].astype(np.float64) * tm.pixel_size_A,

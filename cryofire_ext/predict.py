@@ -170,11 +170,16 @@ def model_pass(tm: TrainedModel, stack: ParticleStack, *, batch_size: int = 256)
         shifts_A[idx] = out.shift_px.double().cpu().numpy() * tm.pixel_size_A
         z[idx] = out.z_win.float().cpu().numpy()
         loss[idx] = out.loss.double().cpu().numpy()
-    meta = {"pixel_size_A": stack.pixel_size_A, "box": stack.box, "model_box": tm.box,
+    return Predictions(ids=stack.ids, A=A, shifts_A=shifts_A, z=z, loss=loss, meta=run_meta(tm, stack),
+                       class_id=nearest_class(z, codes))
+
+
+def run_meta(tm: TrainedModel, stack: ParticleStack) -> dict:
+    """The predictions' meta for `stack` under the run `tm`: the particles' grid, the model's, the run and how far
+    it trained."""
+    return {"pixel_size_A": stack.pixel_size_A, "box": stack.box, "model_box": tm.box,
             "model_pixel_size_A": tm.pixel_size_A, "zdim": tm.model.zdim, "run_dir": str(tm.run_dir),
             "epoch": tm.epoch, "images_seen": tm.images_seen}
-    return Predictions(ids=stack.ids, A=A, shifts_A=shifts_A, z=z, loss=loss, meta=meta,
-                       class_id=nearest_class(z, codes))
 
 
 def nearest_class(z: np.ndarray, codes: torch.Tensor | None) -> np.ndarray:

@@ -14,6 +14,7 @@ import logging
 import os
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -143,6 +144,4 @@ def gather_blocks(arrays: dict, env: DistEnv) -> dict:
         return arrays
     parts: list = [None] * env.world
     dist.all_gather_object(parts, arrays)
-    import numpy as np
-
     return {name: np.concatenate([p[name] for p in parts]) for name in arrays}
