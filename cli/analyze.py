@@ -170,10 +170,11 @@ def register(app: typer.Typer) -> None:
         """Maps of the trained model at given latent points."""
         from cryofire_ext import analysis
 
-        zdim = None
+        zdim = data_z = None
         if (run / PREDICTIONS).is_file():
-            zdim = analysis.load_run(run).predictions.zdim
-        points = analysis.read_z_points(z, z_file, zdim=zdim)
+            preds = analysis.load_run(run).predictions
+            zdim, data_z = preds.zdim, preds.z
+        points = analysis.read_z_points(z, z_file, zdim=zdim, data_z=data_z)
         source = analysis.load_volume_source(run, device=device)
         paths = analysis.eval_volumes(run, points, out, force=force, source=source)
         typer.echo(f"wrote {len(paths)} map(s) to {out}")

@@ -209,6 +209,20 @@ def test_read_z_points_checks_dimension(tmp_path):
     assert analysis.read_z_points(path=tmp_path / "z.npy", zdim=8).shape == (2, 8)
     with pytest.raises(InputError, match="exactly one"):
         analysis.read_z_points("1", tmp_path / "z.npy")
+    with pytest.raises(InputError, match="finite"):
+        analysis.read_z_points("0.1,nan", zdim=2)
+
+
+def test_z_points_outside_the_particles_range_are_warned_of(caplog):
+    data_z = np.array([[0.1], [0.5], [0.9]])
+    with caplog.at_level("WARNING"):
+        analysis.read_z_points("0.2;0.8", zdim=1, data_z=data_z)
+    assert "outside" not in caplog.text
+    with caplog.at_level("WARNING"):
+        z = analysis.read_z_points("0.2;1.5;-3", zdim=1, data_z=data_z)
+    assert z.shape == (3, 1)
+    assert "2 of 3 latent point(s) lie outside the particles' z range (0.1) to (0.9), e.g. point 2 (1.5)" \
+        in caplog.text
 
 
 # ---------------------------------------------------------------------------- plots

@@ -5,6 +5,7 @@ Maps are `(D, D, D)` float32 `[z, y, x]` with a voxel size in Angstrom; latent p
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Protocol, Sequence
@@ -13,6 +14,8 @@ import numpy as np
 
 from cryofire_ext.errors import InputError
 from cryofire_ext.images import write_mrc
+
+log = logging.getLogger(__name__)
 
 
 # ------------------------------------------------------------------------- maps
@@ -59,9 +62,11 @@ def load_volume_source(run_dir: str | os.PathLike, device: str = "cpu") -> Volum
 
 
 def read_z_points(text: str | None = None, path: str | os.PathLike | None = None,
-                  zdim: int | None = None) -> np.ndarray:
+                  zdim: int | None = None, data_z: np.ndarray | None = None) -> np.ndarray:
     """Latent points `(m, zdim)` from `text` ("0.1,0.2;0.3,-1": points separated by ';', values by ','
-    or spaces) or from a file (`.npy`, or text with one point per line); checks the dimension."""
+    or spaces) or from a file (`.npy`, or text with one point per line); checks the dimension. With the
+    particles' z `data_z` `(n, zdim)`, warns of points outside their range (a map there is the model's
+    extrapolation, or the landscape's end: no particle supports it)."""
     if (text is None) == (path is None):
         raise InputError("give exactly one of --z \"z1,z2,...\" and --z-file FILE")
     where = "--z" if text is not None else str(path)
@@ -89,7 +94,18 @@ def read_z_points(text: str | None = None, path: str | os.PathLike | None = None
                          f"dimension {zdim}; give {zdim} values per point")
     if not np.all(np.isfinite(z)):
         raise InputError(f"{where}: latent points must be finite numbers")
+    if data_z is not None and len(data_z) and np.shape(data_z)[1] == z.shape[1]:
+        lo, hi = np.min(data_z, axis=0), np.max(data_z, axis=0)
+        outside = np.nonzero(np.any((z < lo - 1e-6) | (z > hi + 1e-6), axis=1))[0]
+        if len(outside):
+            log.warning("%s: %d of %d latent point(s) lie outside the particles' z range (%s) to (%s), e.g. point %d "
+                        "(%s); no particle supports a map there", where, len(outside), len(z), _numbers(lo), _numbers(hi),
+                        outside[0] + 1, _numbers(z[outside[0]]))
     return z
+
+
+def _numbers(v: np.ndarray) -> str:
+    return ", ".join(f"{x:.3g}" for x in v)
 
 
 def eval_volumes(run_dir: str | os.PathLike, z: np.ndarray, out_dir: str | os.PathLike, force: bool = False,
