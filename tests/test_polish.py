@@ -16,7 +16,7 @@ from cryofire_ext.ctf import evaluate_ctf
 from cryofire_ext.metrics import clustering_error, geodesic_deg
 from cryofire_ext.model.losses import undo_shift
 from cryofire_ext.refine.polish import MIN_PARTICLES_PER_CLASS, polish
-from cryofire_ext.recon.classmaps import (RECONSTRUCT_PAD, class_maps, class_maps_fsc, fsc_resolution_A,
+from cryofire_ext.recon.classmaps import (RECONSTRUCT_PAD, class_maps, class_maps_fsc, fsc_radius, fsc_resolution_A,
                                          on_box_lattice, reconstruct_classes)
 from cryofire_ext.refine.classify import classify_at_poses
 from cryofire_ext.poses import random_rotations
@@ -174,6 +174,17 @@ def test_fsc_resolution_reads_the_first_shell_below_the_threshold():
     assert fsc_resolution_A(torch.tensor([1.0] + [0.0] * 8), 16, 2.0) == pytest.approx(32.0)
 
 
+def test_fsc_radius_keeps_the_shells_up_to_the_first_below_the_threshold():
+    f = torch.tensor([1.0, 0.99, 0.9, 0.5, 0.1, 0.3, 0.0, 0.0, 0.0])  # box 16: shells 0..8
+    assert fsc_radius(f, 16, 0.143) == pytest.approx(4.5 / 8)  # shell 4, the first below, included
+    assert fsc_radius(f, 16, 0.05) == pytest.approx(6.5 / 8)  # the first below 0.05 is shell 6 (0.3 at 5 counts)
+    assert fsc_radius(torch.ones(9), 16, 0.05) == 1.0
+    lat = Lattice(16, 2.0, "cpu", max_radius=fsc_radius(f, 16, 0.143))
+    full = Lattice(16, 2.0, "cpu")
+    assert float(lat.r.max()) <= 4.5 / 8 and len(lat.k) < len(full.k)
+    assert len(lat.k) == int((full.r <= 4.5 / 8).sum())  # the same points as the full lattice's within it
+
+
 def test_polish_sorts_a_random_split_into_the_states(two_states):
     """Classes that are a random split (as the warm start's are at low SNR), poses 6 deg off: the
     classification at the end of the first round finds the states and the poses still improve."""
@@ -218,3 +229,18 @@ def test_classification_matches_the_half_sets_classes_before_scoring():
     assert clustering_error(crossed.numpy(), ds.state) > 0.45
     lab = classify_at_poses(data.read, n, A, t, crossed, 2, 32, apix)
     assert clustering_error(lab.numpy(), ds.state) < 0.02
+
+
+def test_score_at_is_the_gaussian_log_likelihood_for_one_shift_per_slice_or_per_image():
+    """score = |Y|^2 - |Y shifted back - C S|^2 (the log-likelihood up to a constant), whether each slice has its
+    own shift `(n, c, 2)` or all of an image's slices share one `(n, 1, 2)` (the local refinement's rotations)."""
+    from cryofire_ext.recon.lattice import score_at
+
+    g = torch.Generator().manual_seed(0)
+    n, c, m = 4, 6, 40
+    Y = torch.complex(torch.randn(n, m, generator=g), torch.randn(n, m, generator=g))
+    C, k = torch.randn(n, m, generator=g), torch.rand(m, 2, generator=g) - 0.5
+    S = torch.complex(torch.randn(n, c, m, generator=g), torch.randn(n, c, m, generator=g))
+    for t in (torch.randn(n, c, 2, generator=g), torch.randn(n, 1, 2, generator=g)):
+        direct = Y.abs().square().sum(-1)[:, None] - (undo_shift(Y, k, t) - C[:, None] * S).abs().square().sum(-1)
+        torch.testing.assert_close(score_at(Y, C, k, S, t), direct, rtol=1e-4, atol=1e-3)

@@ -86,9 +86,32 @@ def half_set(n: int, device) -> torch.Tensor:
 def fsc_resolution_A(fsc: torch.Tensor, box: int, pixel_size_A: float, threshold: float = 0.143) -> float:
     """Resolution (A) of the first shell of `fsc` `(box//2 + 1,)` below `threshold` (of the last shell
     above it; Nyquist when none falls below)."""
-    below = torch.nonzero(fsc[1:] < threshold).squeeze(-1)
-    r = int(below[0]) if len(below) else len(fsc) - 1  # fsc[1 + r] is the first below: shell r the last above
+    r = _last_above(fsc, threshold)
     return float(box * pixel_size_A / max(r, 1))
+
+
+def fsc_radius(fsc: torch.Tensor, box: int, threshold: float) -> float:
+    """Lattice radius (Nyquist units of `box`, at most 1) up to the first shell of `fsc` `(box//2 + 1,)` below
+    `threshold`, that shell included: the shells a map filtered by that FSC holds."""
+    return min(1.0, (_last_above(fsc, threshold) + 1.5) / (box / 2))
+
+
+#: `signal_radius`: the shells up to the first where every class's half-set FSC is below this hold the maps'
+#: signal; the maps are FSC-weighted (`2 FSC / (1 + FSC)`), so the shells beyond are about 0 and scoring images
+#: there costs time and adds only noise
+SIGNAL_FSC = 0.05
+
+
+def signal_radius(fsc: torch.Tensor, box: int) -> float:
+    """Lattice radius (Nyquist units of `box`, at most 1) of the shells FSC-weighted maps with FSCs `fsc`
+    `(K, box // 2 + 1)` hold: `fsc_radius` at `SIGNAL_FSC` of the best class in each shell."""
+    return fsc_radius(fsc.reshape(-1, fsc.shape[-1]).max(0).values, box, SIGNAL_FSC)
+
+
+def _last_above(fsc: torch.Tensor, threshold: float) -> int:
+    """The shell before the first (after the origin's) below `threshold`; the last shell when none is."""
+    below = torch.nonzero(fsc[1:] < threshold).squeeze(-1)
+    return int(below[0]) if len(below) else len(fsc) - 1  # fsc[1 + r] is the first below: shell r the last above
 
 
 def on_box_lattice(V: torch.Tensor, box: int) -> torch.Tensor:

@@ -20,13 +20,14 @@ from cryofire_ext.model.losses import undo_shift
 
 
 class Lattice:
-    """The half-plane slice lattice of `box` (one point of each Hermitian pair, inside the Nyquist circle).
+    """The half-plane slice lattice of `box` (one point of each Hermitian pair, inside the Nyquist circle, or
+    inside `max_radius` Nyquist units when that is smaller).
 
     k `(m, 3)` Nyquist units; r `(m,)` radius; freqs `(m, 2)` float64 1/A (for the CTF); `observe(img)` the
     images' centred transforms on it."""
 
-    def __init__(self, box: int, pixel_size_A: float, device):
-        half = fourier.half_plane_mask(box, 1.0 - 1e-3)
+    def __init__(self, box: int, pixel_size_A: float, device, max_radius: float = 1.0):
+        half = fourier.half_plane_mask(box, min(float(max_radius), 1.0 - 1e-3))
         k = fourier.slice_lattice(box, dtype=torch.float32).reshape(-1, 3)
         self.idx = torch.nonzero(half.reshape(-1)).squeeze(-1).to(device)
         self.k = k[self.idx.cpu()].to(device)
@@ -113,6 +114,11 @@ def grid_scores(Y: torch.Tensor, C: torch.Tensor, S: torch.Tensor, lat: "Lattice
 
 def score_at(Y: torch.Tensor, C: torch.Tensor, k_xy: torch.Tensor, S: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """Log-likelihood up to a constant of images `Y` `(n, m)` (CTF `C`, lattice `k_xy` `(m, 2)`) under their own
-    slices `S` `(n, c, m)` at shifts `t` `(n, c, 2)` px -> `(n, c)`."""
-    Ys = undo_shift(Y, k_xy, t)
-    return 2.0 * (Ys * C[:, None]).conj().mul(S).real.sum(-1) - ((C * C)[:, None] * S.abs().square()).sum(-1)
+    slices `S` `(n, c, m)` at shifts `t` `(n, c, 2)` px, or `(n, 1, 2)` (one shift per image for all its slices) ->
+    `(n, c)`."""
+    YC = undo_shift(Y, k_xy, t) * C[:, None]  # (n, c or 1, m)
+    Sr, Si = S.real, S.imag
+    quad = ((Sr.square() + Si.square()) @ (C * C)[..., None])[..., 0]
+    if YC.shape[1] == 1:  # batched products against the one shifted image, no (n, c, m) temporaries
+        return 2.0 * (Sr @ YC.real.transpose(1, 2) + Si @ YC.imag.transpose(1, 2))[..., 0] - quad
+    return 2.0 * (YC.real * Sr + YC.imag * Si).sum(-1) - quad

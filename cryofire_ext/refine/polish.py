@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from cryofire_ext.ctf import evaluate_ctf
-from cryofire_ext.recon.classmaps import class_maps_fsc, fsc_resolution_A, on_box_lattice
+from cryofire_ext.recon.classmaps import class_maps_fsc, fsc_resolution_A, on_box_lattice, signal_radius
 from cryofire_ext.recon.lattice import Lattice, SubLattice
 from cryofire_ext.refine.classify import class_scores, classify_at_poses, low_resolution
 from cryofire_ext.refine.frames import REGISTER_BOX, one_frame
@@ -52,8 +52,9 @@ def polish(read: Reader, n: int, A: torch.Tensor, shifts_px: torch.Tensor, label
            global_grid: tuple[torch.Tensor, torch.Tensor] | None = None):
     """`rounds` of (back-project class maps filtered by their half-set FSC (`recon.classmaps.class_maps_fsc`), turn
     them into one frame (`frames.class_frames`), refine every particle's pose and shift against each class
-    map, keep the class that explains it best up to `classify.CLASSIFY_RESOLUTION_A`, then, with classes,
-    hard-EM classification at the refined poses (`classify.classify_at_poses`)). With classes the first round
+    map (on the shells the round's maps hold, `recon.classmaps.signal_radius`), keep the class that explains it
+    best up to `classify.CLASSIFY_RESOLUTION_A`, then, with classes, hard-EM classification at the refined poses
+    (`classify.classify_at_poses`)). With classes the first round
     refines against one consensus map of all particles instead (the classes, in one frame, kept until its
     classification): `labels` are then only where the classification starts. A `(n, 3, 3)` RELION
     matrices, shifts_px `(n, 2)` pixels of `box` (RELION origin sign), labels `(n,)` int64 in `[0, n_classes)`.
@@ -75,9 +76,6 @@ def polish(read: Reader, n: int, A: torch.Tensor, shifts_px: torch.Tensor, label
         return A, shifts_px, labels
     device = A.device
     A, shifts_px, labels = A.float().clone(), shifts_px.float().clone(), labels.long().clone()
-    lat = Lattice(box, pixel_size_A, device)
-    low = low_resolution(lat, pixel_size_A)
-    sub = SubLattice(lat, low)
     for r in range(rounds):
         t0 = time.perf_counter()
         # the first round refines every particle against one consensus map: the classes it starts from are a
@@ -95,6 +93,11 @@ def polish(read: Reader, n: int, A: torch.Tensor, shifts_px: torch.Tensor, label
             A, moved_frame = one_frame(on_box_lattice(V, box), A, lab)
             if moved_frame:
                 V, fsc = class_maps_fsc(read, n, A, shifts_px, lab, K, box, pixel_size_A, chunk)
+        # the particles are scored on the shells the round's maps hold
+        radius = signal_radius(fsc, box)
+        lat = Lattice(box, pixel_size_A, device, radius)
+        low = low_resolution(lat, pixel_size_A)
+        sub = SubLattice(lat, low)
         moved = replaced = 0
         # the global search: in the first round, so that far-off particles do not corrupt the first classes,
         # and in the last, for those the class maps put far off
@@ -106,7 +109,7 @@ def polish(read: Reader, n: int, A: torch.Tensor, shifts_px: torch.Tensor, label
             C = evaluate_ctf(ctf.double().to(device), lat.freqs).float()
             if search_now:
                 better = global_research(V, img.to(device), ctf, Y, C, lat, A[idx], shifts_px[idx], lab[idx],
-                                         global_grid, pixel_size_A)
+                                         global_grid, pixel_size_A, radius)
                 replaced += int(better[0].sum())
                 A[idx], shifts_px[idx], lab[idx] = better[1:]
             per_class = [refine_local(V[k], Y, C, lat, A[idx], shifts_px[idx], SHIFT_PITCH_PX) for k in range(K)]
@@ -128,14 +131,15 @@ def polish(read: Reader, n: int, A: torch.Tensor, shifts_px: torch.Tensor, label
 
 def global_research(V: torch.Tensor, img: torch.Tensor, ctf: torch.Tensor, Y: torch.Tensor, C: torch.Tensor,
                     lat: Lattice, A: torch.Tensor, shifts_px: torch.Tensor, labels: torch.Tensor,
-                    grid: tuple[torch.Tensor, torch.Tensor], pixel_size_A: float):
+                    grid: tuple[torch.Tensor, torch.Tensor], pixel_size_A: float, max_radius: float = 1.0):
     """Search images `img` `(n, box, box)` (observed `Y`, CTF `C` on `lat`) over `grid` (rotations `(M, 3, 3)`,
-    shifts `(S, 2)` px) against class maps `V` `(K, G, G, G)`, then keep, per image, whichever of the searched
-    (pose, shift, class) and the current (`A`, `shifts_px`, `labels`) has the higher log-likelihood on the whole
-    lattice -> (taken `(n,)` bool, A, shifts_px, labels)."""
+    shifts `(S, 2)` px) against class maps `V` `(K, G, G, G)` (refined on the lattice up to `max_radius`), then
+    keep, per image, whichever of the searched (pose, shift, class) and the current (`A`, `shifts_px`, `labels`)
+    has the higher log-likelihood on `lat` -> (taken `(n,)` bool, A, shifts_px, labels)."""
     box = img.shape[-1]
     rotations, shifts = grid
-    As, ts, cs = search(WarmMap(V, rotations.float(), shifts.float(), box, pixel_size_A, 1.0), img, ctf)
+    As, ts, cs = search(WarmMap(V, rotations.float(), shifts.float(), box, pixel_size_A, 1.0), img, ctf,
+                        max_radius=max_radius)
     ar = torch.arange(len(labels), device=labels.device)
     now = class_scores(V, Y, C, lat, A, shifts_px)[ar, labels]
     new = class_scores(V, Y, C, lat, As, ts)[ar, cs]

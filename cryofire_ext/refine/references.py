@@ -6,8 +6,9 @@ keeps them with the global search grid and the noise power of the images; the ru
 (`run_layout.REFERENCES`). `align` puts particles onto them the way RELION or cryoSPARC refine new particles
 against a reference: a global search over the grid and a local refinement against each class's map
 (`search.search_scored`), then the class whose map explains the particle best up to
-`classify.CLASSIFY_RESOLUTION_A` (the refinement's rule). No map is rebuilt from the new particles, so each chunk
-costs the same and a handful of particles is aligned as well as a million.
+`classify.CLASSIFY_RESOLUTION_A` (the refinement's rule), all scored on the shells the maps hold
+(`classmaps.signal_radius`: beyond the classes' FSC the FSC-weighted maps are about 0). No map is rebuilt from the
+new particles, so each chunk costs the same and a handful of particles is aligned as well as a million.
 
 Each aligned particle also gets a pose confidence (the posterior mass, over the search grid, near its pose:
 `posterior_near` over the search grid, `_judged`) and its class probability (softmax over the classes of the log-likelihood at its
@@ -32,7 +33,7 @@ import torch
 from cryofire_ext.ctf import evaluate_ctf
 from cryofire_ext.errors import InputError
 from cryofire_ext.model.losses import undo_shift
-from cryofire_ext.recon.classmaps import RECONSTRUCT_PAD, class_maps_fsc
+from cryofire_ext.recon.classmaps import RECONSTRUCT_PAD, class_maps_fsc, signal_radius
 from cryofire_ext.recon.lattice import Lattice, SubLattice, slices
 from cryofire_ext.refine.classify import class_scores, low_resolution
 from cryofire_ext.refine.polish import SHIFT_PITCH_PX
@@ -82,6 +83,15 @@ class References:
                  "sigma2": self.sigma2}
         return save_checkpoint(Path(path), state)
 
+    @property
+    def radius(self) -> float:
+        """The lattice radius (Nyquist units) of the shells the maps hold (`classmaps.signal_radius`)."""
+        return signal_radius(self.fsc, self.box)
+
+    def lattice(self, device) -> Lattice:
+        """The lattice the particles are scored on: up to `radius`."""
+        return Lattice(self.box, self.pixel_size_A, device, self.radius)
+
     def _search_grid(self) -> WarmMap:
         return WarmMap(self.V, self.rotations, self.shifts_px, self.box, self.pixel_size_A, self.sigma2)
 
@@ -121,7 +131,7 @@ def build_references(read: Reader, n: int, A: torch.Tensor, shifts_px: torch.Ten
     t0 = time.perf_counter()
     A, shifts_px = A.float(), shifts_px.float()
     V, fsc = class_maps_fsc(read, n, A, shifts_px, labels.long(), n_classes, box, pixel_size_A, chunk)
-    lat = Lattice(box, pixel_size_A, A.device)
+    lat = Lattice(box, pixel_size_A, A.device, signal_radius(fsc, box))
     idx = np.linspace(0, n - 1, min(n, NOISE_PARTICLES)).round().astype(np.int64)
     power = []
     for s in range(0, len(idx), chunk):
@@ -162,7 +172,7 @@ def align(refs: References, read: Reader, n: int, chunk: int = 64,
     `on_chunk(done)` after each. Deterministic."""
     device = refs.V.device
     warm = refs._search_grid()
-    lat = Lattice(refs.box, refs.pixel_size_A, device)
+    lat = refs.lattice(device)
     low = low_resolution(lat, refs.pixel_size_A)
     sub = SubLattice(lat, low)
     out = []
@@ -170,7 +180,7 @@ def align(refs: References, read: Reader, n: int, chunk: int = 64,
         idx = np.arange(s, min(n, s + chunk))
         img, ctf = read(idx)
         img, ctf = img.to(device), ctf.to(device)
-        A, t, searched, grid = search_scored(warm, img, ctf, chunk=chunk)
+        A, t, searched, grid = search_scored(warm, img, ctf, chunk=chunk, max_radius=refs.radius)
         Y = lat.observe(img)
         C = evaluate_ctf(ctf.double(), lat.freqs).float()
         for _ in range(LOCAL_PASSES):
@@ -192,7 +202,7 @@ def confidence_at(refs: References, read: Reader, n: int, A: torch.Tensor, shift
     poses (the grid's posterior mass within `POSTERIOR_NEAR_SPACINGS` spacings of A)."""
     device = refs.V.device
     warm = refs._search_grid()
-    lat = Lattice(refs.box, refs.pixel_size_A, device)
+    lat = refs.lattice(device)
     low = low_resolution(lat, refs.pixel_size_A)
     sub = SubLattice(lat, low)
     A, shifts_px, labels = A.float().to(device), shifts_px.float().to(device), labels.long().to(device)

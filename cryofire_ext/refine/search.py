@@ -55,7 +55,7 @@ class WarmMap:
 
 @torch.no_grad()
 def search(warm: WarmMap, images: torch.Tensor, ctf_params: torch.Tensor, refine: bool = True,
-           chunk: int = 128):
+           chunk: int = 128, max_radius: float = 1.0):
     """Best pose and class of each image against the warm maps (global grid, then local refinement).
 
     images `(n, B, B)` normalised, `B >= warm.box` (Fourier-cropped to the warm box here) ->
@@ -63,19 +63,20 @@ def search(warm: WarmMap, images: torch.Tensor, ctf_params: torch.Tensor, refine
     map is searched on its own and the best score wins. The grid is scored on the shells it resolves
     (`global_radius`). With `refine`, a local search of rotations (steps of `REFINE_STEPS_RAD`, each
     on the shells it resolves) and then of shifts (`REFINE_SHIFT_STEPS`, a fraction of the grid's
-    pitch) follows the grid search.
+    pitch) follows the grid search, on the lattice up to `max_radius` (Nyquist units; where the maps end).
     """
-    A, t, cls, _ = _search(warm, images, ctf_params, refine, chunk, scored=False)
+    A, t, cls, _ = _search(warm, images, ctf_params, refine, chunk, scored=False, max_radius=max_radius)
     return A, t, cls
 
 
 @torch.no_grad()
 def search_scored(warm: WarmMap, images: torch.Tensor, ctf_params: torch.Tensor, refine: bool = True,
-                  chunk: int = 64):
+                  chunk: int = 64, max_radius: float = 1.0):
     """`search` that also returns each image's score of every grid rotation `(n, M)`: its log-likelihood up to a
     constant, the best over the grid's shifts and the classes, on the shells the grid resolves (for
-    `posterior_near`)."""
-    return _search(warm, images, ctf_params, refine, chunk, scored=True)
+    `posterior_near`). The local refinement scores no shell beyond `max_radius` (Nyquist units; where the maps
+    end)."""
+    return _search(warm, images, ctf_params, refine, chunk, scored=True, max_radius=max_radius)
 
 
 #: `posterior_near` counts the grid rotations this many grid spacings (`grid_spacing_rad`) from the final pose
@@ -101,13 +102,14 @@ def posterior_near(scores: torch.Tensor, rotations: torch.Tensor, A: torch.Tenso
 
 
 def _search(warm: WarmMap, images: torch.Tensor, ctf_params: torch.Tensor, refine: bool, chunk: int, *,
-            scored: bool):
+            scored: bool, max_radius: float = 1.0):
     """The engine of `search` and `search_scored`: per chunk, each class's grid scores, its best grid point, its
-    local refinement, then the best class; with `scored` also each grid rotation's score (else None)."""
+    local refinement (on the lattice up to `max_radius`), then the best class; with `scored` also each grid
+    rotation's score (else None)."""
     device = images.device
     box = images.shape[-1]
     images = crop(images, warm.box)
-    lat = Lattice(warm.box, warm.pixel_size_A, device)
+    lat = Lattice(warm.box, warm.pixel_size_A, device, max_radius)
     rots = warm.rotations.to(device)
     shifts = warm.shifts_px.to(device)
     pitch = grid_pitch(warm.shifts_px)
@@ -183,8 +185,8 @@ def refine_local(V: torch.Tensor, Y: torch.Tensor, C: torch.Tensor, lat: "Lattic
                  t: torch.Tensor, pitch_px: float, n_dir: int = 16):
     """Hill-climb each image's pose `A` `(n, 3, 3)` and shift `t` `(n, 2)` px against the map `V`
     `(G, G, G)` (any grid over the same frequencies as `lat`'s, e.g. oversampled): observed `Y` `(n, m)`, CTF `C`
-    `(n, m)` on `lat`; shift steps are fractions of `pitch_px`. Deterministic. Returns (A, t, score `(n,)` the
-    log-likelihood at them)."""
+    `(n, m)` on `lat`; shift steps are fractions of `pitch_px`. Deterministic. Returns
+    (A, t, score `(n,)` the log-likelihood at them)."""
     gen = torch.Generator().manual_seed(99)
     ar = torch.arange(A.shape[0], device=A.device)
     box = lat.box
@@ -194,7 +196,7 @@ def refine_local(V: torch.Tensor, Y: torch.Tensor, C: torch.Tensor, lat: "Lattic
         m = lat.r <= resolved_radius(step, box, REFINE_REACH_PX) + 1e-6  # coarse steps: coarse shells
         k = lat.k[m]
         S = slices(V, torch.einsum("mi,ncij->ncmj", k, cand))
-        score = score_at(Y[:, m], C[:, m], k[:, :2], S, t[:, None].expand(-1, cand.shape[1], -1))
+        score = score_at(Y[:, m], C[:, m], k[:, :2], S, t[:, None])  # one shift per image: its phases once
         A = cand[ar, score.argmax(1)]
     S = slices(V, torch.einsum("mi,nij->nmj", lat.k, A)[:, None])  # (n, 1, m)
     for frac in REFINE_SHIFT_STEPS:
