@@ -64,7 +64,7 @@ def infer(run: "TrainedModel | str | Path", stack: ParticleStack, refine: Refine
             preds = _refine(tm, stack, preds, refine)
         preds.meta["inference"] = "refine"
         if tm.references is not None:
-            preds = _confidences(tm, stack, preds)
+            preds = _confidences(tm, TrainingImages(stack, tm.box, tm.stats), preds)
     preds.meta["refine"] = refine.to_dict()
     return _landscape_z(tm, stack, preds) if tm.landscape is not None else preds
 
@@ -89,28 +89,30 @@ def fit_references(tm: TrainedModel, stack: ParticleStack, preds: Predictions) -
     random rotations and shifts up to `warm_max_shift_px` without a warm start), save them in the run folder
     (`references.pt`) and attach them to `tm`; returns `preds` with each particle's pose confidence and class
     probability against them."""
-    dev = tm.model.k_half.device
     data = TrainingImages(stack, tm.box, tm.stats)
-    A = torch.as_tensor(preds.A, device=dev).float()
-    shifts_px = torch.as_tensor(preds.shifts_A / tm.pixel_size_A, device=dev).float()
-    labels = torch.as_tensor(preds.class_id, device=dev)
-    refs = references.build_references(data.read, len(preds), A, shifts_px, labels, preds.n_classes, tm.box,
-                                       tm.pixel_size_A, _search_grid(tm))
+    poses = _poses_px(tm, preds)
+    refs = references.build_references(data.read, len(preds), *poses, preds.n_classes, tm.box, tm.pixel_size_A,
+                                       _search_grid(tm))
     refs.save(tm.run_dir / run_layout.REFERENCES)
     tm.references = refs
-    return _confidences(tm, stack, preds)
+    return _confidences(tm, data, preds, poses)
 
 
-def _confidences(tm: TrainedModel, stack: ParticleStack, preds: Predictions) -> Predictions:
-    """`preds` with each particle's pose confidence and class probability at its pose against the run's references
-    (`refine.references.confidence_at`)."""
-    dev = tm.model.k_half.device
-    data = TrainingImages(stack, tm.box, tm.stats)
-    conf, prob = references.confidence_at(
-        tm.references, data.read, len(preds), torch.as_tensor(preds.A, device=dev),
-        torch.as_tensor(preds.shifts_A / tm.pixel_size_A, device=dev), torch.as_tensor(preds.class_id, device=dev))
+def _confidences(tm: TrainedModel, data: TrainingImages, preds: Predictions,
+                 poses: tuple[torch.Tensor, ...] | None = None) -> Predictions:
+    """`preds` with each particle's pose confidence and class probability at its pose (`poses` = `_poses_px`)
+    against the run's references (`refine.references.confidence_at`), the particles read from `data`."""
+    conf, prob = references.confidence_at(tm.references, data.read, len(preds), *(poses or _poses_px(tm, preds)))
     preds.pose_confidence, preds.class_probability = conf.cpu().numpy(), prob.cpu().numpy()
     return preds
+
+
+def _poses_px(tm: TrainedModel, preds: Predictions) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(A `(n, 3, 3)`, shifts `(n, 2)` px of the model box, classes `(n,)`) of `preds` as tensors on the model's
+    device, for the stages that read the particles at the model box."""
+    dev = tm.model.k_half.device
+    return (torch.as_tensor(preds.A, device=dev).float(), torch.as_tensor(preds.shifts_A / tm.pixel_size_A,
+            device=dev).float(), torch.as_tensor(preds.class_id, device=dev))
 
 
 def _search_grid(tm: TrainedModel) -> tuple[torch.Tensor, torch.Tensor]:
@@ -158,8 +160,12 @@ def _align(tm: TrainedModel, stack: ParticleStack) -> Predictions:
 
 
 def _landscape_z(tm: TrainedModel, stack: ParticleStack, preds: Predictions) -> Predictions:
-    """`preds` with z from the run's landscape at their poses."""
-    return _with_landscape_z(preds, tm.landscape.z_of(stack, preds.A, preds.shifts_A), tm.landscape)
+    """`preds` with z from the run's landscape at their poses (under torchrun each rank computes a contiguous
+    block and every rank gets all of them in input order, as `_align`)."""
+    env = distributed.current()
+    lo, hi = distributed.block(len(stack), env)
+    z = tm.landscape.z_of(stack.take(np.arange(lo, hi)), preds.A[lo:hi], preds.shifts_A[lo:hi])
+    return _with_landscape_z(preds, distributed.gather_blocks({"z": z}, env)["z"], tm.landscape)
 
 
 def _with_landscape_z(preds: Predictions, z: np.ndarray, lm: landscape.Landscape) -> Predictions:
@@ -178,9 +184,7 @@ def _refine(tm: TrainedModel, stack: ParticleStack, preds: Predictions, refine: 
     grid = None  # the warm start's global grid, its shifts in pixels of the model box
     if refine.polish_global_search and tm.warm is not None:
         grid = (tm.warm.rotations.to(dev), tm.warm.shifts_px.to(dev) * (tm.box / tm.warm.box))
-    A, t, labels = polish(data.read, len(preds), torch.as_tensor(preds.A, device=dev),
-                          torch.as_tensor(preds.shifts_A / tm.pixel_size_A, device=dev),
-                          torch.as_tensor(preds.class_id, device=dev), K, tm.box, tm.pixel_size_A,
+    A, t, labels = polish(data.read, len(preds), *_poses_px(tm, preds), K, tm.box, tm.pixel_size_A,
                           refine.polish_rounds, global_grid=grid)
     labels = labels.cpu().numpy().astype(np.int64)
     z = preds.z.copy()

@@ -8,6 +8,9 @@ function: `from tests.run_fixture import simulated_stack`.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +24,7 @@ from cryofire_ext.particles import ParticleStack
 from cryofire_ext.phantom import phantom_maps
 from cryofire_ext.poses import random_rotations
 from cryofire_ext.recon.projection import project
+from cryofire_ext.results import Predictions
 from tests.conftest import TEST_DEVICE
 
 
@@ -78,3 +82,26 @@ def trained_run(tmp_path_factory) -> Path:
     train(stack, run, cfg)
     infer(run, stack).save(run / "predictions.npz")
     return run
+
+
+PREDICT_WORKER = """
+import sys, torch
+sys.path.insert(0, {root!r})
+torch.set_num_threads(1)
+from integrations.job import predict_job
+predict_job(sys.argv[1], sys.argv[2], sys.argv[3])
+"""
+
+
+def predict_one_and_two_processes(run: Path, new_star: Path, tmp_path: Path) -> tuple[Predictions, Predictions]:
+    """`integrations.job.predict_job` of `new_star` with `run`, under torchrun with two gloo processes and in one
+    plain process -> (two's predictions, one's)."""
+    script = tmp_path / "predict.py"
+    script.write_text(PREDICT_WORKER.format(root=str(Path(__file__).resolve().parents[1])))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    for cmd in ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
+                 str(run), str(new_star), str(tmp_path / "two")],
+                [sys.executable, str(script), str(run), str(new_star), str(tmp_path / "one")]):
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        assert done.returncode == 0, f"{cmd} exited {done.returncode}:\n{done.stderr[-6000:]}"
+    return tuple(Predictions.load(tmp_path / d / "predictions.npz") for d in ("two", "one"))

@@ -25,7 +25,7 @@ from cryofire_ext.recon.reconstruct import reconstruct
 from cryofire_ext.results import Predictions
 from cryofire_ext.train.config import TrainConfig
 from tests.conftest import TEST_DEVICE
-from tests.run_fixture import simulated_stack
+from tests.run_fixture import predict_one_and_two_processes, simulated_stack
 
 torch.set_num_threads(2)
 FIVE = (0.2,) * 5
@@ -185,6 +185,13 @@ def test_predict_gives_new_particles_their_z_at_their_poses(continuous_run, tmp_
     expected = load_landscape(run / "landscape.pt").z_of(load_particles(new_star), preds.A, preds.shifts_A)
     np.testing.assert_allclose(preds.z, expected, atol=1e-5)
     assert preds.meta["z"] == "landscape"
+
+
+def test_two_gloo_processes_give_new_particles_the_z_one_does(continuous_run, tmp_path):
+    two, one = predict_one_and_two_processes(*continuous_run, tmp_path)
+    assert two.meta["z"] == one.meta["z"] == "landscape"
+    np.testing.assert_array_equal(two.ids, one.ids)
+    np.testing.assert_allclose(two.z, one.z, atol=1e-5)
 
 
 def test_predict_names_a_corrupt_landscape_and_writes_nothing(continuous_run, tmp_path):

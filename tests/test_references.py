@@ -24,7 +24,7 @@ from cryofire_ext.refine.search import shift_grid
 from cryofire_ext.results import Predictions
 from cryofire_ext.train.data import TrainingImages
 from tests.conftest import phantom_training_set
-from tests.run_fixture import CLASS_RUN
+from tests.run_fixture import CLASS_RUN, predict_one_and_two_processes
 
 
 @pytest.fixture(scope="module")
@@ -174,30 +174,8 @@ def test_select_keeps_the_confident_particles(exported_run, tmp_path):
     assert not (tmp_path / "no.star").exists()
 
 
-PREDICT_WORKER = """
-import sys, torch
-sys.path.insert(0, {root!r})
-torch.set_num_threads(1)
-from integrations.job import predict_job
-predict_job(sys.argv[1], sys.argv[2], sys.argv[3])
-"""
-
-
 def test_two_gloo_processes_predict_what_one_does(exported_run, tmp_path):
-    import os
-    import subprocess
-    import sys
-
-    run, new_star = exported_run
-    script = tmp_path / "predict.py"
-    script.write_text(PREDICT_WORKER.format(root=str(Path(__file__).resolve().parents[1])))
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                    str(script), str(run), str(new_star), str(tmp_path / "two")], env=env, check=True,
-                   capture_output=True)
-    subprocess.run([sys.executable, str(script), str(run), str(new_star), str(tmp_path / "one")], env=env, check=True,
-                   capture_output=True)
-    two, one = (Predictions.load(tmp_path / d / "predictions.npz") for d in ("two", "one"))
+    two, one = predict_one_and_two_processes(*exported_run, tmp_path)
     assert two.meta["inference"] == one.meta["inference"] == "references"
     np.testing.assert_array_equal(two.ids, one.ids)  # gathered in input order
     np.testing.assert_allclose(two.A, one.A, atol=1e-5)
