@@ -77,6 +77,7 @@ def run_training_job(particles, out_dir, config: TrainConfig, *, datadir=None,
     Refuses (before training) to overwrite existing exports unless `force` or `resume`. `refine`: the refinement
     after training (None: the run's saved `refine.json` on a resume, else the defaults); saved as `refine.json`.
     """
+    from cryofire_ext.train import distributed
     from integrations.run_folder import run_folder
 
     out = Path(out_dir)
@@ -85,9 +86,12 @@ def run_training_job(particles, out_dir, config: TrainConfig, *, datadir=None,
     check_outputs(out, overwrite)
     refine = refine or saved_refine_config(out if resume else None)
     main = int(os.environ.get("RANK", "0")) == 0  # torchrun: rank 0 holds the folder for the whole world
-    with run_folder(out, what="cryofire run") if main else contextlib.nullcontext(out):
-        return _train_and_export(particles, out, config, refine, datadir, should_stop, overwrite, argv, on_progress,
-                                 resume)
+    try:
+        with run_folder(out, what="cryofire run") if main else contextlib.nullcontext(out):
+            return _train_and_export(particles, out, config, refine, datadir, should_stop, overwrite, argv,
+                                     on_progress, resume)
+    finally:
+        distributed.finish()
 
 
 def _train_and_export(particles, out: Path, config, refine, datadir, should_stop, overwrite, argv, on_progress,
@@ -163,10 +167,13 @@ def predict_job(run_dir, particles, out_dir, *, datadir=None, force: bool = Fals
     refine = refine or saved_refine_config(run_dir)
     env = distributed.setup(device or "cpu") if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None
     main = env is None or env.is_main
-    with run_folder(out, what="cryofire predict", resumable=()) if main else contextlib.nullcontext(out):
-        stack = load_particles(particles, datadir)
-        check_inputs_kept(out, input_files(particles, stack))
-        return export_run(run_dir, stack, out_dir=out, refine=refine, device=device, force=force, write=main)
+    try:
+        with run_folder(out, what="cryofire predict", resumable=()) if main else contextlib.nullcontext(out):
+            stack = load_particles(particles, datadir)
+            check_inputs_kept(out, input_files(particles, stack))
+            return export_run(run_dir, stack, out_dir=out, refine=refine, device=device, force=force, write=main)
+    finally:
+        distributed.finish()
 
 
 def export_run(run_dir, stack: ParticleStack, *, out_dir=None, refine: RefineConfig | None = None,

@@ -124,6 +124,13 @@ def barrier(env: DistEnv) -> None:
         dist.barrier()
 
 
+def finish() -> None:
+    """Leave the process group `setup` joined, if any: a process that exits with gloo's threads still running may
+    abort ("terminate called without an active exception") after its work is done."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def current() -> DistEnv:
     """The world this process is in (joined by `setup`): its rank and size; a world of one on the CPU otherwise."""
     if dist.is_initialized():
