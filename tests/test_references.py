@@ -19,8 +19,8 @@ from cryofire_ext.images import ArrayImages
 from cryofire_ext.metrics import geodesic_deg
 from cryofire_ext.particles import ParticleStack
 from cryofire_ext.poses import random_rotations
-from cryofire_ext.refine.references import align, build_references, confidence_at, load_references
-from cryofire_ext.refine.search import shift_grid
+from cryofire_ext.refine.references import GRID_KEEP, align, build_references, confidence_at, load_references
+from cryofire_ext.refine.search import WarmMap, every_other_shift, search_scored, shift_grid
 from cryofire_ext.results import Predictions
 from cryofire_ext.train.data import TrainingImages
 from tests.conftest import phantom_training_set
@@ -48,6 +48,29 @@ def test_new_particles_align_to_the_references_in_their_frame(truth_references):
     assert 0.8 < float(out.residual.median()) < 1.2  # the references explain them down to the noise
     again = align(refs, TrainingImages(new.particles, 32, stats).read, 200, chunk=37)
     np.testing.assert_allclose(again.A.numpy(), out.A.numpy(), atol=1e-5)  # chunking does not change the answer
+
+
+def test_coarse_to_fine_grid_search_finds_the_exhaustive_searchs_poses(truth_references):
+    refs, stats, apix = truth_references
+    new, _, _ = phantom_training_set(100, 3, snr=1.0)
+    img, ctf = TrainingImages(new.particles, 32, stats).read(np.arange(100))
+    warm = WarmMap(refs.V, refs.rotations, refs.shifts_px, refs.box, refs.pixel_size_A, refs.sigma2)
+    A_all, t_all, c_all, g_all = search_scored(warm, img, ctf, refine=False)
+    A, t, c, g = search_scored(warm, img, ctf, refine=False, keep=GRID_KEEP)
+    same = (A == A_all).all(-1).all(-1) & (t == t_all).all(-1) & (c == c_all)
+    assert same.float().mean() >= 0.95  # the coarse pass keeps the best grid point
+    kept = torch.isfinite(g)
+    assert (kept.sum(1) >= GRID_KEEP).all() and (kept.sum(1) <= GRID_KEEP * refs.n_classes).all()
+    # a kept rotation is scored in full (for the classes that kept it: never above the exhaustive best over classes)
+    assert (g[kept] <= g_all[kept] + 1e-4 * (1.0 + g_all[kept].abs())).all()
+    torch.testing.assert_close(g.amax(1)[same], g_all.amax(1)[same], rtol=1e-5, atol=1e-4)
+
+
+def test_every_other_shift_doubles_the_pitch_and_keeps_the_ends():
+    coarse = every_other_shift(shift_grid(4.0, 1.5))  # 7 x 7 points, pitch 4/3 px
+    assert len(coarse) == 16
+    assert sorted(set(coarse[:, 0].tolist())) == pytest.approx([-4.0, -4 / 3, 4 / 3, 4.0])
+    assert len(every_other_shift(torch.zeros(1, 2))) == 1
 
 
 def test_junk_gets_a_lower_pose_confidence_than_particles(truth_references):

@@ -59,7 +59,7 @@ def sample_trilinear(grid: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
 def slices(V: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
     """Trilinear samples of the complex map V `(G, G, G)` at coords `(M, m, 3)` (Nyquist units, (kx, ky, kz))
     -> `(M, m)` complex."""
-    out = sample_trilinear(torch.stack((V.real, V.imag)), coords.float())
+    out = sample_trilinear(torch.view_as_real(V).permute(3, 0, 1, 2), coords.float())  # a view: no copy of V
     return torch.complex(out[0], out[1])
 
 
@@ -103,13 +103,15 @@ def solve(acc: torch.Tensor, reg: float) -> torch.Tensor:
 def grid_scores(Y: torch.Tensor, C: torch.Tensor, S: torch.Tensor, lat: "Lattice | SubLattice",
                 shifts: torch.Tensor) -> torch.Tensor:
     """Log-likelihood up to a constant `(n, S, M)` of images `Y` `(n, m)` (CTF `C` `(n, m)`) under every slice
-    `S` `(M, m)` at every shift `shifts` `(S, 2)` px: `2 Re<Y_s C, S_m> - <C^2, |S_m|^2>` on the points of
-    `lat` (restrict the lattice, e.g. with `SubLattice`, to score fewer shells)."""
+    `S` `(M, m)` (shared by all images) or `(n, M, m)` (each image's own) at every shift `shifts` `(S, 2)` px:
+    `2 Re<Y_s C, S_m> - <C^2, |S_m|^2>` on the points of `lat` (restrict the lattice, e.g. with `SubLattice`, to
+    score fewer shells)."""
     Ys = undo_shift(Y, lat.k[:, :2], shifts[None].expand(Y.shape[0], -1, -1))  # (n, S, m)
     YC = Ys * C[:, None, :]
-    cross = YC.real @ S.real.T + YC.imag @ S.imag.T  # (n, S, M)
-    quad = (C * C) @ (S.abs().square()).T  # (n, M)
-    return 2.0 * cross - quad[:, None, :]
+    Sr, Si = (S.real.T, S.imag.T) if S.dim() == 2 else (S.real.transpose(1, 2), S.imag.transpose(1, 2))
+    cross = YC.real @ Sr + YC.imag @ Si  # (n, S, M)
+    quad = (C * C)[:, None] @ (Sr.square() + Si.square())  # (n, 1, M)
+    return cross.mul_(2.0).sub_(quad)
 
 
 def score_at(Y: torch.Tensor, C: torch.Tensor, k_xy: torch.Tensor, S: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

@@ -53,6 +53,11 @@ NOISE_PARTICLES = 2048
 #: rotation is about half a spacing (6 deg for 8,000 rotations) from the pose, further than one pass of
 #: `search.REFINE_STEPS_RAD` climbs (benchmarks/results/predict_references.json)
 LOCAL_PASSES = 2
+#: the grid search is coarse to fine (`search._search`): each image's this many best rotations of the coarse pass
+#: are scored in full (on the target set's grid of 8,000 the same poses as scoring all of them)
+GRID_KEEP = 100
+#: images per grid search inside a chunk (its `(n, shifts, rotations)` scores held at once)
+SEARCH_CHUNK = 64
 
 
 @dataclass
@@ -164,12 +169,12 @@ class Aligned:
 
 
 @torch.no_grad()
-def align(refs: References, read: Reader, n: int, chunk: int = 64,
+def align(refs: References, read: Reader, n: int, chunk: int = 1024,
           on_chunk: Callable[[int], None] | None = None) -> Aligned:
-    """Align `n` particles `read(idx)` to the references (module docstring): global search and local refinement
-    (`search_scored`), `LOCAL_PASSES` more local refinements against the searched class's map, then the
-    class at the refined pose. Streams `chunk` images at a time;
-    `on_chunk(done)` after each. Deterministic."""
+    """Align `n` particles `read(idx)` to the references (module docstring): coarse-to-fine global search
+    (`GRID_KEEP`) and local refinement (`search_scored`), `LOCAL_PASSES` more local refinements against the
+    searched class's map, then the class at the refined pose. Streams `chunk` images at a time (the grid's slices
+    are made once per chunk); `on_chunk(done)` after each. Deterministic."""
     device = refs.V.device
     warm = refs._search_grid()
     lat = refs.lattice(device)
@@ -180,7 +185,7 @@ def align(refs: References, read: Reader, n: int, chunk: int = 64,
         idx = np.arange(s, min(n, s + chunk))
         img, ctf = read(idx)
         img, ctf = img.to(device), ctf.to(device)
-        A, t, searched, grid = search_scored(warm, img, ctf, chunk=chunk, max_radius=refs.radius)
+        A, t, searched, grid = search_scored(warm, img, ctf, chunk=SEARCH_CHUNK, max_radius=refs.radius, keep=GRID_KEEP)
         Y = lat.observe(img)
         C = evaluate_ctf(ctf.double(), lat.freqs).float()
         for _ in range(LOCAL_PASSES):
@@ -196,7 +201,7 @@ def align(refs: References, read: Reader, n: int, chunk: int = 64,
 
 @torch.no_grad()
 def confidence_at(refs: References, read: Reader, n: int, A: torch.Tensor, shifts_px: torch.Tensor,
-                  labels: torch.Tensor, chunk: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+                  labels: torch.Tensor, chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
     """(pose confidence `(n,)`, class probability `(n,)` of `labels`) of `n` particles at given poses A
     `(n, 3, 3)` and shifts_px `(n, 2)` px of the references' box: as `align` gives them, without moving the
     poses (the grid's posterior mass within `POSTERIOR_NEAR_SPACINGS` spacings of A)."""
@@ -211,7 +216,7 @@ def confidence_at(refs: References, read: Reader, n: int, A: torch.Tensor, shift
         idx = np.arange(s, min(n, s + chunk))
         img, ctf = read(idx)
         img, ctf = img.to(device), ctf.to(device)
-        grid = search_scored(warm, img, ctf, refine=False, chunk=chunk)[3]
+        grid = search_scored(warm, img, ctf, refine=False, chunk=SEARCH_CHUNK, keep=GRID_KEEP)[3]
         Y = lat.observe(img)
         C = evaluate_ctf(ctf.double(), lat.freqs).float()
         _, p, c, _ = _judged(refs, Y, C, lat, (low, sub), grid, A[idx], shifts_px[idx], labels[idx])

@@ -71,12 +71,12 @@ def search(warm: WarmMap, images: torch.Tensor, ctf_params: torch.Tensor, refine
 
 @torch.no_grad()
 def search_scored(warm: WarmMap, images: torch.Tensor, ctf_params: torch.Tensor, refine: bool = True,
-                  chunk: int = 64, max_radius: float = 1.0):
+                  chunk: int = 64, max_radius: float = 1.0, keep: int = 0):
     """`search` that also returns each image's score of every grid rotation `(n, M)`: its log-likelihood up to a
     constant, the best over the grid's shifts and the classes, on the shells the grid resolves (for
-    `posterior_near`). The local refinement scores no shell beyond `max_radius` (Nyquist units; where the maps
-    end)."""
-    return _search(warm, images, ctf_params, refine, chunk, scored=True, max_radius=max_radius)
+    `posterior_near`; -inf for the rotations a coarse-to-fine search, `keep` > 0, did not score in full: see
+    `_search`). The local refinement scores no shell beyond `max_radius` (Nyquist units; where the maps end)."""
+    return _search(warm, images, ctf_params, refine, chunk, scored=True, max_radius=max_radius, keep=keep)
 
 
 #: `posterior_near` counts the grid rotations this many grid spacings (`grid_spacing_rad`) from the final pose
@@ -101,11 +101,26 @@ def posterior_near(scores: torch.Tensor, rotations: torch.Tensor, A: torch.Tenso
     return (p * (cos >= near)).sum(1).clamp(0.0, 1.0)
 
 
+#: the coarse pass of a coarse-to-fine grid search scores the shells up to this fraction of `global_radius`,
+#: at every other shift of the grid (where half the radius tolerates twice the pitch)
+COARSE_RADIUS_FRACTION = 0.5
+
+
+def every_other_shift(shifts_px: torch.Tensor) -> torch.Tensor:
+    """The points `(S', 2)` of a square shift grid `(S, 2)` px at every other x and y value (the ends and the
+    centre of an odd grid kept): twice the pitch."""
+    ux, uy = torch.unique(shifts_px[:, 0]), torch.unique(shifts_px[:, 1])
+    ok = torch.isin(shifts_px[:, 0], ux[::2]) & torch.isin(shifts_px[:, 1], uy[::2])
+    return shifts_px[ok]
+
+
 def _search(warm: WarmMap, images: torch.Tensor, ctf_params: torch.Tensor, refine: bool, chunk: int, *,
-            scored: bool, max_radius: float = 1.0):
+            scored: bool, max_radius: float = 1.0, keep: int = 0):
     """The engine of `search` and `search_scored`: per chunk, each class's grid scores, its best grid point, its
     local refinement (on the lattice up to `max_radius`), then the best class; with `scored` also each grid
-    rotation's score (else None)."""
+    rotation's score (else None). With `keep` (0 < keep < M) the grid is searched coarse to fine: every rotation
+    on the shells up to `COARSE_RADIUS_FRACTION` of the grid's radius at `every_other_shift`, then each image's
+    `keep` best of them on all the grid's shells and shifts (the others score -inf)."""
     device = images.device
     box = images.shape[-1]
     images = crop(images, warm.box)
@@ -118,20 +133,33 @@ def _search(warm: WarmMap, images: torch.Tensor, ctf_params: torch.Tensor, refin
     coords = torch.einsum("mi,rij->rmj", sub.k, rots)
     maps = [V.to(device) for V in warm.V]
     S_all = [slices(V, coords) for V in maps]
+    keep = int(keep) if 0 < keep < len(rots) else 0
+    if keep:
+        coarse = sub.r <= COARSE_RADIUS_FRACTION * global_radius(len(rots), warm.box) + 1e-6
+        sub_c, shifts_c = SubLattice(sub, coarse), every_other_shift(shifts)
+        S_coarse = [S[:, coarse] for S in S_all]
     out_A, out_t, out_c, out_m = [], [], [], []
     for s in range(0, images.shape[0], chunk):
         Y = lat.observe(images[s:s + chunk])
         C = evaluate_ctf(ctf_params[s:s + chunk].double().to(device), lat.freqs).float()
+        Yl, Cl = Y[:, low], C[:, low]
         per_class = []  # each class searched (and refined) on its own; the best final score wins
-        per_rotation = None  # (n, M): each rotation's best score over shifts and classes
-        for V, S in zip(maps, S_all):
-            g = grid_scores(Y[:, low], C[:, low], S, sub, shifts)  # (n, shift, rotation)
+        per_rotation = None  # (n, M): each rotation's best score over shifts and classes (-inf: not rescored)
+        for c, (V, S) in enumerate(zip(maps, S_all)):
+            if keep:  # the coarse pass picks each image's `keep` rotations; only they are scored in full
+                top = grid_scores(Yl[:, coarse], Cl[:, coarse], S_coarse[c], sub_c, shifts_c).amax(1).topk(keep).indices
+                g = grid_scores(Yl, Cl, S[top], sub, shifts)  # (n, shift, kept rotation)
+            else:
+                g = grid_scores(Yl, Cl, S, sub, shifts)  # (n, shift, rotation)
             val, flat = g.flatten(1).max(1)
             if scored:
                 g = g.amax(1)
+                if keep:
+                    g = torch.full((len(Y), len(rots)), -torch.inf, device=device).scatter_(1, top, g)
                 per_rotation = g if per_rotation is None else torch.maximum(per_rotation, g)
             del g
-            A, t = rots[flat % len(rots)], shifts[flat // len(rots)]
+            r = flat % S.shape[0] if not keep else top.gather(1, (flat % keep)[:, None])[:, 0]
+            A, t = rots[r], shifts[flat // (keep or len(rots))]
             if refine:
                 A, t, val = refine_local(V, Y, C, lat, A, t, pitch)
             per_class.append((A, t, val))
