@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from cryofire_ext.errors import InputError
-from cryofire_ext.images import MrcImages, open_particles_file, open_stack, read_stack_list, stack_info
+from cryofire_ext.images import MrcImages, open_particles_file, read_stack_list, stack_info
 from tests.conftest import shared_fixture
 
 
@@ -141,20 +141,26 @@ def test_batched_random_access_grouped_by_file(tmp_path):
         out = imgs.read(batch)
         assert out.dtype == np.float32 and out.shape == (11, 8, 8) and not isinstance(out, np.memmap)
         np.testing.assert_array_equal(out, ref[batch])
-        assert len(imgs._files) <= 2  # at most max_open files stay mapped
+        assert len(imgs._files) <= 2  # at most max_open files stay open
     sub = imgs.take([5, 1])
     np.testing.assert_array_equal(sub.read([1, 0]), ref[[1, 5]])
     again = pickle.loads(pickle.dumps(imgs))
     np.testing.assert_array_equal(again.read([0, 9]), ref[[0, 9]])
 
 
-def test_read_does_not_load_the_whole_file(tmp_path):
+def test_runs_repeats_and_any_order_within_one_file(tmp_path):
     data = rand((64, 16, 16))
     imgs = open_particles_file(write_mrc(tmp_path / "s.mrcs", data))
-    mm = open_stack(imgs.unique_paths[0])
-    assert isinstance(mm, np.memmap) and mm.shape == (64, 16, 16)
-    out = imgs.read(np.arange(3))
-    assert out.nbytes == 3 * 16 * 16 * 4
+    for ask in (np.arange(3), np.arange(63, -1, -1), np.array([5, 6, 7, 5, 40, 8, 6, 63, 0])):
+        np.testing.assert_array_equal(imgs.read(ask), data[ask])
+
+
+def test_stack_truncated_after_it_was_opened(tmp_path):
+    path = write_mrc(tmp_path / "s.mrcs", rand((8, 8, 8)))
+    imgs = open_particles_file(path)  # the header checks pass
+    path.write_bytes(path.read_bytes()[:-100])
+    with pytest.raises(InputError, match=r"s\.mrcs: the file ended before image 8 \(1-based\)"):
+        imgs.read(np.arange(8))
 
 
 def test_truncated_stack(tmp_path):
