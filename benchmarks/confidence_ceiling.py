@@ -18,28 +18,18 @@ import torch.nn.functional as Fn
 from scipy.stats import spearmanr
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from align_throughput import truth_references_and_new_images  # noqa: E402
 from cryofire_ext.ctf import evaluate_ctf  # noqa: E402
 from cryofire_ext.metrics import geodesic_deg  # noqa: E402
-from cryofire_ext.phantom import phantom_maps  # noqa: E402
-from cryofire_ext.poses import axis_angle_matrix, random_rotations  # noqa: E402
+from cryofire_ext.poses import axis_angle_matrix  # noqa: E402
 from cryofire_ext.recon.lattice import score_at, slices  # noqa: E402
-from cryofire_ext.refine.references import align, build_references  # noqa: E402
-from cryofire_ext.refine.search import shift_grid  # noqa: E402
-from cryofire_ext.simulate import simulate  # noqa: E402
-from cryofire_ext.train.data import StackStats, TrainingImages  # noqa: E402
+from cryofire_ext.refine.references import align  # noqa: E402
 
 torch.set_num_threads(2)
 load0 = os.getloadavg()
-maps, apix = phantom_maps(64, states=2)
-tr = simulate(maps, 4000, mix=[0.9, 0.1], snr=0.1, shift_px=4.0, pixel_size_A=apix, seed=0)
-img = np.asarray(tr.particles.images.read(np.arange(4000)), dtype=np.float64)
-stats = StackStats(float(img.mean()), float(img.std()))
-grid = (torch.as_tensor(random_rotations(8000, np.random.default_rng(0))).float(), shift_grid(4.0, 1.5))
-refs = build_references(TrainingImages(tr.particles, 64, stats).read, 4000, torch.as_tensor(tr.A).float(),
-                        torch.as_tensor(tr.shifts_A / apix).float(), torch.as_tensor(tr.state), 2, 64, apix, grid)
 M = 1000
-new = simulate(maps, M, mix=[0.9, 0.1], snr=0.1, shift_px=4.0, pixel_size_A=apix, seed=1)
-read = TrainingImages(new.particles, 64, stats).read
+refs, _, _, new, read, apix = truth_references_and_new_images(M)
 out = align(refs, read, M)
 err = geodesic_deg(out.A.numpy(), new.A)
 conf = out.pose_confidence.numpy()

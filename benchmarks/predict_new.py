@@ -6,7 +6,8 @@ path (`--new-particles refine`), with the run trained by benchmarks/target_run.p
         --mix 0.9 0.1 --n-new 20000 --old-subset 1000 --out benchmarks/results/predict_new_n20000_box64_snr0.1.json
 
 Simulates a second, independent set of the same states (`--seed`, default 1), writes it as a STAR + stack, and
-runs `cryofire predict RUN NEW.star -o OUT` as a subprocess with its defaults (wall time, peak RSS). Scores: median
+runs `cryofire predict RUN NEW.star -o OUT` as a subprocess with its defaults (wall time, peak RSS of that
+process alone). An existing `new_seed*_n*` folder is reused, its truth read from its truth.npz. Scores: median
 rotation error in the run's frame (the hand and global rotation found on the training particles; the new
 particles are not realigned), shift error, clustering error, images/s, and the pose confidence (Spearman with
 the rotation error; mean error after dropping the least confident 5%) on the new and the training particles.
@@ -19,11 +20,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -33,6 +34,15 @@ from cryofire_ext import metrics  # noqa: E402
 from cryofire_ext.phantom import phantom_maps  # noqa: E402
 from cryofire_ext.results import Predictions  # noqa: E402
 from cryofire_ext.simulate import simulate  # noqa: E402
+from integrations.simulated import load_truth  # noqa: E402
+
+TRUTH_ARRAYS = ("A", "shifts_A", "state")
+
+#: Runs the command given after it and prints its peak RSS (kB) as the last line of stdout. The command must be
+#: started from this small process: a child started from the benchmark itself reports the benchmark's own peak
+#: as its ru_maxrss (Linux keeps the parent's high-water mark across the exec of a vfork'ed child).
+LAUNCHER = ("import resource, subprocess, sys; rc = subprocess.run(sys.argv[1:]).returncode; "
+            "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(rc)")
 
 
 def confidence_scores(conf: np.ndarray, err: np.ndarray) -> dict:
@@ -84,25 +94,26 @@ def main() -> None:
                                  **confidence_scores(train_preds.pose_confidence, frame.errors_deg)}
 
     n_new = args.n_new or args.n
-    new = simulate(maps, n_new, mix=args.mix, snr=args.snr, shift_px=args.shift_px, pixel_size_A=apix,
-                   seed=args.seed)
     new_dir = root / f"new_seed{args.seed}_n{n_new}"
     if not (new_dir / "particles.star").is_file():
-        write_dataset(new, new_dir)
+        write_dataset(simulate(maps, n_new, mix=args.mix, snr=args.snr, shift_px=args.shift_px, pixel_size_A=apix,
+                               seed=args.seed), new_dir)
+    new = SimpleNamespace(**{k: v for k, v in load_truth(new_dir / "truth.npz").items() if k in TRUTH_ARRAYS})
     out = root / f"predict_seed{args.seed}_n{n_new}"
     t0 = time.time()
-    proc = subprocess.run([sys.executable, "-m", "cli.main", "predict", str(run), str(new_dir / "particles.star"),
-                           "-o", str(out), "--force"], cwd=Path(__file__).resolve().parents[1],
-                          capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-c", LAUNCHER, sys.executable, "-m", "cli.main", "predict", str(run),
+                           str(new_dir / "particles.star"), "-o", str(out), "--force"],
+                          cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True)
     wall = time.time() - t0
     if proc.returncode:
         raise SystemExit(proc.stderr[-3000:])
+    peak_rss_MiB = int(proc.stdout.strip().splitlines()[-1]) / 1024
     preds = Predictions.load(out / "predictions.npz")
     err = metrics.rotation_error_in_frame_deg(preds.A, new.A, frame)
     sh, _ = metrics.shift_error_px(preds.shifts_A / apix, new.shifts_A / apix, preds.A)
     res["predict"] = {"inference": preds.meta.get("inference"), "n": n_new, "wall_s": wall,
                       "images_per_s": n_new / wall,
-                      "peak_rss_MiB": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
+                      "peak_rss_MiB": peak_rss_MiB,
                       "median_rotation_error_deg_run_frame": float(np.median(err)),
                       "median_shift_error_px": float(np.median(sh)),
                       "clustering_error": metrics.clustering_error(preds.class_id, new.state),

@@ -1,7 +1,8 @@
 """The pose search: the best (class, pose, shift) of any batch of images against fixed class maps (`WarmMap`):
-a global grid of rotations and shifts (two matrix products per class), then a local refinement of rotation and
-shift (`refine_local`). The warm start builds the maps (`warmstart`); the trainer distils the result into the
-encoder and keeps it as a candidate; the refinement after training (`polish`) re-searches lost particles.
+a global grid of rotations and shifts (two matrix products per class; optionally coarse to fine, `_search`'s
+`keep`), then a local refinement of rotation and shift (`refine_local`). The warm start builds the maps
+(`warmstart`); the trainer distils the result into the encoder and keeps it as a candidate; the refinement after
+training (`polish`) re-searches lost particles; new particles are aligned to the run's references (`references`).
 
 Units: lattice `k` in Nyquist units of the map's box; shifts in that box's pixels (RELION origin sign). Each map
 is a complex Fourier grid `(G, G, G)`, `G = box + 1` (or `pad * box + 1`), as in `recon.lattice`.
