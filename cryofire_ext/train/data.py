@@ -7,9 +7,6 @@ works on the previous batch.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-import functools
 import hashlib
 import logging
 import queue
@@ -81,28 +78,6 @@ def stack_fingerprint(stack: ParticleStack) -> str:
     return h.hexdigest()[:32]
 
 
-@functools.cache
-def _malloc_trim():
-    """glibc's `malloc_trim`, or None where the C library has none (macOS, musl)."""
-    try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
-    except (OSError, AttributeError):
-        return None
-
-
-def release_freed_heap() -> None:
-    """Hand the heap pages freed by the previous chunk back to the OS (glibc `malloc_trim(0)`).
-
-    Each chunk of a streamed stage allocates and frees tensors of a few hundred kB to tens of MB;
-    glibc keeps such freed blocks in its heap, fragmented, so without this the resident memory of a
-    long pass creeps up with the number of particles instead of staying at one chunk's working set.
-    Costs about a millisecond; a no-op without glibc.
-    """
-    trim = _malloc_trim()
-    if trim is not None:
-        trim(0)
-
-
 def crop(img: torch.Tensor, box: int) -> torch.Tensor:
     """Fourier-crop `(n, D, D)` to `(n, box, box)` (no-op when equal)."""
     return img if img.shape[-1] == box else fourier.fourier_crop(img, box)
@@ -121,9 +96,7 @@ class TrainingImages:
         return len(self.source)
 
     def read(self, indices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        """Images `(n, box, box)` float32 and CTF `(n, 9)`; first returns the previous read's freed
-        heap to the OS, as every streamed stage reads its chunks through here."""
-        release_freed_heap()
+        """Images `(n, box, box)` float32 and CTF `(n, 9)`."""
         raw = torch.from_numpy(self.source.read(np.asarray(indices)))
         if not torch.isfinite(raw).all():
             bad = int(np.asarray(indices)[int(torch.nonzero(~torch.isfinite(raw).flatten(1).all(1))[0])])
