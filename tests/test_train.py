@@ -119,9 +119,13 @@ sys.path.insert(0, {root!r})
 torch.set_num_threads(1)
 from tests.run_fixture import simulated_stack
 from cryofire_ext.train.config import TrainConfig
+from cryofire_ext.train import distributed
 from cryofire_ext.train.trainer import train
 stack, _ = simulated_stack(n=64, box=32, seed=4)
-train(stack, sys.argv[1], TrainConfig(**{tiny!r}, epochs=1))
+try:
+    train(stack, sys.argv[1], TrainConfig(**{tiny!r}, epochs=1))
+finally:
+    distributed.finish()  # as the train job does: gloo may abort a process that exits inside the group
 """
 
 
@@ -129,8 +133,9 @@ def test_two_process_gloo_run_matches_one_process_with_the_same_global_batch(tmp
     script = tmp_path / "ddp.py"
     script.write_text(DDP_WORKER.format(root=str(ROOT), tiny={**TINY, "device": "cpu"}))  # gloo: the CPU path
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                    str(script), str(tmp_path / "ddp")], env=env, check=True, capture_output=True)
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          str(script), str(tmp_path / "ddp")], env=env, capture_output=True, text=True)
+    assert two.returncode == 0, two.stderr[-6000:]
     subprocess.run([sys.executable, str(script), str(tmp_path / "one")], env=env, check=True)
     h2 = json.loads((tmp_path / "ddp" / "history.json").read_text())
     h1 = json.loads((tmp_path / "one" / "history.json").read_text())
