@@ -51,6 +51,8 @@ NODE_REG = 0.05
 #: responsibilities are softmax(score / (TEMPERATURE * sigma2)); 1 would be the Gaussian posterior, 2 softens
 #: it for the errors of the poses and of the maps themselves
 TEMPERATURE = 2.0
+#: particles per step of the node back-projection and the scores (bounded working set at any n)
+PARTICLE_CHUNK = 1024
 
 
 @dataclass
@@ -90,7 +92,7 @@ class Landscape:
             part = stack.take(idx)
             obs = observe_at_poses(part.require_images(), A[idx], shifts_A[idx], part.ctf, stack.pixel_size_A,
                                    self.resolution_A, device=dev)
-            out[idx, 0] = _positions(_responsibilities(_scores(obs, self.nodes), self.sigma2)).cpu().numpy()
+            out[idx, 0] = _positions(_responsibilities(_scores(obs, self.nodes[None]), self.sigma2)).cpu().numpy()
         return out
 
     @torch.no_grad()
@@ -163,11 +165,8 @@ def fit_landscape(stack: ParticleStack, A: np.ndarray, shifts_A: np.ndarray, con
             raise TrainingStopped(None, "the landscape stage (the trained model is kept; --resume runs the "
                                         "landscape again)")
         weights = resp @ _neighbourhood(index, _width(K, it))
-        scores = torch.empty(n, K, device=obs.Y.device)
-        for h in (0, 1):  # each half scored against the other half's node maps
-            mine = half == h
-            nodes = _node_maps(_take(obs, ~mine), weights[~mine])
-            scores[mine] = _scores(_take(obs, mine), nodes)
+        halves = _node_maps(obs, weights, half, 2)
+        scores = _scores(obs, halves.flip(0), half)  # each half scored against the other half's node maps
         sigma2 = _noise_power(obs, scores)
         resp = _responsibilities(scores, sigma2)
         if on_progress is not None:
@@ -176,7 +175,7 @@ def fit_landscape(stack: ParticleStack, A: np.ndarray, shifts_A: np.ndarray, con
         log.info("landscape round %d/%d: particles per node %s", it + 1, iters,
                  torch.bincount(resp.argmax(1), minlength=K).tolist())
     z = _positions(resp).cpu().numpy().astype(np.float32)[:, None]
-    nodes = _node_maps(obs, resp @ _neighbourhood(index, _width(K, max(iters - 1, 0))))
+    nodes = _node_maps(obs, resp @ _neighbourhood(index, _width(K, max(iters - 1, 0))))[0]
     lm = Landscape(nodes, float(sigma2), obs.box, obs.pixel_size_A, float(config.landscape_resolution_A),
                    int(map_box), float(map_pixel_size_A), config)
     log.info("landscape: %d nodes from %d particles at %d px (%.0f A) in %.0f s", K, n, obs.box,
@@ -214,32 +213,42 @@ def _neighbourhood(index: torch.Tensor, width: float) -> torch.Tensor:
     return torch.exp(-0.5 * ((index[:, None] - index[None]) / width) ** 2)
 
 
-def _take(obs: Observed, rows: torch.Tensor) -> Observed:
-    return Observed(obs.lat, obs.Y[rows], obs.C[rows], obs.coords[rows], obs.box, obs.pixel_size_A)
+def _groups(obs: Observed, group: torch.Tensor | None, n_groups: int, chunk: int):
+    """(group g, its particles' Y `(r, m)`, C `(r, m)`, coords `(r, m, 3)`, their row indices `(r,)`) for every
+    chunk of `chunk` particles and every group present in it (`group` `(n,)` in [0, n_groups); None: all 0)."""
+    for s in range(0, len(obs), chunk):
+        rows = torch.arange(s, min(len(obs), s + chunk), device=obs.Y.device)
+        for g in range(n_groups):
+            sel = rows if group is None else rows[group[rows] == g]
+            if len(sel):
+                yield g, obs.Y[sel], obs.C[sel], obs.coords[sel], sel
 
 
-def _node_maps(obs: Observed, weights: torch.Tensor) -> torch.Tensor:
-    """Wiener back-projections `(K, G, G, G)` of the particles weighted by `weights` `(n, K)`."""
-    G = obs.box + 1
-    pts = obs.coords.reshape(-1, 3)
-    YC = obs.Y * obs.C
-    out = []
-    for k in range(weights.shape[1]):
-        w = weights[:, k:k + 1]
-        acc = torch.zeros(G, G, G, 3, device=obs.Y.device)
-        insert(acc, pts, torch.stack((YC.real * w, YC.imag * w, obs.C * obs.C * w), -1).reshape(-1, 3))
-        out.append(solve(acc, NODE_REG))
-    return torch.stack(out)
+def _node_maps(obs: Observed, weights: torch.Tensor, group: torch.Tensor | None = None, n_groups: int = 1,
+               chunk: int = PARTICLE_CHUNK) -> torch.Tensor:
+    """Wiener back-projections `(n_groups, K, G, G, G)`: for each group (`group` `(n,)`, e.g. the half-sets) the
+    K node maps of its particles weighted by `weights` `(n, K)`; `chunk` particles at a time."""
+    G, K = obs.box + 1, weights.shape[1]
+    acc = torch.zeros(n_groups, K, G, G, G, 3, device=obs.Y.device)
+    for g, Y, C, coords, rows in _groups(obs, group, n_groups, chunk):
+        pts, YC, CC, w = coords.reshape(-1, 3), Y * C, C * C, weights[rows]
+        for k in range(K):
+            wk = w[:, k:k + 1]
+            insert(acc[g, k], pts, torch.stack((YC.real * wk, YC.imag * wk, CC * wk), -1).reshape(-1, 3))
+    return torch.stack([torch.stack([solve(a, NODE_REG) for a in per_group]) for per_group in acc])
 
 
-def _scores(obs: Observed, nodes: torch.Tensor) -> torch.Tensor:
+def _scores(obs: Observed, nodes: torch.Tensor, group: torch.Tensor | None = None,
+            chunk: int = PARTICLE_CHUNK) -> torch.Tensor:
     """Log-likelihood up to a constant, times sigma2, `(n, K)`: `2 Re<Y, C S_k> - |C S_k|^2` of each particle
-    under each node map's slice at its pose."""
-    out = []
-    for V in nodes:
-        S = obs.C * slices(V, obs.coords)
-        out.append(2.0 * (obs.Y.conj() * S).real.sum(1) - S.abs().square().sum(1))
-    return torch.stack(out, 1)
+    under each node map's slice at its pose; nodes `(n_groups, K, G, G, G)`, particle i scored against
+    `nodes[group[i]]` (None: all against `nodes[0]`); `chunk` particles at a time."""
+    out = torch.empty(len(obs), nodes.shape[1], device=obs.Y.device)
+    for g, Y, C, coords, rows in _groups(obs, group, nodes.shape[0], chunk):
+        for k, V in enumerate(nodes[g]):
+            S = C * slices(V, coords)
+            out[rows, k] = 2.0 * (Y.conj() * S).real.sum(1) - S.abs().square().sum(1)
+    return out
 
 
 def _noise_power(obs: Observed, scores: torch.Tensor) -> float:

@@ -135,21 +135,24 @@ def variability(images, A, shifts_A, ctf, pixel_size_A: float, *, n_components: 
 
 @torch.no_grad()
 def variability_of(obs: Observed, *, n_components: int, resolution_A: float, iters: int = 50, tol: float = 1e-6,
-                   seed: int = 0, reg: float = 0.05) -> Variability:
-    """`variability` of particles already on the lattice (`observe_at_poses`)."""
+                   seed: int = 0, reg: float = 0.05, chunk: int = 1024) -> Variability:
+    """`variability` of particles already on the lattice (`observe_at_poses`), worked through `chunk`
+    particles at a time."""
     Y, C, coords, box = obs.Y.cpu(), obs.C.cpu(), obs.coords.cpu(), obs.box
     n = len(obs)
-    pts = coords.reshape(-1, 3)
     G = box + 1
     acc = torch.zeros(G, G, G, 3)
-    YC = Y * C
-    insert(acc, pts, torch.stack((YC.real, YC.imag, C * C), -1).reshape(-1, 3))
+    for s in range(0, n, chunk):
+        YC, Cs = Y[s:s + chunk] * C[s:s + chunk], C[s:s + chunk]
+        insert(acc, coords[s:s + chunk].reshape(-1, 3), torch.stack((YC.real, YC.imag, Cs * Cs), -1).reshape(-1, 3))
     V0 = solve(acc, reg)
     W = acc[..., 2]
     lam = reg * W[W > 0].mean()
-    pred = C * slices(V0, coords)
-    scale = (Y.conj() * pred).real.sum(1) / pred.abs().square().sum(1).clamp_min(1e-12)  # per-particle scale
-    R = Y - scale[:, None] * pred  # residuals (n, m)
+    R = torch.empty_like(Y)  # residuals (n, m) after each particle's scaled mean
+    for s in range(0, n, chunk):
+        Ys, pred = Y[s:s + chunk], C[s:s + chunk] * slices(V0, coords[s:s + chunk])
+        scale = (Ys.conj() * pred).real.sum(1) / pred.abs().square().sum(1).clamp_min(1e-12)  # per-particle scale
+        R[s:s + chunk] = Ys - scale[:, None] * pred
     u0 = V0 / V0.abs().square().sum().sqrt()
     gen = torch.Generator().manual_seed(int(seed))
     block = n_components + OVERSAMPLE  # iterate a larger block: close eigenvalues converge in it, then keep the top
@@ -159,21 +162,26 @@ def variability_of(obs: Observed, *, n_components: int, resolution_A: float, ite
     for it in range(1, iters + 1):
         new = torch.empty_like(V)
         for j in range(block):
-            P = C * slices(V[j], coords)
-            a = (R.conj() * P).real.sum(1)  # (n,) correlation of each residual with the component
-            vals = R * C * a[:, None]
             acc_j = torch.zeros(G, G, G, 3)
-            insert(acc_j, pts, torch.stack((vals.real, vals.imag, torch.zeros_like(C)), -1).reshape(-1, 3))
+            for s in range(0, n, chunk):
+                Rs, Cs, ks = R[s:s + chunk], C[s:s + chunk], coords[s:s + chunk]
+                P = Cs * slices(V[j], ks)
+                a = (Rs.conj() * P).real.sum(1)  # correlation of each residual with the component
+                vals = Rs * Cs * a[:, None]
+                insert(acc_j, ks.reshape(-1, 3),
+                       torch.stack((vals.real, vals.imag, torch.zeros_like(Cs)), -1).reshape(-1, 3))
             new[j] = torch.complex(acc_j[..., 0], acc_j[..., 1]) / (W + lam)
         new = _orthonormal(new, u0)
         change = float(1.0 - torch.linalg.svdvals(_flat(new).conj() @ _flat(V).T).abs().min().clamp(max=1.0))
         V = new
         if change < tol:
             break
-    P = torch.stack([C * slices(V[j], coords) for j in range(block)], 1)  # (n, block, m)
-    gram = torch.einsum("ncm,ndm->ncd", P.conj(), P).real + 1e-6 * torch.eye(block)
-    rhs = torch.einsum("ncm,nm->nc", P.conj(), R).real
-    a = torch.linalg.solve(gram, rhs)  # (n, block)
+    a = torch.empty(n, block)  # each particle's amplitudes: least squares on the block's slices
+    for s in range(0, n, chunk):
+        P = torch.stack([C[s:s + chunk] * slices(V[j], coords[s:s + chunk]) for j in range(block)], 1)
+        gram = torch.einsum("ncm,ndm->ncd", P.conj(), P).real + 1e-6 * torch.eye(block)
+        rhs = torch.einsum("ncm,nm->nc", P.conj(), R[s:s + chunk]).real
+        a[s:s + chunk] = torch.linalg.solve(gram, rhs)
     var = a.var(0)
     order = torch.argsort(var, descending=True)[:n_components]
     V, a, var = V[order], a[:, order], var[order]

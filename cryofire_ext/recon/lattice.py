@@ -63,9 +63,20 @@ def slices(V: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
     return torch.complex(out[0], out[1])
 
 
+#: points inserted per step: the trilinear insertion's working set (about 0.4 kB a point: eight corners' indices
+#: and values) stays bounded however many particles one call back-projects
+INSERT_POINTS = 1 << 20
+
+
 def insert_trilinear(acc: torch.Tensor, idx: torch.Tensor, values: torch.Tensor) -> None:
     """Add `values` `(P, c)` at fractional voxel indices `idx` `(P, 3)` (x, y, z) trilinearly into `acc`
-    `(G, G, G, c)` (index [z, y, x]); weights falling outside the grid are dropped."""
+    `(G, G, G, c)` (index [z, y, x]); weights falling outside the grid are dropped. Works through the points
+    `INSERT_POINTS` at a time."""
+    for s in range(0, idx.shape[0], INSERT_POINTS):
+        _insert_points(acc, idx[s:s + INSERT_POINTS], values[s:s + INSERT_POINTS])
+
+
+def _insert_points(acc: torch.Tensor, idx: torch.Tensor, values: torch.Tensor) -> None:
     G = acc.shape[0]
     j0 = torch.floor(idx)
     f = idx - j0
@@ -85,11 +96,13 @@ def insert_trilinear(acc: torch.Tensor, idx: torch.Tensor, values: torch.Tensor)
 
 def insert(acc: torch.Tensor, coords: torch.Tensor, values: torch.Tensor) -> None:
     """Back-project: add real `values` `(P, 3)` = (Re, Im, weight) at coords `(P, 3)` (Nyquist units)
-    trilinearly into `acc` `(G, G, G, 3)`, and their Hermitian mates (-k, conjugate) too."""
+    trilinearly into `acc` `(G, G, G, 3)`, and their Hermitian mates (-k, conjugate) too (`INSERT_POINTS`
+    points and their mates at a time)."""
     G = acc.shape[0]
-    mate = values * torch.tensor([1.0, -1.0, 1.0], device=values.device)
-    coords = torch.cat((coords, -coords))
-    insert_trilinear(acc, (coords + 1.0) * (G - 1) / 2.0, torch.cat((values, mate)))
+    sign = torch.tensor([1.0, -1.0, 1.0], device=values.device, dtype=values.dtype)
+    for s in range(0, coords.shape[0], INSERT_POINTS // 2):
+        c, v = coords[s:s + INSERT_POINTS // 2], values[s:s + INSERT_POINTS // 2]
+        _insert_points(acc, (torch.cat((c, -c)) + 1.0) * (G - 1) / 2.0, torch.cat((v, v * sign)))
 
 
 def solve(acc: torch.Tensor, reg: float) -> torch.Tensor:
