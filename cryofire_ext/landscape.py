@@ -229,13 +229,13 @@ def _node_maps(obs: Observed, weights: torch.Tensor, group: torch.Tensor | None 
     """Wiener back-projections `(n_groups, K, G, G, G)`: for each group (`group` `(n,)`, e.g. the half-sets) the
     K node maps of its particles weighted by `weights` `(n, K)`; `chunk` particles at a time."""
     G, K = obs.box + 1, weights.shape[1]
-    acc = torch.zeros(n_groups, K, G, G, G, 3, device=obs.Y.device)
+    acc = torch.zeros(n_groups, G, G, G, K, 3, device=obs.Y.device)  # all K maps in one insertion
     for g, Y, C, coords, rows in _groups(obs, group, n_groups, chunk):
-        pts, YC, CC, w = coords.reshape(-1, 3), Y * C, C * C, weights[rows]
-        for k in range(K):
-            wk = w[:, k:k + 1]
-            insert(acc[g, k], pts, torch.stack((YC.real * wk, YC.imag * wk, CC * wk), -1).reshape(-1, 3))
-    return torch.stack([torch.stack([solve(a, NODE_REG) for a in per_group]) for per_group in acc])
+        YC, w = Y * C, weights[rows][:, None, :]  # (r, m), (r, 1, K)
+        values = torch.stack((YC.real[..., None] * w, YC.imag[..., None] * w, (C * C)[..., None] * w), -1)
+        insert(acc[g], coords.reshape(-1, 3), values.reshape(-1, K, 3))
+    return torch.stack([torch.stack([solve(per_group[..., k, :], NODE_REG) for k in range(K)])
+                        for per_group in acc])
 
 
 def _scores(obs: Observed, nodes: torch.Tensor, group: torch.Tensor | None = None,

@@ -160,17 +160,18 @@ def variability_of(obs: Observed, *, n_components: int, resolution_A: float, ite
     V = _orthonormal(V, u0)
     it = 0
     for it in range(1, iters + 1):
-        new = torch.empty_like(V)
-        for j in range(block):
-            acc_j = torch.zeros(G, G, G, 3)
-            for s in range(0, n, chunk):
-                Rs, Cs, ks = R[s:s + chunk], C[s:s + chunk], coords[s:s + chunk]
+        acc = torch.zeros(G, G, G, block, 3)  # the block's maps in one insertion
+        for s in range(0, n, chunk):
+            Rs, Cs, ks = R[s:s + chunk], C[s:s + chunk], coords[s:s + chunk]
+            vals = []
+            for j in range(block):
                 P = Cs * slices(V[j], ks)
                 a = (Rs.conj() * P).real.sum(1)  # correlation of each residual with the component
-                vals = Rs * Cs * a[:, None]
-                insert(acc_j, ks.reshape(-1, 3),
-                       torch.stack((vals.real, vals.imag, torch.zeros_like(Cs)), -1).reshape(-1, 3))
-            new[j] = torch.complex(acc_j[..., 0], acc_j[..., 1]) / (W + lam)
+                vals.append(Rs * Cs * a[:, None])
+            vals = torch.stack(vals, -1)  # (c, m, block)
+            insert(acc, ks.reshape(-1, 3),
+                   torch.stack((vals.real, vals.imag, torch.zeros_like(vals.real)), -1).reshape(-1, block, 3))
+        new = torch.complex(acc[..., 0], acc[..., 1]).permute(3, 0, 1, 2) / (W + lam)
         new = _orthonormal(new, u0)
         change = float(1.0 - torch.linalg.svdvals(_flat(new).conj() @ _flat(V).T).abs().min().clamp(max=1.0))
         V = new

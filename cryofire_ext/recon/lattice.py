@@ -63,25 +63,28 @@ def slices(V: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
     return torch.complex(out[0], out[1])
 
 
-#: points inserted per step: the trilinear insertion's working set (about 0.4 kB a point: eight corners' indices
-#: and values) stays bounded however many particles one call back-projects
-INSERT_POINTS = 1 << 20
+#: values inserted per step (points x channels): the trilinear insertion's working set stays bounded however
+#: many particles one call back-projects
+INSERT_VALUES = 3 << 20
 
 
 def insert_trilinear(acc: torch.Tensor, idx: torch.Tensor, values: torch.Tensor) -> None:
-    """Add `values` `(P, c)` at fractional voxel indices `idx` `(P, 3)` (x, y, z) trilinearly into `acc`
-    `(G, G, G, c)` (index [z, y, x]); weights falling outside the grid are dropped. Works through the points
-    `INSERT_POINTS` at a time."""
-    for s in range(0, idx.shape[0], INSERT_POINTS):
-        _insert_points(acc, idx[s:s + INSERT_POINTS], values[s:s + INSERT_POINTS])
+    """Add `values` `(P, ...)` at fractional voxel indices `idx` `(P, 3)` (x, y, z) trilinearly into `acc`
+    `(G, G, G, ...)` (index [z, y, x]; the trailing shapes match: several channels, e.g. several maps, share
+    one computation of the corners and weights); weights falling outside the grid are dropped. Works through
+    the points `INSERT_VALUES` values at a time."""
+    step = max(1, INSERT_VALUES // max(1, values[0].numel()))
+    for s in range(0, idx.shape[0], step):
+        _insert_points(acc, idx[s:s + step], values[s:s + step])
 
 
 def _insert_points(acc: torch.Tensor, idx: torch.Tensor, values: torch.Tensor) -> None:
     G = acc.shape[0]
+    target = acc.view(G ** 3, -1)
+    values = values.reshape(values.shape[0], -1)
     j0 = torch.floor(idx)
     f = idx - j0
     j0 = j0.long()
-    flat, vals = [], []
     for dx in (0, 1):
         for dy in (0, 1):
             for dz in (0, 1):
@@ -89,19 +92,20 @@ def _insert_points(acc: torch.Tensor, idx: torch.Tensor, values: torch.Tensor) -
                 w = ((f[:, 0] if dx else 1 - f[:, 0]) * (f[:, 1] if dy else 1 - f[:, 1])
                      * (f[:, 2] if dz else 1 - f[:, 2]))
                 ok = (ix >= 0) & (ix < G) & (iy >= 0) & (iy < G) & (iz >= 0) & (iz < G)
-                flat.append(((iz * G + iy) * G + ix)[ok])
-                vals.append(values[ok] * w[ok, None].to(values.dtype))
-    acc.view(-1, acc.shape[-1]).index_add_(0, torch.cat(flat), torch.cat(vals).to(acc.dtype))
+                lin = (iz.clamp(0, G - 1) * G + iy.clamp(0, G - 1)) * G + ix.clamp(0, G - 1)
+                w = torch.where(ok, w, torch.zeros((), dtype=w.dtype, device=w.device))
+                target.index_add_(0, lin, (values * w[:, None].to(values.dtype)).to(acc.dtype))
 
 
 def insert(acc: torch.Tensor, coords: torch.Tensor, values: torch.Tensor) -> None:
-    """Back-project: add real `values` `(P, 3)` = (Re, Im, weight) at coords `(P, 3)` (Nyquist units)
-    trilinearly into `acc` `(G, G, G, 3)`, and their Hermitian mates (-k, conjugate) too (`INSERT_POINTS`
-    points and their mates at a time)."""
+    """Back-project: add real `values` `(P, ..., 3)` = (Re, Im, weight) at coords `(P, 3)` (Nyquist units)
+    trilinearly into `acc` `(G, G, G, ..., 3)` (the trailing shapes match: several maps at once), and their
+    Hermitian mates (-k, conjugate) too (`INSERT_VALUES` values and their mates at a time)."""
     G = acc.shape[0]
     sign = torch.tensor([1.0, -1.0, 1.0], device=values.device, dtype=values.dtype)
-    for s in range(0, coords.shape[0], INSERT_POINTS // 2):
-        c, v = coords[s:s + INSERT_POINTS // 2], values[s:s + INSERT_POINTS // 2]
+    step = max(1, INSERT_VALUES // (2 * max(1, values[0].numel())))
+    for s in range(0, coords.shape[0], step):
+        c, v = coords[s:s + step], values[s:s + step]
         _insert_points(acc, (torch.cat((c, -c)) + 1.0) * (G - 1) / 2.0, torch.cat((v, v * sign)))
 
 
