@@ -221,7 +221,7 @@ def _groups(obs: Observed, group: torch.Tensor | None, n_groups: int, chunk: int
         for g in range(n_groups):
             sel = rows if group is None else rows[group[rows] == g]
             if len(sel):
-                yield g, obs.Y[sel], obs.C[sel], obs.coords[sel], sel
+                yield g, obs.Y[sel], obs.C[sel], obs.coords(sel), sel
 
 
 def _node_maps(obs: Observed, weights: torch.Tensor, group: torch.Tensor | None = None, n_groups: int = 1,

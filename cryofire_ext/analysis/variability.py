@@ -75,18 +75,29 @@ def crop_box(box: int, pixel_size_A: float, resolution_A: float) -> int:
 @dataclass
 class Observed:
     """Particles on the slice lattice of a Fourier-cropped box, at their poses: Y `(n, m)` complex64 observed
-    transforms with the shifts undone, C `(n, m)` float32 CTF, coords `(n, m, 3)` the slice points `k @ A`
-    (Nyquist units of `box`); `lat` the lattice, `pixel_size_A` the cropped grid's."""
+    transforms with the shifts undone, C `(n, m)` float32 CTF, A `(n, 3, 3)` float32 poses (RELION matrices);
+    `lat` the lattice, `pixel_size_A` the cropped grid's. The slice points are computed when asked
+    (`coords`): kept, they would take more memory than Y and C together."""
 
     lat: Lattice
     Y: torch.Tensor
     C: torch.Tensor
-    coords: torch.Tensor
+    A: torch.Tensor
     box: int
     pixel_size_A: float
 
     def __len__(self) -> int:
         return self.Y.shape[0]
+
+    def coords(self, rows) -> torch.Tensor:
+        """The slice points `(r, m, 3)` `k @ A` (Nyquist units of `box`) of the particles `rows` (indices or a
+        slice)."""
+        return slice_points(self.lat.k, self.A[rows])
+
+
+def slice_points(k: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
+    """Lattice points k `(m, 3)` through poses A `(r, 3, 3)` -> the slices' points `(r, m, 3)`, `k @ A`."""
+    return torch.einsum("mi,nij->nmj", k, A)
 
 
 @torch.no_grad()
@@ -95,7 +106,7 @@ def observe_at_poses(images, A, shifts_A, ctf, pixel_size_A: float, resolution_A
     """Read `images` (an image source: `len`, `.box`, `.read(indices)` -> `(m, D, D)`) once in chunks onto the
     lattice of the box whose Nyquist is `resolution_A` (`crop_box`). A `(n, 3, 3)` RELION matrices; shifts_A
     `(n, 2)` RELION origins in Angstrom (or None); ctf: a `CTFParams` or `(n, 9)` array; pixel_size_A of the
-    images. Memory: about `n * (b/2)^2 * 30` bytes for the cropped box b."""
+    images. Memory: 12 bytes per lattice point and particle, about `n * b^2 * 5` bytes for the cropped box b."""
     n = len(images)
     if not resolution_A > 2 * pixel_size_A * 0.999:
         raise InputError(f"resolution {resolution_A} A is finer than Nyquist ({2 * pixel_size_A:.3g} A)")
@@ -107,12 +118,13 @@ def observe_at_poses(images, A, shifts_A, ctf, pixel_size_A: float, resolution_A
          else torch.as_tensor(np.asarray(shifts_A), dtype=torch.float32).reshape(n, 2) / apix).to(device)
     lat = Lattice(box, apix, device)
     Y = torch.empty(n, len(lat.r), dtype=torch.complex64, device=device)
+    C = torch.empty(n, len(lat.r), dtype=torch.float32, device=device)
     for s in range(0, n, chunk):
         idx = np.arange(s, min(n, s + chunk))
         img = fourier.fourier_crop(torch.as_tensor(images.read(idx)).float(), box).to(device)
         Y[s:s + len(idx)] = undo_shift(lat.observe(img), lat.k[:, :2], t[idx][:, None])[:, 0]
-    C = evaluate_ctf(ctf_rows.to(device), lat.freqs).float()
-    return Observed(lat, Y, C, torch.einsum("mi,nij->nmj", lat.k, A), box, float(apix))
+        C[s:s + len(idx)] = evaluate_ctf(ctf_rows[idx].to(device), lat.freqs).float()
+    return Observed(lat, Y, C, A, box, float(apix))
 
 
 @torch.no_grad()
@@ -138,19 +150,23 @@ def variability_of(obs: Observed, *, n_components: int, resolution_A: float, ite
                    seed: int = 0, reg: float = 0.05, chunk: int = 1024) -> Variability:
     """`variability` of particles already on the lattice (`observe_at_poses`), worked through `chunk`
     particles at a time."""
-    Y, C, coords, box = obs.Y.cpu(), obs.C.cpu(), obs.coords.cpu(), obs.box
+    Y, C, A, k, box = obs.Y.cpu(), obs.C.cpu(), obs.A.cpu(), obs.lat.k.cpu(), obs.box
+
+    def coords(s: int) -> torch.Tensor:  # the slice points of particles s .. s + chunk
+        return slice_points(k, A[s:s + chunk])
+
     n = len(obs)
     G = box + 1
     acc = torch.zeros(G, G, G, 3)
     for s in range(0, n, chunk):
         YC, Cs = Y[s:s + chunk] * C[s:s + chunk], C[s:s + chunk]
-        insert(acc, coords[s:s + chunk].reshape(-1, 3), torch.stack((YC.real, YC.imag, Cs * Cs), -1).reshape(-1, 3))
+        insert(acc, coords(s).reshape(-1, 3), torch.stack((YC.real, YC.imag, Cs * Cs), -1).reshape(-1, 3))
     V0 = solve(acc, reg)
     W = acc[..., 2]
     lam = reg * W[W > 0].mean()
     R = torch.empty_like(Y)  # residuals (n, m) after each particle's scaled mean
     for s in range(0, n, chunk):
-        Ys, pred = Y[s:s + chunk], C[s:s + chunk] * slices(V0, coords[s:s + chunk])
+        Ys, pred = Y[s:s + chunk], C[s:s + chunk] * slices(V0, coords(s))
         scale = (Ys.conj() * pred).real.sum(1) / pred.abs().square().sum(1).clamp_min(1e-12)  # per-particle scale
         R[s:s + chunk] = Ys - scale[:, None] * pred
     u0 = V0 / V0.abs().square().sum().sqrt()
@@ -162,7 +178,7 @@ def variability_of(obs: Observed, *, n_components: int, resolution_A: float, ite
     for it in range(1, iters + 1):
         acc = torch.zeros(G, G, G, block, 3)  # the block's maps in one insertion
         for s in range(0, n, chunk):
-            Rs, Cs, ks = R[s:s + chunk], C[s:s + chunk], coords[s:s + chunk]
+            Rs, Cs, ks = R[s:s + chunk], C[s:s + chunk], coords(s)
             vals = []
             for j in range(block):
                 P = Cs * slices(V[j], ks)
@@ -179,7 +195,7 @@ def variability_of(obs: Observed, *, n_components: int, resolution_A: float, ite
             break
     a = torch.empty(n, block)  # each particle's amplitudes: least squares on the block's slices
     for s in range(0, n, chunk):
-        P = torch.stack([C[s:s + chunk] * slices(V[j], coords[s:s + chunk]) for j in range(block)], 1)
+        P = torch.stack([C[s:s + chunk] * slices(V[j], coords(s)) for j in range(block)], 1)
         gram = torch.einsum("ncm,ndm->ncd", P.conj(), P).real + 1e-6 * torch.eye(block)
         rhs = torch.einsum("ncm,nm->nc", P.conj(), R[s:s + chunk]).real
         a[s:s + chunk] = torch.linalg.solve(gram, rhs)
