@@ -73,7 +73,7 @@ def insert_trilinear(acc: torch.Tensor, idx: torch.Tensor, values: torch.Tensor)
     `(G, G, G, ...)` (index [z, y, x]; the trailing shapes match: several channels, e.g. several maps, share
     one computation of the corners and weights); weights falling outside the grid are dropped. Works through
     the points `INSERT_VALUES` values at a time."""
-    step = max(1, INSERT_VALUES // max(1, values[0].numel()))
+    step = max(1, INSERT_VALUES // max(1, values.shape[1:].numel()))
     for s in range(0, idx.shape[0], step):
         _insert_points(acc, idx[s:s + step], values[s:s + step])
 
@@ -103,7 +103,7 @@ def insert(acc: torch.Tensor, coords: torch.Tensor, values: torch.Tensor) -> Non
     Hermitian mates (-k, conjugate) too (`INSERT_VALUES` values and their mates at a time)."""
     G = acc.shape[0]
     sign = torch.tensor([1.0, -1.0, 1.0], device=values.device, dtype=values.dtype)
-    step = max(1, INSERT_VALUES // (2 * max(1, values[0].numel())))
+    step = max(1, INSERT_VALUES // (2 * max(1, values.shape[1:].numel())))
     for s in range(0, coords.shape[0], step):
         c, v = coords[s:s + step], values[s:s + step]
         _insert_points(acc, (torch.cat((c, -c)) + 1.0) * (G - 1) / 2.0, torch.cat((v, v * sign)))
