@@ -92,12 +92,7 @@ class Observed:
     def coords(self, rows) -> torch.Tensor:
         """The slice points `(r, m, 3)` `k @ A` (Nyquist units of `box`) of the particles `rows` (indices or a
         slice)."""
-        return slice_points(self.lat.k, self.A[rows])
-
-
-def slice_points(k: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
-    """Lattice points k `(m, 3)` through poses A `(r, 3, 3)` -> the slices' points `(r, m, 3)`, `k @ A`."""
-    return torch.einsum("mi,nij->nmj", k, A)
+        return torch.einsum("mi,nij->nmj", self.lat.k, self.A[rows])
 
 
 @torch.no_grad()
@@ -150,10 +145,10 @@ def variability_of(obs: Observed, *, n_components: int, resolution_A: float, ite
                    seed: int = 0, reg: float = 0.05, chunk: int = 1024) -> Variability:
     """`variability` of particles already on the lattice (`observe_at_poses`), worked through `chunk`
     particles at a time."""
-    Y, C, A, k, box = obs.Y.cpu(), obs.C.cpu(), obs.A.cpu(), obs.lat.k.cpu(), obs.box
+    Y, C, box = obs.Y.cpu(), obs.C.cpu(), obs.box
 
-    def coords(s: int) -> torch.Tensor:  # the slice points of particles s .. s + chunk
-        return slice_points(k, A[s:s + chunk])
+    def coords(s: int) -> torch.Tensor:  # the slice points of particles s .. s + chunk, on the CPU
+        return obs.coords(slice(s, s + chunk)).cpu()
 
     n = len(obs)
     G = box + 1
