@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from analysis_states import neighbour_state_agreement  # noqa: E402
 
 from cryofire_ext import metrics  # noqa: E402
-from cryofire_ext.analysis import map_fsc  # noqa: E402
+from cryofire_ext.analysis import map_fsc, pca  # noqa: E402
 from cryofire_ext.predict import load_trained  # noqa: E402
 from cryofire_ext.recon.classmaps import fsc_resolution_A  # noqa: E402
 from cryofire_ext.results import Predictions  # noqa: E402
@@ -52,8 +52,8 @@ def latent_scores(z: np.ndarray, state: np.ndarray) -> dict:
 
 
 def pc1_means(z: np.ndarray, state: np.ndarray) -> list[float]:
-    zc = z - z.mean(0)
-    pc1 = zc @ np.linalg.svd(zc, full_matrices=False)[2][0]
+    """Mean PC1 of z `(n, d)` in each state, PC1's sign chosen to rise with the state."""
+    pc1 = pca(z, 1).coords[:, 0]
     pc1 = pc1 if np.corrcoef(pc1, state)[0, 1] >= 0 else -pc1
     return [float(pc1[state == k].mean()) for k in range(int(state.max()) + 1)]
 
