@@ -57,9 +57,21 @@ def classify(images: torch.Tensor, ctf_params: torch.Tensor, A: torch.Tensor, sh
 
 
 #: at most this many hard-EM iterations of `classify_at_poses`, which stops once fewer than
-#: `CLASSIFY_TOL` of the particles change class
+#: `CLASSIFY_TOL` of the particles change class, or once fewer than `CLASSIFY_SETTLED` change and the count no
+#: longer falls (at least `CLASSIFY_PLATEAU` of the previous iteration's): on a continuum of states the
+#: particles near a class boundary keep changing sides, and the iterations left only move them back and forth
 CLASSIFY_ITERS = 20
 CLASSIFY_TOL = 1e-3
+CLASSIFY_SETTLED = 1e-2
+CLASSIFY_PLATEAU = 0.9
+
+
+def converged(changed: int, previous: int | None, n: int) -> bool:
+    """Whether hard EM over `n` particles has converged when `changed` particles changed class in this iteration
+    and `previous` in the one before (None in the first): `CLASSIFY_TOL`, or a plateau below `CLASSIFY_SETTLED`."""
+    if changed < CLASSIFY_TOL * n:
+        return True
+    return previous is not None and changed < CLASSIFY_SETTLED * n and changed >= CLASSIFY_PLATEAU * previous
 
 
 def low_resolution(lat: "Lattice", pixel_size_A: float) -> torch.Tensor:
@@ -73,8 +85,8 @@ def classify_at_poses(read, n: int, A: torch.Tensor, shifts_px: torch.Tensor, la
                       ) -> torch.Tensor:
     """Hard-EM classification of `n` streamed particles at fixed poses, from `labels` `(n,)`: back-project
     each class (`class_maps`), give each particle the class whose map explains it best up to
-    `CLASSIFY_RESOLUTION_A`, until fewer than `CLASSIFY_TOL` of the particles change (at most
-    `max_iters` times). `read`, A, shifts_px as in `class_maps`. Returns the labels `(n,)` (a new tensor).
+    `CLASSIFY_RESOLUTION_A`, until the classes settle (`converged`; at most `max_iters` times). `read`, A,
+    shifts_px as in `class_maps`. Returns the labels `(n,)` (a new tensor).
     The class maps are FSC-filtered half maps (`class_maps_fsc`): each particle is scored against the other
     half-set's, and goes to the class that explains it best, whatever the classes' shares (`_hard_em`).
 
@@ -112,6 +124,7 @@ def _hard_em(read, n: int, A: torch.Tensor, shifts_px: torch.Tensor, labels: tor
     labels = labels.clone()
     ar = torch.arange(n, device=device)
     half = half_set(n, device)
+    previous = None
     for it in range(max_iters):
         if fsc_weighted:  # each particle scored against the half maps it is not in (no pull of its own)
             V = class_maps_fsc(read, n, A, shifts_px, labels, n_classes, box, pixel_size_A, chunk,
@@ -149,8 +162,9 @@ def _hard_em(read, n: int, A: torch.Tensor, shifts_px: torch.Tensor, labels: tor
         ll = float(scores[ar, labels].sum())
         log.log(log_level, "classification at fixed poses, iteration %d: %d particle(s) changed class, %s per class",
                 it + 1, changed, torch.bincount(labels, minlength=n_classes).tolist())
-        if changed < CLASSIFY_TOL * n:
+        if converged(changed, previous, n):
             break
+        previous = changed
     return labels, ll
 
 
