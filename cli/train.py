@@ -96,7 +96,7 @@ def register(app: typer.Typer) -> None:
                                                          "model's own)."),
         polish_global_search: Optional[bool] = typer.Option(
             None, "--polish-global-search/--no-polish-global-search",
-            help="Search every particle globally in the first and last refinement round (default on)."),
+            help="Search every particle globally in every refinement round (default on)."),
         force: bool = typer.Option(False, "--force", help="Overwrite existing exports in --out."),
     ) -> None:
         """Train cryoFIRE on particles with no poses; write poses, z, maps and STAR/.cs files into --out."""
@@ -140,7 +140,7 @@ def register(app: typer.Typer) -> None:
                                                     help="Pose refinement rounds (default: the run's; 0 = none)."),
         polish_global_search: Optional[bool] = typer.Option(
             None, "--polish-global-search/--no-polish-global-search",
-            help="Global search in the first and last refinement round (default: the run's)."),
+            help="Global search in every refinement round (default: the run's)."),
         new_particles: Optional[str] = typer.Option(
             None, "--new-particles",
             help="Particles the run was not trained on: 'references' aligns them to the run's saved maps (fast, "

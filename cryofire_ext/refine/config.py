@@ -19,7 +19,7 @@ NEW_PARTICLES = ("references", "refine")
 class RefineConfig(ConfigFile):
     """`polish_rounds`: rounds of per-particle refinement of pose, shift and class against class maps
     back-projected from the particles themselves (0 = the model's own predictions). With
-    `polish_global_search` (and a run with a search warm start) the first and the last round first search every
+    `polish_global_search` (and a run with a search warm start) every round first searches every
     particle over the warm start's rotation and shift grid against the round's maps and keep the searched pose
     where it explains the image better (`polish.global_research`).
 
