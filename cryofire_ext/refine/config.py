@@ -20,7 +20,7 @@ class RefineConfig(ConfigFile):
     """`polish_rounds`: rounds of per-particle refinement of pose, shift and class against class maps
     back-projected from the particles themselves (0 = the model's own predictions). With
     `polish_global_search` (and a run with a search warm start) every round first searches every
-    particle over the warm start's rotation and shift grid against the round's maps and keep the searched pose
+    particle over the warm start's rotation and shift grid against the round's maps and keeps the searched pose
     where it explains the image better (`polish.global_research`).
 
     `new_particles`: how `predict` treats particles the run was not trained on. "references" (the default):

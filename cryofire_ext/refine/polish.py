@@ -98,16 +98,15 @@ def polish(read: Reader, n: int, A: torch.Tensor, shifts_px: torch.Tensor, label
         low = low_resolution(lat, pixel_size_A)
         sub = SubLattice(lat, low)
         moved = replaced = 0
-        # the global search in every round: in the first, so that far-off particles do not corrupt the first
-        # classes; in the later ones for those the class maps put far off, and because each round's maps hold
-        # fewer misplaced particles (a half-turned elongated particle is found only by a search)
-        search_now = global_grid is not None
         for s in range(0, n, chunk):
             idx = np.arange(s, min(n, s + chunk))
             img, ctf = read(idx)
             Y = lat.observe(img.to(device))
             C = evaluate_ctf(ctf.double().to(device), lat.freqs).float()
-            if search_now:
+            # the global search in every round: in the first, so that far-off particles do not corrupt the first
+            # classes; in the later ones for those the class maps put far off, and because each round's maps
+            # hold fewer misplaced particles (a half-turned elongated particle is found only by a search)
+            if global_grid is not None:
                 better = global_research(V, img.to(device), ctf, Y, C, lat, A[idx], shifts_px[idx], lab[idx],
                                          global_grid, pixel_size_A, radius)
                 replaced += int(better[0].sum())
@@ -124,7 +123,7 @@ def polish(read: Reader, n: int, A: torch.Tensor, shifts_px: torch.Tensor, label
         log.info("pose refinement round %d/%d: %s at %s A (half-set FSC 0.143), %s%d particle(s) changed "
                  "class in the refinement, %.1f s", r + 1, rounds, "consensus map" if consensus else "class maps",
                  ", ".join(f"{fsc_resolution_A(f, box, pixel_size_A):.1f}" for f in fsc),
-                 f"global search took {replaced} pose(s), " if search_now else "", moved,
+                 f"global search took {replaced} pose(s), " if global_grid is not None else "", moved,
                  time.perf_counter() - t0)
     return A, shifts_px, labels
 
