@@ -78,13 +78,15 @@ def main() -> None:
 
     from cryofire_ext.pipeline import fit_references
     from cryofire_ext.predict import load_trained
+    from integrations.job import saved_refine_config
     from integrations.simulated import with_absolute_names, write_dataset
 
     train_preds = Predictions.load(run / "predictions.npz")
     if not (run / "references.pt").is_file():
         tm = load_trained(run)
         t0 = time.time()
-        train_preds = fit_references(tm, with_absolute_names(train, root / "data"), train_preds)
+        train_preds = fit_references(tm, with_absolute_names(train, root / "data"), train_preds,
+                                     saved_refine_config(run))
         res["references_built_here_s"] = time.time() - t0
     elif train_preds.pose_confidence is None:
         raise SystemExit(f"{run}: references but no confidences in predictions.npz")

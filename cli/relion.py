@@ -15,8 +15,8 @@ import typer
 HELP = """Run cryoFIRE as a RELION External job (RELION calls this; see README "Use from RELION").
 
 RELION passes --o DIR/ --in_parts STAR --j N and the Params tab as --label value pairs
-(any TrainConfig field, e.g. --zdim 8 --epochs 20, the refinement's --polish_rounds N and
---polish_global_search yes/no, and --resume yes). Writes particles.star, maps/*.mrc,
+(any TrainConfig field, e.g. --zdim 8 --epochs 20, the refinement's --polish_rounds N,
+--polish_global_search yes/no and --search_rotations N, and --resume yes). Writes particles.star, maps/*.mrc,
 RELION_OUTPUT_NODES.star and RELION_JOB_EXIT_SUCCESS / _FAILURE / _ABORTED into --o.
 Exit status 0 success, 1 failure, 2 aborted.
 """

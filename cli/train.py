@@ -97,6 +97,10 @@ def register(app: typer.Typer) -> None:
         polish_global_search: Optional[bool] = typer.Option(
             None, "--polish-global-search/--no-polish-global-search",
             help="Search every particle globally in every refinement round (default on)."),
+        search_rotations: Optional[int] = typer.Option(None, "--search-rotations",
+                                                       help="Rotations of the global search after training, also "
+                                                            "kept in the references for predict (default 8000, or "
+                                                            "the run's on --resume)."),
         force: bool = typer.Option(False, "--force", help="Overwrite existing exports in --out."),
     ) -> None:
         """Train cryoFIRE on particles with no poses; write poses, z, maps and STAR/.cs files into --out."""
@@ -115,7 +119,8 @@ def register(app: typer.Typer) -> None:
         refine = saved_refine_config(out if resume else None)
         if config:  # a --config file may hold refinement fields beside the training ones
             refine = refine.replace(**RefineConfig.fields_in(job_config_fields(config)))
-        refine = refine.replace(polish_rounds=polish_rounds, polish_global_search=polish_global_search)
+        refine = refine.replace(polish_rounds=polish_rounds, polish_global_search=polish_global_search,
+                                search_rotations=search_rotations)
         check_output_folder(out)
         handler = run_log_handler(out / TRAIN_LOG)
         try:

@@ -83,16 +83,15 @@ def fit_landscape(tm: TrainedModel, stack: ParticleStack, preds: Predictions, *,
     return _with_landscape_z(preds, z, lm)
 
 
-def fit_references(tm: TrainedModel, stack: ParticleStack, preds: Predictions) -> Predictions:
+def fit_references(tm: TrainedModel, stack: ParticleStack, preds: Predictions, refine: RefineConfig) -> Predictions:
     """Build the run's references from its training particles `stack` at their final poses and classes `preds`
-    (`refine.references.build_references`, with the warm start's search grid, or one of `warm_rotations`
-    random rotations and shifts up to `warm_max_shift_px` without a warm start), save them in the run folder
+    (`refine.references.build_references`, with the refinement's search grid, `_search_grid`), save them in the run folder
     (`references.pt`) and attach them to `tm`; returns `preds` with each particle's pose confidence and class
     probability against them."""
     data = TrainingImages(stack, tm.box, tm.stats)
     poses = _poses_px(tm, preds)
     refs = references.build_references(data.read, len(preds), *poses, preds.n_classes, tm.box, tm.pixel_size_A,
-                                       _search_grid(tm))
+                                       _search_grid(tm, refine.search_rotations))
     refs.save(tm.run_dir / run_layout.REFERENCES)
     tm.references = refs
     return _confidences(tm, data, preds, poses)
@@ -115,14 +114,16 @@ def _poses_px(tm: TrainedModel, preds: Predictions) -> tuple[torch.Tensor, torch
             device=dev).float(), torch.as_tensor(preds.class_id, device=dev))
 
 
-def _search_grid(tm: TrainedModel) -> tuple[torch.Tensor, torch.Tensor]:
-    """The global search grid (rotations `(M, 3, 3)`, shifts `(S, 2)` px of the model box): the warm start's, or
-    for a run without one `warm_rotations` random rotations (seeded) and shifts up to `warm_max_shift_px`."""
-    if tm.warm is not None:
-        return tm.warm.rotations, tm.warm.shifts_px * (tm.box / tm.warm.box)
+def _search_grid(tm: TrainedModel, n_rotations: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The global search grid after training (rotations `(M, 3, 3)`, shifts `(S, 2)` px of the model box, on the
+    model's device): `n_rotations` random rotations (seeded by the run) and the warm start's shifts, or without a
+    warm start shifts up to `warm_max_shift_px`."""
+    dev = tm.model.k_half.device
     c = tm.config
-    rots = random_rotations(c.warm_rotations, np.random.default_rng(c.seed))
-    return torch.as_tensor(rots).float(), shift_grid(c.warm_max_shift_px * tm.box / tm.input_box)
+    rots = torch.as_tensor(random_rotations(n_rotations, np.random.default_rng(c.seed))).float()
+    shifts = tm.warm.shifts_px * (tm.box / tm.warm.box) if tm.warm is not None else \
+        shift_grid(c.warm_max_shift_px * tm.box / tm.input_box)
+    return rots.to(dev), shifts.float().to(dev)
 
 
 def _align(tm: TrainedModel, stack: ParticleStack) -> Predictions:
@@ -177,13 +178,10 @@ def _with_landscape_z(preds: Predictions, z: np.ndarray, lm: landscape.Landscape
 
 def _refine(tm: TrainedModel, stack: ParticleStack, preds: Predictions, refine: RefineConfig) -> Predictions:
     """`refine.polish` on the model's predictions, starting from their classes."""
-    dev = tm.model.k_half.device
     codes = class_targets(tm.warm, tm.model.zdim, "cpu")
     K = 1 if codes is None else len(codes)
     data = TrainingImages(stack, tm.box, tm.stats)
-    grid = None  # the warm start's global grid, its shifts in pixels of the model box
-    if refine.polish_global_search and tm.warm is not None:
-        grid = (tm.warm.rotations.to(dev), tm.warm.shifts_px.to(dev) * (tm.box / tm.warm.box))
+    grid = _search_grid(tm, refine.search_rotations) if refine.polish_global_search and tm.warm is not None else None
     A, t, labels = polish(data.read, len(preds), *_poses_px(tm, preds), K, tm.box, tm.pixel_size_A,
                           refine.polish_rounds, global_grid=grid)
     labels = labels.cpu().numpy().astype(np.int64)

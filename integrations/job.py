@@ -203,7 +203,7 @@ def export_run(run_dir, stack: ParticleStack, *, out_dir=None, refine: RefineCon
     if fit is not None and fit.z_mode == "continuous":
         preds = fit_landscape(tm, stack, preds, should_stop=should_stop, on_progress=on_progress)
     if fit is not None:
-        preds = fit_references(tm, stack, preds)
+        preds = fit_references(tm, stack, preds, refine)
     out = Path(out_dir) if out_dir is not None else Path(run_dir)
     if not write:  # another rank of a torchrun predict: rank 0 writes
         return JobOutputs(out, out / PARTICLES_STAR, out / PARTICLES_CS, out / PREDICTIONS, [], out / LOSS_PLOT)

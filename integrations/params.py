@@ -115,8 +115,8 @@ PROVENANCE_FIELDS = ("version", "created", "command_line")
 def pop_job_params(params: dict[str, str], *, where: str = "cryofire") -> dict[str, Any]:
     """Remove and convert the job-level (not training) parameters: `resume` (yes: continue the run in the
     output folder from its last checkpoint, e.g. after an abort; only the training config's
-    RESUMABLE_FIELDS may change) and the refinement settings (`polish_rounds`, `polish_global_search`: a
-    `RefineConfig`, given only when one of them is). Returns keyword arguments for run_training_job."""
+    RESUMABLE_FIELDS may change) and the refinement settings (`REFINE_FIELDS`: a `RefineConfig`, given only
+    when one of them is). Returns keyword arguments for run_training_job."""
     from cryofire_ext.refine.config import RefineConfig
 
     out: dict[str, Any] = {}
@@ -129,7 +129,7 @@ def pop_job_params(params: dict[str, str], *, where: str = "cryofire") -> dict[s
 
 
 #: the refinement settings a job takes beside the training config
-REFINE_FIELDS = ("polish_rounds", "polish_global_search")
+REFINE_FIELDS = ("polish_rounds", "polish_global_search", "search_rotations")
 
 
 def config_from_params(config_cls: type, params: dict[str, str], *, where: str = "cryofire",
@@ -149,9 +149,9 @@ def config_from_params(config_cls: type, params: dict[str, str], *, where: str =
         name = label.replace("-", "_")
         if name not in names:
             raise InputError(f"{where}: unknown parameter --{label} (value {text!r}). Training parameters are: "
-                             + ", ".join(f"--{n}" for n in names) + "; and --polish_rounds, "
-                             "--polish_global_search (the refinement after training) and --resume (continue "
-                             "from the last checkpoint).")
+                             + ", ".join(f"--{n}" for n in names) + "; and "
+                             + ", ".join(f"--{n}" for n in REFINE_FIELDS) + " (the refinement after training) "
+                             "and --resume (continue from the last checkpoint).")
         values[name] = convert_text(str(text), hints.get(name, str), label)
     if base is not None:
         return dataclasses.replace(base, **values)

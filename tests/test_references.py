@@ -19,8 +19,8 @@ from cryofire_ext.images import ArrayImages
 from cryofire_ext.metrics import geodesic_deg
 from cryofire_ext.particles import ParticleStack
 from cryofire_ext.poses import random_rotations
-from cryofire_ext.refine.references import GRID_KEEP, align, build_references, confidence_at, load_references
-from cryofire_ext.refine.search import WarmMap, every_other_shift, search_scored, shift_grid
+from cryofire_ext.refine.references import align, build_references, confidence_at, load_references
+from cryofire_ext.refine.search import GRID_KEEP, WarmMap, every_other_shift, search_scored, shift_grid
 from cryofire_ext.results import Predictions
 from cryofire_ext.train.data import TrainingImages
 from tests.conftest import phantom_training_set, shared_fixture

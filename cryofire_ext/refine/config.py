@@ -13,6 +13,8 @@ from cryofire_ext.errors import InputError
 
 #: `RefineConfig.new_particles`: align to the run's references, or refine against the particles' own maps
 NEW_PARTICLES = ("references", "refine")
+#: fewer rotations than this cannot find a pose for local steps to refine (spacing over 40 degrees)
+MIN_SEARCH_ROTATIONS = 100
 
 
 @dataclass
@@ -20,8 +22,11 @@ class RefineConfig(ConfigFile):
     """`polish_rounds`: rounds of per-particle refinement of pose, shift and class against class maps
     back-projected from the particles themselves (0 = the model's own predictions). With
     `polish_global_search` (and a run with a search warm start) every round first searches every
-    particle over the warm start's rotation and shift grid against the round's maps and keeps the searched pose
-    where it explains the image better (`polish.global_research`).
+    particle over a grid of `search_rotations` random rotations (seeded) and the warm start's shifts against the
+    round's maps and keeps the searched pose where it explains the image better (`polish.global_research`); the
+    run's references keep the same grid, so `predict` searches new particles over it. The grid must resolve the
+    model box, not only the warm start's smaller one: a grid is scored on the shells its spacing resolves
+    (`search.global_radius`), and the two ends of an elongated particle differ only on the finer ones.
 
     `new_particles`: how `predict` treats particles the run was not trained on. "references" (the default):
     aligned to the run's saved references (`refine.references.align`: global search and local refinement
@@ -35,6 +40,7 @@ class RefineConfig(ConfigFile):
 
     polish_rounds: int = 3
     polish_global_search: bool = True
+    search_rotations: int = 8000
     new_particles: str = "references"
 
     def __post_init__(self) -> None:
@@ -44,6 +50,10 @@ class RefineConfig(ConfigFile):
         if not isinstance(self.polish_global_search, bool):
             raise InputError(f"refinement config field polish_global_search={self.polish_global_search!r}: expected "
                              "true or false")
+        if not isinstance(self.search_rotations, int) or isinstance(self.search_rotations, bool) or \
+                self.search_rotations < MIN_SEARCH_ROTATIONS:
+            raise InputError(f"refinement config field search_rotations={self.search_rotations!r}: expected an integer "
+                             f">= {MIN_SEARCH_ROTATIONS} (rotations of the global search after training)")
         if self.new_particles not in NEW_PARTICLES:
             raise InputError(f"refinement config field new_particles={self.new_particles!r}: expected one of "
                              f"{', '.join(NEW_PARTICLES)}")

@@ -34,7 +34,7 @@ from cryofire_ext.recon.classmaps import class_maps_fsc, fsc_resolution_A, on_bo
 from cryofire_ext.recon.lattice import Lattice, SubLattice
 from cryofire_ext.refine.classify import class_scores, classify_at_poses, low_resolution
 from cryofire_ext.refine.frames import REGISTER_BOX, one_frame
-from cryofire_ext.refine.search import WarmMap, best_class, refine_local, search
+from cryofire_ext.refine.search import GRID_KEEP, WarmMap, best_class, refine_local, search
 
 log = logging.getLogger(__name__)
 
@@ -132,13 +132,14 @@ def global_research(V: torch.Tensor, img: torch.Tensor, ctf: torch.Tensor, Y: to
                     lat: Lattice, A: torch.Tensor, shifts_px: torch.Tensor, labels: torch.Tensor,
                     grid: tuple[torch.Tensor, torch.Tensor], pixel_size_A: float, max_radius: float = 1.0):
     """Search images `img` `(n, box, box)` (observed `Y`, CTF `C` on `lat`) over `grid` (rotations `(M, 3, 3)`,
-    shifts `(S, 2)` px) against class maps `V` `(K, G, G, G)` (refined on the lattice up to `max_radius`), then
+    shifts `(S, 2)` px; coarse to fine, `search.GRID_KEEP`) against class maps `V` `(K, G, G, G)` (refined on the
+    lattice up to `max_radius`), then
     keep, per image, whichever of the searched (pose, shift, class) and the current (`A`, `shifts_px`, `labels`)
     has the higher log-likelihood on `lat` -> (taken `(n,)` bool, A, shifts_px, labels)."""
     box = img.shape[-1]
     rotations, shifts = grid
     As, ts, cs = search(WarmMap(V, rotations.float(), shifts.float(), box, pixel_size_A, 1.0), img, ctf,
-                        max_radius=max_radius)
+                        max_radius=max_radius, keep=GRID_KEEP)
     ar = torch.arange(len(labels), device=labels.device)
     now = class_scores(V, Y, C, lat, A, shifts_px)[ar, labels]
     new = class_scores(V, Y, C, lat, As, ts)[ar, cs]

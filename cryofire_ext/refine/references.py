@@ -37,7 +37,7 @@ from cryofire_ext.recon.classmaps import RECONSTRUCT_PAD, class_maps_fsc, signal
 from cryofire_ext.recon.lattice import Lattice, SubLattice, slices
 from cryofire_ext.refine.classify import class_scores, low_resolution
 from cryofire_ext.refine.polish import SHIFT_PITCH_PX
-from cryofire_ext.refine.search import WarmMap, posterior_near, refine_local, search_scored
+from cryofire_ext.refine.search import GRID_KEEP, WarmMap, posterior_near, refine_local, search_scored
 from cryofire_ext.train.checkpoint import load_checkpoint, save_checkpoint
 
 log = logging.getLogger(__name__)
@@ -53,9 +53,6 @@ NOISE_PARTICLES = 2048
 #: rotation is about half a spacing (6 deg for 8,000 rotations) from the pose, further than one pass of
 #: `search.REFINE_STEPS_RAD` climbs (benchmarks/results/predict_references.json)
 LOCAL_PASSES = 2
-#: the grid search is coarse to fine (`search._search`): each image's this many best rotations of the coarse pass
-#: are scored in full (on the target set's grid of 8,000 the same poses as scoring all of them)
-GRID_KEEP = 100
 #: images per grid search inside a chunk (its `(n, shifts, rotations)` scores held at once)
 SEARCH_CHUNK = 64
 

@@ -54,9 +54,14 @@ class WarmMap:
         return int(self.V.shape[0])
 
 
+#: a coarse-to-fine grid search (`_search`'s `keep`) scores each image's this many best rotations of the coarse
+#: pass in full (on the two-state target set's grid of 8,000 the same poses as scoring all of them)
+GRID_KEEP = 100
+
+
 @torch.no_grad()
 def search(warm: WarmMap, images: torch.Tensor, ctf_params: torch.Tensor, refine: bool = True,
-           chunk: int = 128, max_radius: float = 1.0):
+           chunk: int = 128, max_radius: float = 1.0, keep: int = 0):
     """Best pose and class of each image against the warm maps (global grid, then local refinement).
 
     images `(n, B, B)` normalised, `B >= warm.box` (Fourier-cropped to the warm box here) ->
@@ -65,8 +70,9 @@ def search(warm: WarmMap, images: torch.Tensor, ctf_params: torch.Tensor, refine
     (`global_radius`). With `refine`, a local search of rotations (steps of `REFINE_STEPS_RAD`, each
     on the shells it resolves) and then of shifts (`REFINE_SHIFT_STEPS`, a fraction of the grid's
     pitch) follows the grid search, on the lattice up to `max_radius` (Nyquist units; where the maps end).
+    With `keep` > 0 the grid is searched coarse to fine (`_search`).
     """
-    A, t, cls, _ = _search(warm, images, ctf_params, refine, chunk, scored=False, max_radius=max_radius)
+    A, t, cls, _ = _search(warm, images, ctf_params, refine, chunk, scored=False, max_radius=max_radius, keep=keep)
     return A, t, cls
 
 
