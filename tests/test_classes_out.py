@@ -121,7 +121,7 @@ def test_cryosparc_job_exports_our_classes(data, tmp_path):
     with mock.patch("cryosparc.tools.APIClient", return_value=server.api):
         cs = CryoSPARC("http://localhost:39000", host=None, base_port=None, email="u@lab.org", password=PASSWORD)
     train_fields = {k: tuple(v) if isinstance(v, list) else v for k, v in CLASS_RUN.items()
-                    if not k.startswith("polish")}
+                    if k not in RefineConfig.fields_in(CLASS_RUN)}
     run_cryosparc_job(cs, PROJECT, WORKSPACE, f"{SOURCE}.particles", TrainConfig(**train_fields),
                       run_dir=tmp_path / "run", refine=RefineConfig(polish_rounds=1, polish_global_search=False))
     classes = check_classes_out(tmp_path / "run")

@@ -133,7 +133,7 @@ CONTINUOUS_RUN = {"zdim": 2, "epochs": 1, "batch_size": 32, "hidden": 32, "dec_h
                   "enc_channels": [4, 8, 8, 16, 16], "warm_start": "search", "warm_images": 160, "warm_box": 16,
                   "warm_steps": 60, "warm_rotations": 800, "warm_max_shift_px": 1.0, "warm_classes": 2,
                   "warm_rounds": 1, "distill_images": 240, "pose_only_images": 0, "num_workers": 0,
-                  "device": TEST_DEVICE, "polish_rounds": 1, "polish_global_search": False,
+                  "device": TEST_DEVICE, "polish_rounds": 1, "polish_global_search": False, "search_rotations": 800,
                   "z_mode": "continuous", "landscape_nodes": 4}
 
 

@@ -44,6 +44,9 @@ def test_predict_refuses_mismatched_particles_and_bad_checkpoints(trained_run, t
         infer(trained_run, other)
     with pytest.raises(InputError, match="polish_rounds=-1"):
         infer(trained_run, other, RefineConfig(polish_rounds=-1))
+    for bad in (10, 8000.0, True):
+        with pytest.raises(InputError, match=f"search_rotations={bad!r}: expected an integer >= 100"):
+            RefineConfig(search_rotations=bad)
     (tmp_path / "checkpoints").mkdir()
     (tmp_path / "checkpoints" / "last.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(InputError, match="unreadable checkpoint"):

@@ -160,6 +160,7 @@ def test_training_saves_references_and_exports_each_particles_confidence(exporte
     refs = load_references(run / "references.pt")
     preds = Predictions.load(run / "predictions.npz")
     assert refs.n_classes == preds.n_classes == 2 and refs.box == 32
+    assert len(refs.rotations) == CLASS_RUN["search_rotations"]  # the job's refinement grid, not the warm start's
     assert preds.meta["inference"] == "refine"  # the training particles keep the refinement's poses
     assert preds.pose_confidence.shape == preds.class_probability.shape == (len(preds),)
     star = starfile.read(run / "particles.star", always_dict=True)["particles"]

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from cryofire_ext.configfile import ConfigFile
 from cryofire_ext.errors import InputError
+from cryofire_ext.refine.config import RefineConfig
 
 # fields a resumed run may change (they do not alter what has been trained so far)
 RESUMABLE_FIELDS = ("epochs", "max_minutes", "device", "precision", "num_workers", "log_every",
@@ -68,8 +69,7 @@ class TrainConfig(ConfigFile):
 
     FORMAT = "cryofire-train-config"
     KIND = "training config"
-    #: the refinement settings of runs made before `RefineConfig` (read into it by `refine_config_of_run`)
-    RETIRED_FIELDS = ("polish_rounds", "polish_global_search", "landscape_box", "landscape_epochs", "landscape_lr")
+    RETIRED_FIELDS = ("landscape_box", "landscape_epochs", "landscape_lr")
 
     zdim: int = 8
     epochs: int = 20
@@ -168,6 +168,13 @@ class TrainConfig(ConfigFile):
             bad("warm_classes", "an integer >= 1 (classes of the warm start; 1 = none)")
 
     # ---- persistence (`ConfigFile`: save, load, from_dict)
+    @classmethod
+    def from_dict(cls, d: dict, source: str = "config") -> "TrainConfig":
+        """`ConfigFile.from_dict` without the refinement's fields: a job's config file (and the config.json of a run
+        made before `RefineConfig`) may hold them beside the training ones; `RefineConfig.fields_in` reads them."""
+        refine = RefineConfig.fields_in(d)
+        return super().from_dict({k: v for k, v in d.items() if k not in refine}, source)
+
     def to_dict(self) -> dict:
         d = asdict(self)
         d["enc_channels"] = list(self.enc_channels)
