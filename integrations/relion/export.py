@@ -29,6 +29,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import pandas as pd
@@ -52,6 +53,9 @@ CONFIDENCE_LABELS = {"pose_confidence": "cryofirePoseConfidence", "class_probabi
 OPTICS_LEVEL_LABELS = ("rlnVoltage", "rlnSphericalAberration", "rlnAmplitudeContrast", "rlnMagnification",
                        "rlnDetectorPixelSize", "rlnImagePixelSize", "rlnImageSize", "rlnImageDimensionality")
 PIXEL_ORIGIN_LABELS = ("rlnOriginX", "rlnOriginY")
+#: rows formatted and written at a time: the text of a whole table (a Python string per value, then the joined
+#: lines) would hold about a kilobyte per particle at once
+STAR_CHUNK_ROWS = 10_000
 
 
 def _build_optics(stack: ParticleStack, pixel_each: np.ndarray | None) -> tuple[pd.DataFrame, np.ndarray]:
@@ -164,7 +168,7 @@ def star_tables(stack: ParticleStack, out_path, z: np.ndarray | None = None, cla
     tables = stack.passthrough if isinstance(stack.passthrough, RelionTables) else None
     if tables is not None:
         rows = np.asarray(stack.source_rows, dtype=np.int64)
-        particles = tables.particles.iloc[rows].reset_index(drop=True).copy()
+        particles = tables.particles.iloc[rows].reset_index(drop=True)  # a new table: the read one is not changed
         if tables.optics is not None:
             group_of = pd.to_numeric(particles["rlnOpticsGroup"]).to_numpy().astype(np.int64)
             particles["rlnOpticsGroup"] = group_of
@@ -230,6 +234,22 @@ def relion_text(df: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
+def loop_lines(name: str, table: pd.DataFrame, chunk_rows: int = STAR_CHUNK_ROWS) -> Iterator[str]:
+    """The lines of `table` as the loop block `data_<name>`: starfile's writer on `relion_text`, `chunk_rows` rows
+    at a time (each row's text depends on that row alone), so the text of the whole table never exists at once."""
+
+    def lines(rows: pd.DataFrame) -> list[str]:
+        return list(StarWriter({name: relion_text(rows)}).data_block_generator())
+
+    empty = lines(table.iloc[:0])  # the header, then the two blank lines that end the block
+    head, tail = empty[:-2], empty[-2:]
+    yield from head
+    for start in range(0, len(table), chunk_rows):
+        block = lines(table.iloc[start:start + chunk_rows])
+        yield from block[len(head):len(block) - len(tail)]
+    yield from tail
+
+
 def write_star(stack: ParticleStack, path, z: np.ndarray | None = None, force: bool = False,
                classes: np.ndarray | None = None, confidences: dict | None = None) -> Path:
     """Write `stack` (+ latent coordinates `z` `(n, d)`) as a RELION 3.1 particle STAR file; returns the path.
@@ -246,7 +266,7 @@ def write_star(stack: ParticleStack, path, z: np.ndarray | None = None, force: b
         fh.write(f"# written by cryofire-ext {__version__}\n\n")
         for name, table in (("optics", optics), ("particles", particles)):
             fh.write(f"# version {STAR_VERSION}\n\n")
-            for line in StarWriter({name: relion_text(table)}).data_block_generator():
+            for line in loop_lines(name, table):
                 fh.write(line + "\n")
     log.info("wrote %d particles to %s", len(stack), path)
     return path
