@@ -121,24 +121,29 @@ def _fill_missing_optics_values(optics: pd.DataFrame, stack: ParticleStack, grou
 def _image_names_from_tables(tables: RelionTables, names: np.ndarray, out_dir: Path) -> np.ndarray:
     """Names as read, rewritten to absolute paths where they would not resolve from `out_dir` to the same stack."""
     number, stacks = split_image_names(names, tables.star_path)
+    stack_of, stack_names = pd.factorize(stacks)
     out = names.astype(object).copy()
-    for stack_name in np.unique(stacks.astype(str)):
+    for k, stack_name in enumerate(stack_names):
         src = tables.stack_files.get(stack_name)
         if src is None:
             continue  # not found on reading: keep the name as it was
         there, _ = resolve_stack(stack_name, out_dir)
         if there is not None and os.path.samefile(there, src):
             continue
-        sel = np.flatnonzero(stacks == stack_name)
+        sel = np.flatnonzero(stack_of == k)
         out[sel] = [f"{k:06d}@{relion_stack_name(src)}" for k in number[sel]]
     return _with_type_override(out)
 
 
 def _with_type_override(names: np.ndarray) -> np.ndarray:
-    """Names whose stack ends in `.mrc` get RELION's `:mrcs` override (else RELION refuses them)."""
-    names = pd.Series(np.asarray(names, dtype=object)).astype(str)
-    plain_mrc = names.str.lower().str.endswith(".mrc")
-    return names.where(~plain_mrc, names + ":mrcs").to_numpy(dtype=object)
+    """Names whose stack ends in `.mrc` get RELION's `:mrcs` override (else RELION refuses them); names as
+    str in an object array (one name at a time: a str table of all of them would be a second copy of the column)."""
+    names = np.asarray(names, dtype=object)
+    out = np.empty(len(names), dtype=object)
+    for i, name in enumerate(names):
+        name = str(name)
+        out[i] = f"{name}:mrcs" if name.lower().endswith(".mrc") else name
+    return out
 
 
 def _image_names_foreign(stack: ParticleStack) -> np.ndarray:
