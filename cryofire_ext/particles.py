@@ -56,13 +56,14 @@ class ParticleStack:
 
     def __post_init__(self) -> None:
         n = len(self.ids)
-        self.ids = np.asarray(self.ids).astype(str)
+        # str arrays are kept, not copied: `with_poses` / `take` / Predictions share them (n x 4 bytes per character)
+        self.ids = np.asarray(self.ids, dtype=str)
         if self.source_rows is None:
             self.source_rows = np.arange(n)
         if self.optics_group is None:
             self.optics_group = np.zeros(n, dtype=np.int64)
         if self.image_names is not None:
-            self.image_names = np.asarray(self.image_names).astype(str)
+            self.image_names = np.asarray(self.image_names, dtype=str)
         if len(self.ctf) != n:
             raise InputError(f"{len(self.ctf)} CTF rows for {n} particles")
         for name, shape in (("A", (n, 3, 3)), ("shifts_A", (n, 2)), ("class_id", (n,)), ("subset", (n,)),

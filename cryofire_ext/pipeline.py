@@ -165,7 +165,8 @@ def _landscape_z(tm: TrainedModel, stack: ParticleStack, preds: Predictions) -> 
     block and every rank gets all of them in input order, as `_align`)."""
     env = distributed.current()
     lo, hi = distributed.block(len(stack), env)
-    z = tm.landscape.z_of(stack.take(np.arange(lo, hi)), preds.A[lo:hi], preds.shifts_A[lo:hi])
+    block = stack if (lo, hi) == (0, len(stack)) else stack.take(np.arange(lo, hi))  # one rank: no copy
+    z = tm.landscape.z_of(block, preds.A[lo:hi], preds.shifts_A[lo:hi])
     return _with_landscape_z(preds, distributed.gather_blocks({"z": z}, env)["z"], tm.landscape)
 
 

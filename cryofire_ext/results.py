@@ -40,7 +40,7 @@ class Predictions:
 
     def __post_init__(self) -> None:
         n = len(self.ids)
-        self.ids = np.asarray(self.ids).astype(str)
+        self.ids = np.asarray(self.ids, dtype=str)  # a str array is shared, not copied (the stack's ids)
         self.z = np.asarray(self.z, dtype=np.float32).reshape(n, -1)
         if self.class_id is None:
             self.class_id = np.zeros(n, dtype=np.int64)
@@ -84,7 +84,7 @@ class Predictions:
         optional = self.confidences()
         with atomic_path(path, force=force) as tmp:
             with open(tmp, "wb") as fh:
-                np.savez(fh, header=np.array(json.dumps(header)), ids=self.ids.astype("U"), A=self.A,
+                np.savez(fh, header=np.array(json.dumps(header)), ids=np.asarray(self.ids, dtype=str), A=self.A,
                          shifts_A=self.shifts_A, z=self.z, loss=self.loss,
                          class_id=self.class_id, **optional)
         return Path(path)

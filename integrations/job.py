@@ -218,7 +218,7 @@ def export_predictions(preds: Predictions, tm: "TrainedModel", stack: ParticleSt
     by the landscape when the run has one; maps/class_NN.mrc, the pose model's map of class NN =
     rlnClassNumber; maps/consensus.mrc without z) and loss.png."""
     from cryofire_ext.analysis import write_maps
-    from cryofire_ext.images import write_mrc
+    from cryofire_ext.images import release_freed_heap, write_mrc
     from integrations.cryosparc import write_cs
     from integrations.relion import write_star
 
@@ -229,6 +229,7 @@ def export_predictions(preds: Predictions, tm: "TrainedModel", stack: ParticleSt
     conf = preds.confidences()
     star = write_star(posed, out / PARTICLES_STAR, z=z, classes=preds.class_id, force=force, confidences=conf)
     cs = write_cs(posed, out / PARTICLES_CS, z=z, classes=preds.class_id, force=force, confidences=conf)
+    release_freed_heap()  # the writers' temporaries (pandas' strings) leave before the maps' working memory comes
     refine.save(out / REFINE, force=force)
     K = preds.n_classes
     counts = np.bincount(preds.class_id, minlength=K)

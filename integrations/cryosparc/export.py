@@ -39,21 +39,27 @@ log = logging.getLogger(__name__)
 
 def uids_for_ids(ids: np.ndarray) -> np.ndarray:
     """`(n,)` u8 uids for particle ids: the ids when they are unique integers < 2^64, else their blake2b-64 hashes."""
-    ids = np.asarray(ids).astype(str)
+    ids = np.asarray(ids, dtype=str)  # a str array as it is, not copied
     if len(ids) and all(s.isdigit() for s in ids):
         values = [int(s) for s in ids]
         if max(values) < 2**64 and len(set(values)) == len(values):
             return np.asarray(values, dtype=np.uint64)
-    seen: dict[str, int] = {}
-    out = np.empty(len(ids), dtype=np.uint64)
+    out = np.fromiter((_blake2b_u8(s) for s in ids), dtype=np.uint64, count=len(ids))
+    if len(np.unique(out)) == len(out):  # unique hashes: unique ids, each hashed as itself
+        return out
+    seen: dict[str, int] = {}  # a repeated id gets `id#k` hashed instead (kept off the common path: a key per id)
     for i, s in enumerate(ids):
         k = seen.get(s, 0)
         seen[s] = k + 1
-        key = s if k == 0 else f"{s}#{k}"
-        out[i] = int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little")
+        out[i] = _blake2b_u8(s if k == 0 else f"{s}#{k}")
     if len(np.unique(out)) != len(out):  # 2^-64 per pair: would mean a bug, not bad luck
         raise InputError("particle ids hash to repeated cryoSPARC uids; give the particles unique ids")
     return out
+
+
+def _blake2b_u8(key: str) -> int:
+    """The uid of a particle id `key`: blake2b-64 of its UTF-8 bytes, little-endian."""
+    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little")
 
 
 def _image_refs(stack: ParticleStack) -> tuple[np.ndarray, np.ndarray]:
@@ -68,17 +74,28 @@ def _image_refs(stack: ParticleStack) -> tuple[np.ndarray, np.ndarray]:
         idx = np.asarray(stack.images.indices, dtype=np.int64)
     else:
         if names is None:
-            names = np.asarray(stack.ids).astype(str)
-        bad = [k for k, s in enumerate(names) if "@" not in s or not s.split("@", 1)[0].strip().isdigit()]
-        if bad:
-            raise InputError(f"particle {bad[0] + 1} (1-based; id '{stack.ids[bad[0]]}') has no image file reference (expected "
-                             "'N@path'); a cryoSPARC .cs needs blob/path and blob/idx for every particle.")
-        split = [s.split("@", 1) for s in names]
-        idx = np.asarray([int(a) - 1 for a, _ in split], dtype=np.int64)
-        paths = np.asarray([b for _, b in split]).astype(str)
+            names = np.asarray(stack.ids, dtype=str)
+        # one name at a time into the index and a code per stack: a list of split names, or a str array of
+        # their paths, would hold hundreds of bytes per particle
+        idx = np.empty(len(names), dtype=np.int64)
+        code = np.empty(len(names), dtype=np.int64)
+        lookup: dict[str, int] = {}
+        for k, s in enumerate(names):
+            number, at, path = s.partition("@")
+            if not at or not number.strip().isdigit():
+                raise InputError(f"particle {k + 1} (1-based; id '{stack.ids[k]}') has no image file reference "
+                                 "(expected 'N@path'); a cryoSPARC .cs needs blob/path and blob/idx for every particle.")
+            idx[k] = int(number) - 1
+            code[k] = lookup.setdefault(str(path), len(lookup))
+        unique = np.asarray(list(lookup), dtype=object)
+        return _absolute_where_found(unique)[code], idx
     unique, inverse = np.unique(paths, return_inverse=True)
-    fixed = np.asarray([os.path.abspath(p) if os.path.isfile(p) else p for p in unique], dtype=object)
-    return fixed[inverse], idx
+    return _absolute_where_found(unique)[inverse], idx
+
+
+def _absolute_where_found(paths: np.ndarray) -> np.ndarray:
+    """`paths` `(m,)` as an object array, each made absolute when it is a file, else kept as written."""
+    return np.asarray([os.path.abspath(p) if os.path.isfile(p) else p for p in paths], dtype=object)
 
 
 def _new_dataset(stack: ParticleStack) -> Dataset:

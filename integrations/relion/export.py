@@ -29,6 +29,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import pandas as pd
@@ -52,6 +53,9 @@ CONFIDENCE_LABELS = {"pose_confidence": "cryofirePoseConfidence", "class_probabi
 OPTICS_LEVEL_LABELS = ("rlnVoltage", "rlnSphericalAberration", "rlnAmplitudeContrast", "rlnMagnification",
                        "rlnDetectorPixelSize", "rlnImagePixelSize", "rlnImageSize", "rlnImageDimensionality")
 PIXEL_ORIGIN_LABELS = ("rlnOriginX", "rlnOriginY")
+#: rows formatted and written at a time: the text of a whole table (a Python string per value, then the joined
+#: lines) would hold about a kilobyte per particle at once
+STAR_CHUNK_ROWS = 10_000
 
 
 def _build_optics(stack: ParticleStack, pixel_each: np.ndarray | None) -> tuple[pd.DataFrame, np.ndarray]:
@@ -117,24 +121,29 @@ def _fill_missing_optics_values(optics: pd.DataFrame, stack: ParticleStack, grou
 def _image_names_from_tables(tables: RelionTables, names: np.ndarray, out_dir: Path) -> np.ndarray:
     """Names as read, rewritten to absolute paths where they would not resolve from `out_dir` to the same stack."""
     number, stacks = split_image_names(names, tables.star_path)
+    stack_of, stack_names = pd.factorize(stacks)
     out = names.astype(object).copy()
-    for stack_name in np.unique(stacks.astype(str)):
+    for k, stack_name in enumerate(stack_names):
         src = tables.stack_files.get(stack_name)
         if src is None:
             continue  # not found on reading: keep the name as it was
         there, _ = resolve_stack(stack_name, out_dir)
         if there is not None and os.path.samefile(there, src):
             continue
-        sel = np.flatnonzero(stacks == stack_name)
+        sel = np.flatnonzero(stack_of == k)
         out[sel] = [f"{k:06d}@{relion_stack_name(src)}" for k in number[sel]]
     return _with_type_override(out)
 
 
 def _with_type_override(names: np.ndarray) -> np.ndarray:
-    """Names whose stack ends in `.mrc` get RELION's `:mrcs` override (else RELION refuses them)."""
-    names = pd.Series(np.asarray(names, dtype=object)).astype(str)
-    plain_mrc = names.str.lower().str.endswith(".mrc")
-    return names.where(~plain_mrc, names + ":mrcs").to_numpy(dtype=object)
+    """Names whose stack ends in `.mrc` get RELION's `:mrcs` override (else RELION refuses them); names as
+    str in an object array (one name at a time: a str table of all of them would be a second copy of the column)."""
+    names = np.asarray(names, dtype=object)
+    out = np.empty(len(names), dtype=object)
+    for i, name in enumerate(names):
+        name = str(name)
+        out[i] = f"{name}:mrcs" if name.lower().endswith(".mrc") else name
+    return out
 
 
 def _image_names_foreign(stack: ParticleStack) -> np.ndarray:
@@ -164,7 +173,7 @@ def star_tables(stack: ParticleStack, out_path, z: np.ndarray | None = None, cla
     tables = stack.passthrough if isinstance(stack.passthrough, RelionTables) else None
     if tables is not None:
         rows = np.asarray(stack.source_rows, dtype=np.int64)
-        particles = tables.particles.iloc[rows].reset_index(drop=True).copy()
+        particles = tables.particles.iloc[rows].reset_index(drop=True)  # a new table: the read one is not changed
         if tables.optics is not None:
             group_of = pd.to_numeric(particles["rlnOpticsGroup"]).to_numpy().astype(np.int64)
             particles["rlnOpticsGroup"] = group_of
@@ -230,6 +239,22 @@ def relion_text(df: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
+def loop_lines(name: str, table: pd.DataFrame, chunk_rows: int = STAR_CHUNK_ROWS) -> Iterator[str]:
+    """The lines of `table` as the loop block `data_<name>`: starfile's writer on `relion_text`, `chunk_rows` rows
+    at a time (each row's text depends on that row alone), so the text of the whole table never exists at once."""
+
+    def lines(rows: pd.DataFrame) -> list[str]:
+        return list(StarWriter({name: relion_text(rows)}).data_block_generator())
+
+    empty = lines(table.iloc[:0])  # the header, then the two blank lines that end the block
+    head, tail = empty[:-2], empty[-2:]
+    yield from head
+    for start in range(0, len(table), chunk_rows):
+        block = lines(table.iloc[start:start + chunk_rows])
+        yield from block[len(head):len(block) - len(tail)]
+    yield from tail
+
+
 def write_star(stack: ParticleStack, path, z: np.ndarray | None = None, force: bool = False,
                classes: np.ndarray | None = None, confidences: dict | None = None) -> Path:
     """Write `stack` (+ latent coordinates `z` `(n, d)`) as a RELION 3.1 particle STAR file; returns the path.
@@ -246,7 +271,7 @@ def write_star(stack: ParticleStack, path, z: np.ndarray | None = None, force: b
         fh.write(f"# written by cryofire-ext {__version__}\n\n")
         for name, table in (("optics", optics), ("particles", particles)):
             fh.write(f"# version {STAR_VERSION}\n\n")
-            for line in StarWriter({name: relion_text(table)}).data_block_generator():
+            for line in loop_lines(name, table):
                 fh.write(line + "\n")
     log.info("wrote %d particles to %s", len(stack), path)
     return path

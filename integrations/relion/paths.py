@@ -37,16 +37,18 @@ def split_image_names(names, star_path, block: str = "particles") -> tuple[np.nd
     s = pd.Series(np.asarray(names, dtype=object)).astype(str)
     if len(s) == 0:
         return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=object)
-    parts = s.str.partition("@")
-    has_at = parts[1] == "@"
-    number = pd.to_numeric(parts[0].where(has_at, "1"), errors="coerce")
-    stack = parts[2].where(has_at, parts[0]).str.strip().str.replace(TYPE_SUFFIX, "", regex=True)
+    # the text before / after the first "@" by regular expressions (arrow's string kernels); `str.partition`
+    # builds a Python tuple and three strings per name (~600 B per particle at once)
+    has_at = s.str.contains("@", regex=False)
+    number = pd.to_numeric(s.str.replace("@.*", "", regex=True).where(has_at, "1"), errors="coerce")
+    stack = s.str.replace("^[^@]*@", "", regex=True).str.strip().str.replace(TYPE_SUFFIX, "", regex=True)
     bad = number.isna() | (number < 1) | (number != np.floor(number)) | (stack == "")
     if bad.any():
         row = int(np.flatnonzero(bad.to_numpy())[0])
         raise InputError(f"{star_path}: row {row + 1} of data_{block} has rlnImageName '{s.iloc[row]}'; expected "
                          "'N@path/stack.mrcs' with N the 1-based image number (e.g. 000001@Extract/job003/a.mrcs)")
-    return number.to_numpy(dtype=np.int64), stack.to_numpy(dtype=object)
+    codes, stacks = pd.factorize(stack)  # one string per stack, shared by its rows (not one per row)
+    return number.to_numpy(dtype=np.int64), np.asarray(stacks, dtype=object)[codes]
 
 
 def stack_candidates(stack: str, star_dir: Path, datadir=None) -> list[Path]:

@@ -274,11 +274,12 @@ def read_star(path, datadir=None, require_images: bool = False, *, pixel_size_A:
         else:
             found[name] = where
     where_each = pd.Series([found.get(s, s) for s in uniq_stacks], dtype=object).iloc[stack_of].to_numpy()
-    # numpy string ops: pandas 3's arrow strings cannot add an empty object column (a zero-row STAR)
-    image_names = np.empty(0, dtype=object)
+    # numpy string ops: pandas 3's arrow strings cannot add an empty object column (a zero-row STAR); the str
+    # array is the stack's as built (no object round trip)
+    image_names = np.empty(0, dtype=str)
     if len(number):
         image_names = np.char.add(np.char.add(np.char.zfill(np.asarray(number).astype(str), 6), "@"),
-                                  np.asarray(where_each, dtype=str)).astype(object)
+                                  np.asarray(where_each, dtype=str))
     images = None
     if missing:
         name, tried = first_tried
