@@ -183,6 +183,14 @@ def test_a_row_with_an_extra_field_is_named(data, capsys):
             "inspect", data / "x.star", root=data)
 
 
+def test_an_image_number_that_is_not_a_whole_number_is_named(data, capsys):
+    text = (data / "particles.star").read_text()
+    for bad in ("inf", "nan", "0", "2.5"):
+        (data / "n.star").write_text(text.replace("000003@", f"{bad}@", 1))
+        refused(capsys, rf"n\.star: row 3 of data_particles has rlnImageName '{bad}@.*'; expected 'N@path/stack.mrcs' "
+                        "with N the 1-based image number", "inspect", data / "n.star", root=data)
+
+
 def test_non_utf8_byte_names_the_line(data, capsys):
     text = (data / "particles.star").read_bytes()
     k = text.index(b"000004@particles")

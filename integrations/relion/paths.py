@@ -42,7 +42,7 @@ def split_image_names(names, star_path, block: str = "particles") -> tuple[np.nd
     has_at = s.str.contains("@", regex=False)
     number = pd.to_numeric(s.str.replace("@.*", "", regex=True).where(has_at, "1"), errors="coerce")
     stack = s.str.replace("^[^@]*@", "", regex=True).str.strip().str.replace(TYPE_SUFFIX, "", regex=True)
-    bad = number.isna() | (number < 1) | (number != np.floor(number)) | (stack == "")
+    bad = ~np.isfinite(number.astype(float)) | (number < 1) | (number != np.floor(number)) | (stack == "")
     if bad.any():
         row = int(np.flatnonzero(bad.to_numpy())[0])
         raise InputError(f"{star_path}: row {row + 1} of data_{block} has rlnImageName '{s.iloc[row]}'; expected "
