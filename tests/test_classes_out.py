@@ -73,6 +73,7 @@ def test_train_exports_our_classes(trained):
     check_classes_out(trained)
     assert json.loads((trained / "refine.json").read_text())["config"] == {"polish_rounds": 1,
                                                                            "polish_global_search": False,
+                                                                           "search_rotations": 800,
                                                                            "new_particles": "references"}
 
 
@@ -147,7 +148,7 @@ def test_resume_and_predict_run_and_record_the_refinement_settings_they_are_give
     star = data / "particles.star"
     config_before = json.loads((run / "config.json").read_text())["config"]
     assert main(["train", str(star), "-o", str(run), "--resume", "--polish-rounds", "0"]) == 0
-    assert saved_refine_config(run) == RefineConfig(polish_rounds=0, polish_global_search=False)
+    assert saved_refine_config(run) == RefineConfig(polish_rounds=0, polish_global_search=False, search_rotations=800)
     config_after = json.loads((run / "config.json").read_text())["config"]
     assert "polish_rounds" not in config_after
     assert {k: v for k, v in config_after.items() if k not in ("created", "command_line")} == {
