@@ -15,6 +15,7 @@ import typing
 from typing import Any, Sequence
 
 from cryofire_ext.errors import InputError
+from cryofire_ext.refine.config import RefineConfig
 
 def parse_label_values(argv: Sequence[str], *, where: str = "cryofire") -> dict[str, str]:
     """`--key value` / `--key=value` pairs -> {key: value} (dashes in keys become underscores).
@@ -117,8 +118,6 @@ def pop_job_params(params: dict[str, str], *, where: str = "cryofire") -> dict[s
     output folder from its last checkpoint, e.g. after an abort; only the training config's
     RESUMABLE_FIELDS may change) and the refinement settings (`REFINE_FIELDS`: a `RefineConfig`, given only
     when one of them is). Returns keyword arguments for run_training_job."""
-    from cryofire_ext.refine.config import RefineConfig
-
     out: dict[str, Any] = {}
     if "resume" in params:
         out["resume"] = convert_text(params.pop("resume"), bool, "resume")
@@ -128,8 +127,9 @@ def pop_job_params(params: dict[str, str], *, where: str = "cryofire") -> dict[s
     return out
 
 
-#: the refinement settings a job takes beside the training config
-REFINE_FIELDS = ("polish_rounds", "polish_global_search", "search_rotations")
+#: the refinement settings a job takes beside the training config: `RefineConfig`'s, but `new_particles` (how
+#: `predict` treats particles a run was not trained on)
+REFINE_FIELDS = tuple(f.name for f in dataclasses.fields(RefineConfig) if f.name != "new_particles")
 
 
 def config_from_params(config_cls: type, params: dict[str, str], *, where: str = "cryofire",
