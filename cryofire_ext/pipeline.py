@@ -86,8 +86,8 @@ def fit_landscape(tm: TrainedModel, stack: ParticleStack, preds: Predictions, *,
 def fit_references(tm: TrainedModel, stack: ParticleStack, preds: Predictions, refine: RefineConfig) -> Predictions:
     """Build the run's references from its training particles `stack` at their final poses and classes `preds`
     (`refine.references.build_references`, with the refinement's search grid, `_search_grid`), save them in the
-    run folder (`references.pt`) and attach them to `tm`; returns `preds` with each particle's pose confidence and class
-    probability against them."""
+    run folder (`references.pt`) and attach them to `tm`; returns `preds` with each particle's pose confidence and
+    class probability against them."""
     data = TrainingImages(stack, tm.box, tm.stats)
     poses = _poses_px(tm, preds)
     refs = references.build_references(data.read, len(preds), *poses, preds.n_classes, tm.box, tm.pixel_size_A,

@@ -13,9 +13,9 @@ then classification, then refinement per class, as in RELION or cryoSPARC practi
 against the class maps, each first turned into one frame (`frames.class_frames`). With a global grid, every
 round first searches every particle over it, coarse to fine (`global_research`), for the particles the model or
 the class maps put too far from their pose for local steps. The class maps are filtered by their half-set FSC
-(`recon.classmaps.class_maps_fsc`, as RELION's gold-standard refinement weights its references) and
-reconstructed on a 2x oversampled Fourier grid (`recon.classmaps.RECONSTRUCT_PAD`); what each of these choices gained
-is in CHANGELOG.md and benchmarks/results.
+(`recon.classmaps.class_maps_fsc`, as RELION's gold-standard refinement weights its references) and reconstructed
+on a 2x oversampled Fourier grid (`recon.classmaps.RECONSTRUCT_PAD`); what each of these choices gained is in
+CHANGELOG.md and benchmarks/results.
 """
 
 from __future__ import annotations
@@ -131,9 +131,9 @@ def global_research(V: torch.Tensor, img: torch.Tensor, ctf: torch.Tensor, Y: to
                     grid: tuple[torch.Tensor, torch.Tensor], pixel_size_A: float, max_radius: float = 1.0):
     """Search images `img` `(n, box, box)` (observed `Y`, CTF `C` on `lat`) over `grid` (rotations `(M, 3, 3)`,
     shifts `(S, 2)` px; coarse to fine, `search.GRID_KEEP`) against class maps `V` `(K, G, G, G)` (refined on the
-    lattice up to `max_radius`), then
-    keep, per image, whichever of the searched (pose, shift, class) and the current (`A`, `shifts_px`, `labels`)
-    has the higher log-likelihood on `lat` -> (taken `(n,)` bool, A, shifts_px, labels)."""
+    lattice up to `max_radius`), then keep, per image, whichever of the searched (pose, shift, class) and the
+    current (`A`, `shifts_px`, `labels`) has the higher log-likelihood on `lat` -> (taken `(n,)` bool, A,
+    shifts_px, labels)."""
     box = img.shape[-1]
     rotations, shifts = grid
     As, ts, cs = search(WarmMap(V, rotations.float(), shifts.float(), box, pixel_size_A, 1.0), img, ctf,
