@@ -23,6 +23,7 @@ from cryofire_ext.refine.search import refine_local
 from cryofire_ext.refine.polish import SHIFT_PITCH_PX
 from cryofire_ext.ctf import evaluate_ctf
 from integrations.job import load_particles
+from integrations.simulated import load_truth
 logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 torch.set_num_threads(int(os.environ.get("THREADS", 2)))
 run, data, start, iters, B, subset, out = sys.argv[1:8]
@@ -30,13 +31,13 @@ iters, B = int(iters), int(B)
 os.makedirs(out, exist_ok=True)
 tm = load_trained(run); px = tm.pixel_size_A; box = tm.box
 stack = load_particles(data); N = int(os.environ.get("N", len(stack)))
-truth = dict(np.load(os.path.dirname(data) + "/truth.npz")); p = dict(np.load(start))
-if N < len(stack):
-    stack = stack.take(np.arange(N)); truth = {k: (v[:N] if v.ndim and len(v) == len(p["A"]) else v) for k, v in truth.items()}; p = {k: v[:N] for k, v in p.items()}
-n = len(stack); state = truth["state"]
-A = torch.as_tensor(p["A"]).float(); t = torch.as_tensor(p["shifts_px"]).float()
+stack = stack.take(np.arange(N)) if N < len(stack) else stack
+n = len(stack)
+truth = load_truth(os.path.join(os.path.dirname(data), "truth.npz")); p = np.load(start)
+A_true, state = truth["A"][:n], truth["state"][:n]
+A = torch.as_tensor(p["A"][:n]).float(); t = torch.as_tensor(p["shifts_px"][:n]).float()
 rd = TrainingImages(stack, box, tm.stats).read
-def err(A): return rotation_error_deg(A.numpy().astype(np.float64), truth["A"]).errors_deg
+def err(A): return rotation_error_deg(A.numpy().astype(np.float64), A_true).errors_deg
 def corr(z, s): return round(float(abs(np.corrcoef(z, s)[0, 1])), 3)
 for it in range(iters + 1):
     t0 = time.time()
@@ -50,7 +51,7 @@ for it in range(iters + 1):
     rec = {"iter": it, "median_deg": round(float(np.median(e)), 2), "gt15": round(float(np.mean(e > 15)), 4),
            "gt150": round(float(np.mean(e > 150)), 4), "corr_fit": corr(zs[:, 0], state[idx]),
            "corr_all": corr(z, state), "n_fit": len(idx),
-           "median_by_state": [round(float(np.median(e[(state == k) & (e < 15)])), 2) for k in range(10)],
+           "median_by_state": [round(float(np.median(e[(state == k) & (e < 15)])), 2) for k in range(int(state.max()) + 1)],
            "landscape_s": round(tl), "load": os.getloadavg()}
     print(json.dumps(rec), flush=True)
     np.savez(f"{out}/iter{it}.npz", A=A.numpy(), shifts_px=t.numpy(), z=z)
