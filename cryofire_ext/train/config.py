@@ -56,7 +56,9 @@ class TrainConfig(ConfigFile):
     Landscape (`cryofire_ext.landscape`): with `z_mode="continuous"`, after training and the refinement, each
     particle's z becomes its position along a curve of `landscape_nodes` maps through the particles' main
     motion, fitted at the refined poses on images Fourier-cropped to `landscape_resolution_A`, in
-    `landscape_iters` rounds. The classes stay the refinement's. `z_mode="classes"`: z is the class code.
+    `landscape_iters` rounds; the refinement before it poses every particle against one map of all particles and
+    gives them one class (`pipeline._refine`): conformations are positions along the landscape, which `cryofire
+    analyze` clusters. `z_mode="classes"`: z is the class code, the refinement's classes are the answer.
 
     The refinement after training has its own config (`refine.config.RefineConfig`), saved apart.
 
