@@ -13,7 +13,8 @@ Reads the run's `predictions.npz` (the training particles, in the stack's order)
 (z is one-dimensional: PC1 is z), the share of particles whose 50 nearest neighbours in z have a mean state within
 one state of their own, the landscape's map at each state's median z against that state's truth (FSC 0.5, after
 the run's global rotation and hand), the median rotation error after global alignment, the shift error, the same
-|corr| and neighbour share on the held-out particles through `predict`'s own poses and z, and the mean z per state.
+|corr| and neighbour share on the held-out particles through `predict`'s own poses and z, the mean z per state,
+and `analyze`'s clusters of z against the states (on a two-state set: are the states two modes of z?).
 `--peer NAME=Z_PKL` adds the same metrics for another method's per-particle latents (cryoDRGN's `z.N.pkl`, in
 the training stack's order), e.g. cryoDRGN train_vae given the true poses and given ours.
 """
@@ -35,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from analysis_states import neighbour_state_agreement  # noqa: E402
 
 from cryofire_ext import metrics  # noqa: E402
-from cryofire_ext.analysis import map_fsc, pca  # noqa: E402
+from cryofire_ext.analysis import cluster, map_fsc, pca  # noqa: E402
 from cryofire_ext.predict import load_trained  # noqa: E402
 from cryofire_ext.recon.classmaps import fsc_resolution_A  # noqa: E402
 from cryofire_ext.results import Predictions  # noqa: E402
@@ -44,11 +45,19 @@ from integrations.simulated import load_truth  # noqa: E402
 
 
 def latent_scores(z: np.ndarray, state: np.ndarray) -> dict:
-    """|corr(PC1(z), state)| and the 50-nearest-neighbour state agreement of latents z `(n, d)`."""
+    """|corr(PC1(z), state)|, the 50-nearest-neighbour state agreement, and `cryofire analyze`'s clustering
+    (`analysis.cluster`: the k its BIC picks; the clustering error with k = the number of states) of latents z
+    `(n, d)`; with a one-dimensional z its histogram over 20 bins (are there modes?)."""
     z = np.asarray(z, np.float64).reshape(len(state), -1)
-    return {"pc1_abs_corr_state": round(metrics.pc1_correlation(z, state), 4),
-            "neighbours_within_one_state": round(neighbour_state_agreement(z, state), 4),
-            "mean_pc1_by_state": [round(float(v), 4) for v in pc1_means(z, state)]}
+    n_states = int(state.max()) + 1
+    out = {"pc1_abs_corr_state": round(metrics.pc1_correlation(z, state), 4),
+           "neighbours_within_one_state": round(neighbour_state_agreement(z, state), 4),
+           "mean_pc1_by_state": [round(float(v), 4) for v in pc1_means(z, state)],
+           "analyze_bic_k": cluster(z).k,
+           "clustering_error_k_states": round(metrics.clustering_error(cluster(z, n_states).labels, state), 4)}
+    if z.shape[1] == 1:
+        out["z_histogram_20_bins"] = np.histogram(z[:, 0], 20)[0].tolist()
+    return out
 
 
 def pc1_means(z: np.ndarray, state: np.ndarray) -> list[float]:

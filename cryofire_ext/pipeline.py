@@ -4,7 +4,7 @@ warm start (`refine.warmstart`: ab initio maps, classes) -> training (`train.tra
 poses, shifts and z, with the warm start's searched poses as targets and candidates) -> the model pass
 (`predict.model_pass`) -> per-particle refinement of pose, shift and class against the particles' own class maps
 (`refine.polish`, settings in `RefineConfig`) -> `Predictions` (with each particle's class) -> with `z_mode`
-"continuous", where the refinement poses every particle against one map of all of them and gives no classes, the
+"continuous", where the refinement ends with rounds against one map of all particles and gives no classes, the
 landscape (`landscape`: z as a continuous coordinate at the refined poses) -> the references
 (`refine.references`: the final class maps, saved in the run, with each particle's pose confidence and class
 probability).
@@ -180,18 +180,19 @@ def _with_landscape_z(preds: Predictions, z: np.ndarray, lm: landscape.Landscape
 
 def _refine(tm: TrainedModel, stack: ParticleStack, preds: Predictions, refine: RefineConfig) -> Predictions:
     """`refine.polish` on the model's predictions, starting from their classes. A run whose z is a continuous
-    landscape (`z_mode` "continuous") refines every particle against one map of all particles and gives them
-    all class 0: its conformations are positions along the landscape, not classes (`polish`'s `one_map`)."""
+    landscape (`z_mode` "continuous") refines every particle `landscape_pose_rounds` more rounds against one map of
+    all particles and gives them all class 0: its conformations are positions along the landscape, not classes
+    (`polish`'s `one_map_rounds`)."""
     codes = class_targets(tm.warm, tm.model.zdim, "cpu")
     K = 1 if codes is None else len(codes)
-    one_map = tm.config.z_mode == "continuous"
+    one_map_rounds = tm.config.landscape_pose_rounds if tm.config.z_mode == "continuous" else 0
     data = TrainingImages(stack, tm.box, tm.stats)
     grid = _search_grid(tm, refine.search_rotations) if refine.polish_global_search and tm.warm is not None else None
     A, t, labels = polish(data.read, len(preds), *_poses_px(tm, preds), K, tm.box, tm.pixel_size_A,
-                          refine.polish_rounds, global_grid=grid, one_map=one_map)
+                          refine.polish_rounds, global_grid=grid, one_map_rounds=one_map_rounds)
     labels = labels.cpu().numpy().astype(np.int64)
     z = preds.z.copy()
-    if codes is not None and not one_map:  # the pose model's z is the class label: it follows the class
+    if codes is not None and not one_map_rounds:  # the pose model's z is the class label: it follows the class
         moved = labels != preds.class_id
         z[moved] = codes.numpy()[labels[moved]]
     return Predictions(ids=preds.ids, A=A.double().cpu().numpy(), shifts_A=t.double().cpu().numpy() * tm.pixel_size_A,

@@ -22,6 +22,7 @@ from cli.main import main
 from cryofire_ext.errors import InputError
 from cryofire_ext.landscape import fit_landscape, load_landscape
 from cryofire_ext.recon.reconstruct import reconstruct
+from cryofire_ext.refine.references import load_references
 from cryofire_ext.results import Predictions
 from cryofire_ext.train.config import TrainConfig
 from tests.conftest import TEST_DEVICE
@@ -160,7 +161,9 @@ def test_the_training_job_exports_the_landscape_z(continuous_run):
     preds = Predictions.load(run / "predictions.npz")
     assert preds.meta["z"] == "landscape"
     assert len(np.unique(preds.z[:, 0])) > len(preds) // 2  # continuous: not one code per class or node
-    assert len(np.unique(preds.class_id)) == 2  # the classes are still the refinement's
+    # the refinement posed every particle against one map of all of them: one class, no class maps
+    assert not preds.class_id.any()
+    assert load_references(run / "references.pt").n_classes == 1
     lm = load_landscape(run / "landscape.pt")
     from integrations.job import load_particles
 
@@ -171,8 +174,7 @@ def test_the_training_job_exports_the_landscape_z(continuous_run):
     with mrcfile.open(run / "maps" / "mean_z.mrc") as mrc:  # the landscape's map, on the run's grid
         assert mrc.data.shape == (32, 32, 32) and np.isfinite(mrc.data).all()
         assert float(mrc.voxel_size.x) == pytest.approx(stack.pixel_size_A, rel=1e-4)
-    for k in (1, 2):  # class maps from the pose model, numbered as rlnClassNumber
-        assert (run / "maps" / f"class_{k:02d}.mrc").is_file()
+    assert not list((run / "maps").glob("class_*.mrc"))
 
 
 def test_predict_gives_new_particles_their_z_at_their_poses(continuous_run, tmp_path):

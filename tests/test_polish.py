@@ -235,6 +235,28 @@ def test_a_class_of_half_turned_particles_is_found_again(two_states):
     assert np.median(e[near]) < 3.5
 
 
+def test_rounds_against_one_map_pose_every_particle_and_give_one_class(two_states):
+    """`one_map_rounds` (the refinement before a continuous landscape): after the class rounds, a round against one
+    map of all particles; the class of half-turned particles above is no class at all afterwards, their poses are
+    found again, the perturbed poses of the others refined, and every particle leaves in class 0."""
+    ds, data, apix = two_states
+    A0, t0, lab0 = _perturbed(ds, apix, flip=0.0)
+    turned = np.arange(0, N, 5)
+    A0[turned] = A0[turned] @ axis_angle_matrix(torch.tensor([np.pi, 0.0, 0.0], dtype=torch.float64)).float()
+    lab0[turned] = 2
+    grid = (torch.as_tensor(random_rotations(3000, np.random.default_rng(2)), dtype=torch.float32), shift_grid(2.0))
+    A, t, lab = polish(data.read, N, A0, t0, lab0, 3, 32, apix, rounds=2, global_grid=grid, one_map_rounds=1)
+    assert torch.equal(lab, torch.zeros(N, dtype=torch.long))
+    e = geodesic_deg(A.double().numpy(), ds.A)
+    assert (e[turned] < 15).mean() > 0.9
+    assert np.median(e[np.setdiff1d(np.arange(N), turned)]) < 3.5
+    assert np.median(np.linalg.norm(t.double().numpy() - ds.shifts_A / apix, axis=1)) < 0.35
+    # too few particles for one map: the poses as given, still one class
+    A1, _, lab1 = polish(data.read, MIN_PARTICLES_PER_CLASS - 1, A0, t0, lab0, 3, 32, apix, rounds=0,
+                         one_map_rounds=2)
+    assert torch.equal(A1, A0) and not lab1.any()
+
+
 def test_classification_stops_when_the_changes_plateau_below_one_percent():
     # the changes per iteration of a run on the ten-state 3JAR set (20,000 particles, two classes on a continuum):
     # past iteration 11 only boundary particles moved, at about 75 per iteration, never under the 0.1% tolerance

@@ -12,8 +12,9 @@ classes into one frame) and the classes are decided after it, at the refined pos
 then classification, then refinement per class, as in RELION or cryoSPARC practice. The later rounds refine
 against the class maps, each first turned into one frame (`frames.class_frames`). With a global grid, every
 round first searches every particle over it, coarse to fine (`global_research`), for the particles the model or
-the class maps put too far from their pose for local steps. Before a continuous landscape, every round refines against one map of all
-particles instead (`one_map`): no classes. The class maps are filtered by their half-set FSC
+the class maps put too far from their pose for local steps. Before a continuous landscape, more rounds against
+one map of all particles follow (`one_map_rounds`) and there are no classes. The class maps are filtered by their
+half-set FSC
 (`recon.classmaps.class_maps_fsc`, as RELION's gold-standard refinement weights its references) and reconstructed
 on a 2x oversampled Fourier grid (`recon.classmaps.RECONSTRUCT_PAD`); what each of these choices gained is in
 CHANGELOG.md and benchmarks/results.
@@ -48,7 +49,7 @@ Reader = Callable[[np.ndarray], tuple[torch.Tensor, torch.Tensor]]
 @torch.no_grad()
 def polish(read: Reader, n: int, A: torch.Tensor, shifts_px: torch.Tensor, labels: torch.Tensor, n_classes: int,
            box: int, pixel_size_A: float, rounds: int, chunk: int = 256,
-           global_grid: tuple[torch.Tensor, torch.Tensor] | None = None, one_map: bool = False):
+           global_grid: tuple[torch.Tensor, torch.Tensor] | None = None, one_map_rounds: int = 0):
     """`rounds` of (back-project class maps filtered by their half-set FSC (`recon.classmaps.class_maps_fsc`), turn
     them into one frame (`frames.class_frames`), refine every particle's pose and shift against each class
     map (on the shells the round's maps hold, `recon.classmaps.signal_radius`), keep the class that explains it
@@ -63,27 +64,29 @@ def polish(read: Reader, n: int, A: torch.Tensor, shifts_px: torch.Tensor, label
     where they explain the image better than the current ones (`global_research`): this rescues particles that
     the model or the last round's maps put far from their pose, which local steps cannot reach.
 
-    `one_map` (a continuous landscape follows, `pipeline._refine`): every round refines against one map of
-    all particles, the first after turning the given classes into one frame, and the returned labels are all 0.
-    Class maps of a continuum are arbitrary cuts of it, and one of them can gather the particles that sit
-    half-turned in the other's frame; one map keeps every pose in the frame the landscape is fitted in.
+    `one_map_rounds` (a continuous landscape follows, `pipeline._refine`): that many more rounds against one map of
+    all particles after the class rounds, and the returned labels are all 0. Class maps of a continuum are
+    arbitrary cuts of it, and one of them can gather the particles that sit half-turned in the other's frame;
+    rounds against one map bring them into the frame the landscape is fitted in (the class rounds before them
+    give the rest sharper poses than one map does from the model's).
 
     Returns (A, shifts_px, labels) refined; the inputs when there are too few particles per map
     (fewer than `MIN_PARTICLES_PER_CLASS`). Deterministic.
     """
-    maps = 1 if one_map else n_classes
-    if rounds <= 0 or n < MIN_PARTICLES_PER_CLASS * maps:
-        if rounds > 0:
+    total = max(rounds, 0) + one_map_rounds
+    maps = n_classes if rounds > 0 else 1
+    if total <= 0 or n < MIN_PARTICLES_PER_CLASS * maps:
+        if total > 0:
             log.info("pose refinement skipped: %d particles for %d map(s) (it needs %d per map)", n, maps,
                      MIN_PARTICLES_PER_CLASS)
-        return A, shifts_px, torch.zeros_like(labels) if one_map else labels
+        return A, shifts_px, torch.zeros_like(labels) if one_map_rounds else labels
     device = A.device
     A, shifts_px, labels = A.float().clone(), shifts_px.float().clone(), labels.long().clone()
-    for r in range(rounds):
+    for r in range(total):
         t0 = time.perf_counter()
         # the first round refines every particle against one consensus map: the classes it starts from are a
         # guess (the model's), and a map of all particles gives the majority better poses than two of a split
-        consensus = n_classes > 1 and (r == 0 or one_map)
+        consensus = n_classes > 1 and (r == 0 or r >= rounds)
         if consensus and r == 0:  # the classes into one frame first (their maps as far as registration reads)
             V, _ = class_maps_fsc(read, n, A, shifts_px, labels, n_classes, box, pixel_size_A, chunk,
                                   max_radius=min(1.0, REGISTER_BOX / box))
@@ -123,14 +126,14 @@ def polish(read: Reader, n: int, A: torch.Tensor, shifts_px: torch.Tensor, label
             A[idx], shifts_px[idx], cls = best_class(per_class)
             moved += int((lab[idx] != cls).sum())
             lab[idx] = cls
-        if n_classes > 1 and not one_map:  # so the next round refines against maps of states, not of the model's classes
+        if n_classes > 1 and r < rounds:  # so the next round refines against maps of states, not the model's classes
             labels = classify_at_poses(read, n, A, shifts_px, labels, n_classes, box, pixel_size_A, chunk=chunk)
         log.info("pose refinement round %d/%d: %s at %s A (half-set FSC 0.143), %s%d particle(s) changed "
-                 "class in the refinement, %.1f s", r + 1, rounds, "consensus map" if consensus else "class maps",
+                 "class in the refinement, %.1f s", r + 1, total, "consensus map" if consensus else "class maps",
                  ", ".join(f"{fsc_resolution_A(f, box, pixel_size_A):.1f}" for f in fsc),
                  f"global search took {replaced} pose(s), " if global_grid is not None else "", moved,
                  time.perf_counter() - t0)
-    return A, shifts_px, torch.zeros_like(labels) if one_map else labels
+    return A, shifts_px, torch.zeros_like(labels) if one_map_rounds else labels
 
 
 def global_research(V: torch.Tensor, img: torch.Tensor, ctf: torch.Tensor, Y: torch.Tensor, C: torch.Tensor,

@@ -20,7 +20,8 @@ from cryofire_ext.refine.config import RefineConfig
 # fields a resumed run may change (they do not alter what has been trained so far)
 RESUMABLE_FIELDS = ("epochs", "max_minutes", "device", "precision", "num_workers", "log_every",
                     # the landscape stage runs after training, from its results
-                    "z_mode", "landscape_resolution_A", "landscape_nodes", "landscape_iters")
+                    "z_mode", "landscape_resolution_A", "landscape_nodes", "landscape_iters",
+                    "landscape_pose_rounds")
 
 
 @dataclass
@@ -56,9 +57,10 @@ class TrainConfig(ConfigFile):
     Landscape (`cryofire_ext.landscape`): with `z_mode="continuous"`, after training and the refinement, each
     particle's z becomes its position along a curve of `landscape_nodes` maps through the particles' main
     motion, fitted at the refined poses on images Fourier-cropped to `landscape_resolution_A`, in
-    `landscape_iters` rounds; the refinement before it poses every particle against one map of all particles and
-    gives them one class (`pipeline._refine`): conformations are positions along the landscape, which `cryofire
-    analyze` clusters. `z_mode="classes"`: z is the class code, the refinement's classes are the answer.
+    `landscape_iters` rounds. The refinement before it adds `landscape_pose_rounds` rounds against one map of all
+    particles after its class rounds, and gives every particle one class (`pipeline._refine`): conformations are
+    positions along the landscape, which `cryofire analyze` clusters. `z_mode="classes"`: z is the class code,
+    the refinement's classes are the answer.
 
     The refinement after training has its own config (`refine.config.RefineConfig`), saved apart.
 
@@ -102,6 +104,7 @@ class TrainConfig(ConfigFile):
     landscape_resolution_A: float = 20.0
     landscape_nodes: int = 16
     landscape_iters: int = 1
+    landscape_pose_rounds: int = 2
     # warm start
     warm_start: str = "search"
     warm_images: int = 1000
@@ -156,6 +159,8 @@ class TrainConfig(ConfigFile):
             bad("landscape_nodes", "an integer >= 2 (maps along the landscape's curve)")
         if not isinstance(self.landscape_iters, int) or self.landscape_iters < 1:
             bad("landscape_iters", "an integer >= 1")
+        if not isinstance(self.landscape_pose_rounds, int) or self.landscape_pose_rounds < 0:
+            bad("landscape_pose_rounds", "an integer >= 0 (refinement rounds against one map before the landscape)")
         if self.warm_start not in ("search", "none"):
             bad("warm_start", "'search' or 'none'")
         if not 0 < self.march_start <= 1:
