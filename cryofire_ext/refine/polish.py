@@ -129,7 +129,7 @@ def polish(read: Reader, n: int, A: torch.Tensor, shifts_px: torch.Tensor, label
         if n_classes > 1 and r < rounds:  # so the next round refines against maps of states, not the model's classes
             labels = classify_at_poses(read, n, A, shifts_px, labels, n_classes, box, pixel_size_A, chunk=chunk)
         log.info("pose refinement round %d/%d: %s at %s A (half-set FSC 0.143), %s%d particle(s) changed "
-                 "class in the refinement, %.1f s", r + 1, total, "consensus map" if consensus else "class maps",
+                 "class in the refinement, %.1f s", r + 1, total, "one map" if K == 1 else "class maps",
                  ", ".join(f"{fsc_resolution_A(f, box, pixel_size_A):.1f}" for f in fsc),
                  f"global search took {replaced} pose(s), " if global_grid is not None else "", moved,
                  time.perf_counter() - t0)
