@@ -68,7 +68,9 @@ def polish(read: Reader, n: int, A: torch.Tensor, shifts_px: torch.Tensor, label
     all particles after the class rounds, and the returned labels are all 0. Class maps of a continuum are
     arbitrary cuts of it, and one of them can gather the particles that sit half-turned in the other's frame;
     rounds against one map bring them into the frame the landscape is fitted in (the class rounds before them
-    give the rest sharper poses than one map does from the model's).
+    give the rest sharper poses than one map does from the model's). Without class rounds the given classes are
+    not registered into one frame first: registering maps of different conformations offsets one class's poses
+    against the other's, an error that follows the state (benchmarks/results/landscape_continuous_refinement.json).
 
     Returns (A, shifts_px, labels) refined; the inputs when there are too few particles per map
     (fewer than `MIN_PARTICLES_PER_CLASS`). Deterministic.
@@ -87,7 +89,7 @@ def polish(read: Reader, n: int, A: torch.Tensor, shifts_px: torch.Tensor, label
         # the first round refines every particle against one consensus map: the classes it starts from are a
         # guess (the model's), and a map of all particles gives the majority better poses than two of a split
         consensus = n_classes > 1 and (r == 0 or r >= rounds)
-        if consensus and r == 0:  # the classes into one frame first (their maps as far as registration reads)
+        if consensus and r == 0 and rounds > 0:  # the classes into one frame (maps as far as registration reads)
             V, _ = class_maps_fsc(read, n, A, shifts_px, labels, n_classes, box, pixel_size_A, chunk,
                                   max_radius=min(1.0, REGISTER_BOX / box))
             A, _ = one_frame(on_box_lattice(V, box), A, labels)
