@@ -46,6 +46,17 @@ def _perturbed(ds, apix, deg=6.0, shift_px=0.7, flip=0.15, seed=0):
     return A, t.float(), labels
 
 
+def _half_turned_class(ds, apix):
+    """`_perturbed` poses (no class flips) with every fifth particle turned half round about x and put in a class
+    of its own (2) -> (A, shifts_px, labels, the turned particles' indices, a global search grid)."""
+    A0, t0, lab0 = _perturbed(ds, apix, flip=0.0)
+    turned = np.arange(0, N, 5)
+    A0[turned] = A0[turned] @ axis_angle_matrix(torch.tensor([np.pi, 0.0, 0.0], dtype=torch.float64)).float()
+    lab0[turned] = 2
+    grid = (torch.as_tensor(random_rotations(3000, np.random.default_rng(2)), dtype=torch.float32), shift_grid(2.0))
+    return A0, t0, lab0, turned, grid
+
+
 def test_polish_recovers_poses_shifts_and_classes(two_states):
     ds, data, apix = two_states
     A0, t0, lab0 = _perturbed(ds, apix)
@@ -221,12 +232,7 @@ def test_a_class_of_half_turned_particles_is_found_again(two_states):
     those poses): the refinement, its first round against one map of all particles with the global search, finds
     their poses again (local steps cannot), and the particles already near their pose keep it."""
     ds, data, apix = two_states
-    A0, t0, lab0 = _perturbed(ds, apix, flip=0.0)
-    turned = np.arange(0, N, 5)
-    half_turn = axis_angle_matrix(torch.tensor([np.pi, 0.0, 0.0], dtype=torch.float64)).float()
-    A0[turned] = A0[turned] @ half_turn
-    lab0[turned] = 2
-    grid = (torch.as_tensor(random_rotations(3000, np.random.default_rng(2)), dtype=torch.float32), shift_grid(2.0))
+    A0, t0, lab0, turned, grid = _half_turned_class(ds, apix)
     A, _, _ = polish(data.read, N, A0, t0, lab0, 3, 32, apix, rounds=2, global_grid=grid)
     e0, e = geodesic_deg(A0.double().numpy(), ds.A), geodesic_deg(A.double().numpy(), ds.A)
     near = np.setdiff1d(np.arange(N), turned)
@@ -240,11 +246,7 @@ def test_rounds_against_one_map_pose_every_particle_and_give_one_class(two_state
     map of all particles; the class of half-turned particles above is no class at all afterwards, their poses are
     found again, the perturbed poses of the others refined, and every particle leaves in class 0."""
     ds, data, apix = two_states
-    A0, t0, lab0 = _perturbed(ds, apix, flip=0.0)
-    turned = np.arange(0, N, 5)
-    A0[turned] = A0[turned] @ axis_angle_matrix(torch.tensor([np.pi, 0.0, 0.0], dtype=torch.float64)).float()
-    lab0[turned] = 2
-    grid = (torch.as_tensor(random_rotations(3000, np.random.default_rng(2)), dtype=torch.float32), shift_grid(2.0))
+    A0, t0, lab0, turned, grid = _half_turned_class(ds, apix)
     A, t, lab = polish(data.read, N, A0, t0, lab0, 3, 32, apix, rounds=2, global_grid=grid, one_map_rounds=1)
     assert torch.equal(lab, torch.zeros(N, dtype=torch.long))
     e = geodesic_deg(A.double().numpy(), ds.A)
