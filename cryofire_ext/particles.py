@@ -33,10 +33,12 @@ class ParticleStack:
     source_rows: `(n,)` row of each particle in `passthrough`.
     passthrough: the adapter's own table (opaque to the core).
     missing_stacks: stack files named by the metadata that could not be found (images is then None).
-    image_names: `(n,)` str, where each particle's image lives in RELION's `N@path` form (N 1-based),
-        known even when the stacks are absent (metadata-only conversion), or None when unknown.
-        Readers fill it (cryoSPARC: `blob/idx + 1 @ blob/path`), writers use it for rlnImageName / blob/path
-        when `images` is None. The path is absolute when the stack was found, else as the source wrote it.
+    image_names: `(n,)` str, where each particle's image lives in RELION's `N@path` form (N 1-based), for
+        particles whose image source does not name them: readers fill it when stacks are absent (metadata-only
+        conversion; cryoSPARC: `blob/idx + 1 @ blob/path`), and writers use it for rlnImageName / blob/path when
+        `images` has no `paths` / `indices`. The path is absolute when the stack was found, else as the source
+        wrote it. None when the image source names every image (a `(n,)` str array of names is hundreds of bytes
+        per particle) or when unknown.
     """
 
     ids: np.ndarray

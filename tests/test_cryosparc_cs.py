@@ -196,7 +196,9 @@ def test_blob_paths_resolve_from_project_and_idx_is_zero_based(tmp_path):
     stack = read_cs(cs)  # found through the .cs folder's parents
     assert stack.images is not None and stack.missing_stacks == []
     np.testing.assert_array_equal(stack.images.read(np.arange(4))[:, 0, 0], idx)
-    assert stack.image_names[0] == f"4@{tmp_path / 'J1' / 'imported' / 'p.mrcs'}"
+    # the image source names each image; no second (n,) table of names is kept
+    assert stack.image_names is None
+    assert (stack.images.paths[0], stack.images.indices[0]) == (str(tmp_path / "J1" / "imported" / "p.mrcs"), 3)
     # datadir is tried first
     other = tmp_path / "elsewhere"
     write_stack(other / "J1" / "imported" / "p.mrcs", -np.ones((6, 16, 16)))

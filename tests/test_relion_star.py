@@ -149,6 +149,10 @@ def test_relion31_real_stack_without_map_id_reads():
             ref = np.array(mrc.data)
     np.testing.assert_array_equal(stack.images.read([3, 1]), ref[[3, 1]])
     assert stack.ctf.cs_mm[0] == pytest.approx(0.01)
+    # found stacks name each image through the image source, not a second (n,) str table of names
+    assert stack.image_names is None
+    assert os.path.samefile(stack.images.paths[3], shared_fixture("cryodrgn/relion31.mrcs"))
+    assert stack.images.indices[3] == int(stack.ids[3].split("@")[0]) - 1
 
 
 def test_six_optics_groups(tmp_path):

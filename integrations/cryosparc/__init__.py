@@ -5,8 +5,8 @@ are the pure Dataset <-> ParticleStack steps (used by the cryoSPARC external job
 `apply_predictions` / `export_cs` put a run's predictions into an existing particle Dataset / .cs
 (matched on uid). Every alignments3D and components_mode_K field written comes from
 `fields.alignment_fields`.
-Stacks read here have `ids` = uids as text and `image_names` = `N@path` (N = blob/idx + 1),
-so a STAR writer can name the images even when the stacks are absent.
+Stacks read here have `ids` = uids as text; where stacks are absent, `image_names` = `N@path` (N = blob/idx + 1),
+so a STAR writer can name the images without them (with the stacks found, the image source names them).
 """
 
 from integrations.cryosparc.cs import find_passthrough, read_cs, read_latents, stack_from_dataset

@@ -277,9 +277,9 @@ def stack_from_dataset(dset: Dataset, datadir=None, require_images: bool = False
             missing_stacks.append(raw)
             tried_first = tried_first or (raw, tried)
     names_paths = np.asarray([r if r is not None else u for r, u in zip(resolved, unique)], dtype=object)[inverse]
-    image_names = np.asarray([f"{i + 1}@{p}" for i, p in zip(idx, names_paths)])
-    images = None
+    images = image_names = None  # with the stacks found, the image source names each image (paths, indices)
     if missing_stacks:
+        image_names = np.asarray([f"{i + 1}@{p}" for i, p in zip(idx, names_paths)])
         raw, tried = tried_first
         where = (f"{tried[0]}" if len(tried) == 1 else
                  f"{', '.join(str(t) for t in tried[:2])}" + (f" and {len(tried) - 2} more up to {tried[-1]}"

@@ -224,8 +224,8 @@ def read_star(path, datadir=None, require_images: bool = False, *, pixel_size_A:
     has `images=None`, `missing_stacks` lists them and a warning is logged.
     pixel_size_A: used when given; otherwise from the optics (rlnImagePixelSize, else
     1e4*rlnDetectorPixelSize/rlnMagnification), else the stacks' header, else 1.0 A with a warning.
-    ids are the rlnImageName values as written; `image_names` are `NNNNNN@path` with the path made absolute
-    where the stack was found; `passthrough` is a `RelionTables`; `source_rows` index its particles.
+    ids are the rlnImageName values as written; where a stack is missing, `image_names` are `NNNNNN@path` with
+    the path made absolute where the stack was found (None when all are found: the image source names them); `passthrough` is a `RelionTables`; `source_rows` index its particles.
     Optics groups differing in pixel size or box: InputError with `require_images`, else a warning.
     """
     path = Path(path)
@@ -274,14 +274,11 @@ def read_star(path, datadir=None, require_images: bool = False, *, pixel_size_A:
         else:
             found[name] = where
     where_each = pd.Series([found.get(s, s) for s in uniq_stacks], dtype=object).iloc[stack_of].to_numpy()
-    # numpy string ops: pandas 3's arrow strings cannot add an empty object column (a zero-row STAR); the str
-    # array is the stack's as built (no object round trip)
-    image_names = np.empty(0, dtype=str)
-    if len(number):
+    images = image_names = None  # with the stacks found, the image source names each image (paths, indices)
+    if missing:
+        # numpy string ops: pandas 3's arrow strings cannot add an empty object column (a zero-row STAR)
         image_names = np.char.add(np.char.add(np.char.zfill(np.asarray(number).astype(str), 6), "@"),
                                   np.asarray(where_each, dtype=str))
-    images = None
-    if missing:
         name, tried = first_tried
         msg = (f"{path}: {len(missing)} of {len(uniq_stacks)} particle stacks not found (first: rlnImageName stack "
                f"'{name}', tried {', '.join(map(str, tried))})")
