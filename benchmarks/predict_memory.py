@@ -1,4 +1,4 @@
-"""Peak memory of `cryofire predict` against the number of particles, with the alignment's compute mocked.
+"""Peak memory of `cryofire predict` against the number of particles, with the alignment's compute mocked (or not).
 
     OMP_NUM_THREADS=1 nice -n 19 python benchmarks/predict_memory.py --run-dir /tmp/l20/run \\
         --template-star /tmp/l20/data/particles.star --data-dir /tmp/memprof_bench --n 20000 200000 \\
@@ -16,7 +16,9 @@ z. Everything else (STAR read, run load, Predictions, predictions.npz, particles
 path. Recorded per run: the process's peak RSS (ru_maxrss of the child, read by a small launcher process so that
 the benchmark's own high-water mark is not inherited) and its RSS just before the class maps are made
 (`TrainedModel.class_volumes`: the decoder's fixed working memory there sets the peak; the RSS before it is what
-the particles keep resident, the steadier number). Several `--tree LABEL=PATH` are run interleaved, repeat by
+the particles keep resident, the steadier number). `--real` drops the mocks: the real alignment and landscape
+on the all-zero images (the same work per image as on real ones), at 2 threads, for the peak and the time per
+image of what a user runs. Several `--tree LABEL=PATH` are run interleaved, repeat by
 repeat, so that the machine's load falls on all of them alike.
 """
 
@@ -41,12 +43,13 @@ MiB = 2**20
 LAUNCHER = ("import resource, subprocess, sys; rc = subprocess.run(sys.argv[1:]).returncode; "
             "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(rc)")
 
-#: The measured process: predict_job with align and the landscape's z mocked. argv: run_dir star out_dir.
+#: The measured process: predict_job, with align and the landscape's z mocked unless argv[4] is "real".
+#: argv: run_dir star out_dir mode.
 CHILD = r"""
 import json, sys
 import numpy as np
 import torch
-torch.set_num_threads(1)
+torch.set_num_threads(1 if sys.argv[4] == "mocked" else 2)
 from cryofire_ext import landscape, predict
 from cryofire_ext.refine import references
 from integrations.job import predict_job
@@ -83,8 +86,9 @@ def recorded_class_volumes(self):
     before_maps.append(rss())
     return class_volumes(self)
 
-references.align = fake_align
-landscape.Landscape.z_of = fake_z_of
+if sys.argv[4] == "mocked":
+    references.align = fake_align
+    landscape.Landscape.z_of = fake_z_of
 predict.TrainedModel.class_volumes = recorded_class_volumes
 rss_start = rss()
 predict_job(sys.argv[1], sys.argv[2], sys.argv[3], force=True, device="cpu")
@@ -131,16 +135,17 @@ def build_data(folder: Path, n: int, box: int, apix: float, template: Path) -> P
     return star
 
 
-def measure(tree: Path, run_dir: Path, star: Path, out: Path) -> dict:
-    env = dict(os.environ, PYTHONPATH=str(tree), OMP_NUM_THREADS="1")
+def measure(tree: Path, run_dir: Path, star: Path, out: Path, mode: str) -> dict:
+    env = dict(os.environ, PYTHONPATH=str(tree), OMP_NUM_THREADS="1" if mode == "mocked" else "2")
     t0 = time.time()
     proc = subprocess.run([sys.executable, "-c", LAUNCHER, sys.executable, "-c", CHILD, str(run_dir), str(star),
-                           str(out)], cwd=tree, env=env, capture_output=True, text=True)
+                           str(out), mode], cwd=tree, env=env, capture_output=True, text=True)
     if proc.returncode:
         raise SystemExit(f"{tree} {star}:\n{proc.stderr[-3000:]}")
     lines = proc.stdout.strip().splitlines()
     child = json.loads(next(x for x in lines if x.startswith("RESULT "))[len("RESULT "):])
-    return {"peak_rss_MiB": int(lines[-1]) / 1024, "rss_before_class_maps_MiB": child["rss_before_class_maps"] / MiB,
+    return {"peak_rss_MiB": int(lines[-1]) / 1024, "rss_before_class_maps_MiB": (child["rss_before_class_maps"] / MiB
+                                                                 if child["rss_before_class_maps"] else None),
             "child_vmhwm_MiB": child["vmhwm"] / MiB, "rss_after_imports_MiB": child["rss_after_imports"] / MiB,
             "wall_s": time.time() - t0}
 
@@ -149,14 +154,18 @@ def summary(runs: list[dict], ns: list[int]) -> dict:
     """Per N: the values of every repeat and their median; between the smallest and largest N: bytes per
     particle and the ratio, of the medians."""
     out: dict = {}
-    for key in ("peak_rss_MiB", "rss_before_class_maps_MiB"):
+    for key in ("peak_rss_MiB", "rss_before_class_maps_MiB", "s_per_image"):
+        if any(r.get(key) is None for r in runs):  # no class maps (one class), or not recorded
+            continue
         per_n = {n: [r[key] for r in runs if r["n"] == n] for n in ns}
         med = {n: float(np.median(v)) for n, v in per_n.items()}
         lo, hi = min(ns), max(ns)
         out[key] = {"per_n": {str(n): {"repeats": v, "median": med[n], "min": min(v), "max": max(v)}
-                              for n, v in per_n.items()},
-                    f"bytes_per_particle_{lo}_to_{hi}": (med[hi] - med[lo]) * MiB / (hi - lo),
-                    f"ratio_{hi}_over_{lo}": med[hi] / med[lo]}
+                              for n, v in per_n.items()}}
+        if hi > lo:
+            out[key][f"ratio_{hi}_over_{lo}"] = med[hi] / med[lo]
+        if key.endswith("_MiB") and hi > lo:
+            out[key][f"bytes_per_particle_{lo}_to_{hi}"] = (med[hi] - med[lo]) * MiB / (hi - lo)
     return out
 
 
@@ -169,8 +178,11 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--tree", action="append", default=None,
                     help="LABEL=PATH of a source tree to measure (repeatable); default: this tree as 'tree'")
+    ap.add_argument("--real", action="store_true",
+                    help="no mocks: the real alignment and landscape z (on all-zero images: the same work per image)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
+    mode = "real" if args.real else "mocked"
     trees = [(lab, Path(p).resolve()) for lab, p in (t.split("=", 1) for t in (args.tree or [f"tree={ROOT}"]))]
     run_dir = args.run_dir.resolve()
     box, apix = run_geometry(run_dir)
@@ -179,8 +191,10 @@ def main() -> None:
     res: dict = {
         "command": " ".join(["python"] + sys.argv), "loadavg_before": os.getloadavg(), "run_dir": str(run_dir),
         "box": box, "pixel_size_A": apix, "n": args.n, "repeats": args.repeats,
-        "threads": "OMP_NUM_THREADS=1, torch.set_num_threads(1) in the measured process",
-        "mocked": "refine.references.align and Landscape.z_of are mocked (deterministic results of the right shapes; "
+        "threads": "OMP_NUM_THREADS=2, torch.set_num_threads(2) in the measured process" if args.real else
+                   "OMP_NUM_THREADS=1, torch.set_num_threads(1) in the measured process",
+        "mocked": "nothing: the real predict path on all-zero images" if args.real else
+                  "refine.references.align and Landscape.z_of are mocked (deterministic results of the right shapes; "
                   "the mocked align reads every image as the real one does): this is a memory benchmark of the I/O "
                   "and bookkeeping around them, not of their compute",
         "trees": {}}
@@ -193,7 +207,8 @@ def main() -> None:
     for rep in range(args.repeats):
         for lab, tree in trees:
             for n in args.n:
-                r = {"n": n, "repeat": rep, **measure(tree, run_dir, stars[n], data_dir / f"out_{lab}_{n}")}
+                r = {"n": n, "repeat": rep, **measure(tree, run_dir, stars[n], data_dir / f"out_{lab}_{n}", mode)}
+                r["s_per_image"] = r["wall_s"] / n
                 res["trees"][lab]["runs"].append(r)
                 print(lab, json.dumps(r), flush=True)
     res["loadavg_after"] = os.getloadavg()
