@@ -6,14 +6,15 @@ curve through map space along the particles' main motion and gives each particle
 
 1. images Fourier-cropped to `landscape_resolution_A` (heterogeneity lives at low resolution), at their poses
    (`analysis.variability.observe_at_poses`);
-2. the first 3D variability component (`analysis.variability.variability_of`) orders the particles; its
-   quantiles make `landscape_nodes` K groups, the curve's starting nodes;
+2. each of the `STARTS` leading 3D variability components (`analysis.variability.variability_of`) orders the
+   particles; its quantiles make `landscape_nodes` K groups, the starting nodes of one curve;
 3. `landscape_iters` rounds of a self-organising EM along the curve: each node's map is back-projected from the
    particles weighted by their responsibilities, smoothed over neighbouring nodes (a Gaussian over the node
    index whose width shrinks from K/5 to K/10 nodes, which keeps the nodes in order); each particle is scored
    against the maps of the half-set it is not in (its own contribution does not hold it), and its
    responsibilities are the softmax of those log-likelihoods over the nodes;
-4. z `(n, 1)` in [0, 1]: the particle's expected position along the curve, node k at `k / (K - 1)`.
+4. of the `STARTS` curves, the one whose node maps leave the least residual power in the images is kept;
+5. z `(n, 1)` in [0, 1]: the particle's expected position along the curve, node k at `k / (K - 1)`.
 
 The map at any z interpolates the two nearest nodes' Fourier maps (`Landscape.volumes`, on the run's map grid).
 New particles get their z in one pass at their pose (`Landscape.z_of`): the same scores against the nodes' maps
@@ -51,6 +52,11 @@ NODE_REG = 0.05
 #: responsibilities are softmax(score / (TEMPERATURE * sigma2)); 1 would be the Gaussian posterior, 2 softens
 #: it for the errors of the poses and of the maps themselves
 TEMPERATURE = 2.0
+#: the curve starts once from each of the leading 3D variability components and the fit that explains the images
+#: best (least residual power, each half-set scored against the other's node maps) is kept: the leading components
+#: of a continuum and of a minority of misaligned particles can have almost equal variance, and their order
+#: from the subspace iteration is then arbitrary
+STARTS = 3
 #: particles per step of the node back-projection and the scores (bounded working set at any n)
 PARTICLE_CHUNK = 1024
 
@@ -153,27 +159,35 @@ def fit_landscape(stack: ParticleStack, A: np.ndarray, shifts_A: np.ndarray, con
     t0 = time.monotonic()
     obs = observe_at_poses(stack.require_images(), A, shifts_A, stack.ctf, stack.pixel_size_A, config.landscape_resolution_A,
                            device=device)
-    first = variability_of(obs, n_components=1, resolution_A=config.landscape_resolution_A, iters=15,
-                           seed=config.seed).coords[:, 0]
-    rank = np.argsort(np.argsort(first, kind="stable"), kind="stable")
-    resp = torch.nn.functional.one_hot(torch.as_tensor(rank * K // n), K).float().to(obs.Y.device)
+    starts = variability_of(obs, n_components=STARTS, resolution_A=config.landscape_resolution_A, iters=15,
+                            seed=config.seed).coords
     half = half_set(n, obs.Y.device)
     index = torch.arange(K, dtype=torch.float32, device=obs.Y.device)
-    sigma2 = 1.0
-    for it in range(iters):
-        if should_stop is not None and should_stop():
-            raise TrainingStopped(None, "the landscape stage (the trained model is kept; --resume runs the "
-                                        "landscape again)")
-        weights = resp @ _neighbourhood(index, _width(K, it))
-        halves = _node_maps(obs, weights, half, 2)
-        scores = _scores(obs, halves.flip(0), half)  # each half scored against the other half's node maps
-        sigma2 = _noise_power(obs, scores)
-        resp = _responsibilities(scores, sigma2)
-        if on_progress is not None:
-            on_progress({"stage": "landscape", "epoch": it, "epochs": iters, "batch": 0, "batches": 1,
-                         "loss": -float(scores.max(1).values.mean()) / sigma2, "time_s": time.monotonic() - t0})
-        log.info("landscape round %d/%d: particles per node %s", it + 1, iters,
+    n_starts, best = starts.shape[1], None
+    for j in range(n_starts):
+        rank = np.argsort(np.argsort(starts[:, j], kind="stable"), kind="stable")
+        resp = torch.nn.functional.one_hot(torch.as_tensor(rank * K // n), K).float().to(obs.Y.device)
+        sigma2 = 1.0
+        for it in range(iters):
+            if should_stop is not None and should_stop():
+                raise TrainingStopped(None, "the landscape stage (the trained model is kept; --resume runs the "
+                                            "landscape again)")
+            weights = resp @ _neighbourhood(index, _width(K, it))
+            halves = _node_maps(obs, weights, half, 2)
+            scores = _scores(obs, halves.flip(0), half)  # each half scored against the other half's node maps
+            sigma2 = _noise_power(obs, scores)
+            resp = _responsibilities(scores, sigma2)
+            if on_progress is not None:
+                on_progress({"stage": "landscape", "epoch": j * iters + it, "epochs": n_starts * iters,
+                             "batch": 0, "batches": 1, "loss": -float(scores.max(1).values.mean()) / sigma2,
+                             "time_s": time.monotonic() - t0})
+        log.info("landscape start %d/%d (from 3D variability component %d): residual power %.6g per point, "
+                 "particles per node %s", j + 1, n_starts, j + 1, sigma2,
                  torch.bincount(resp.argmax(1), minlength=K).tolist())
+        if best is None or sigma2 < best[1]:
+            best = (resp, sigma2, j)
+    resp, sigma2, j = best
+    log.info("landscape: the curve from 3D variability component %d explains the images best", j + 1)
     z = _positions(resp).cpu().numpy().astype(np.float32)[:, None]
     nodes = _node_maps(obs, resp @ _neighbourhood(index, _width(K, max(iters - 1, 0))))[0]
     lm = Landscape(nodes, float(sigma2), obs.box, obs.pixel_size_A, float(config.landscape_resolution_A),

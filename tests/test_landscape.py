@@ -63,6 +63,30 @@ def test_the_landscape_orders_the_states_and_new_particles_get_the_same_z(five_s
     np.testing.assert_allclose(again.z_of(new, new_truth.A, new_truth.shifts_A), z_new, atol=1e-5)
 
 
+def test_the_curve_that_explains_the_images_is_kept_whichever_component_starts_it(five_states, monkeypatch):
+    """The leading 3D variability components can be near-equal in variance (a continuum and a minority of
+    misaligned particles), so their order is arbitrary: each starts a curve and the best-fitting curve is kept.
+    Here the motion is only the last of the starts given; the first two order the particles at random."""
+    from types import SimpleNamespace
+
+    from cryofire_ext import landscape
+
+    _, _, stack, truth, _, _, _ = five_states
+    rng = np.random.default_rng(0)
+    starts = np.stack([rng.normal(size=len(stack)), rng.normal(size=len(stack)),
+                       truth.state + 0.1 * rng.normal(size=len(stack))], 1)
+    monkeypatch.setattr(landscape, "variability_of", lambda obs, **kw: SimpleNamespace(coords=starts))
+    seen = []
+    _, z = fit_landscape(stack, truth.A, truth.shifts_A, TrainConfig(landscape_nodes=8), map_box=32,
+                         map_pixel_size_A=stack.pixel_size_A, device=TEST_DEVICE, on_progress=seen.append)
+    assert _corr(z, truth.state) > 0.85
+    assert len(seen) == 3 * TrainConfig().landscape_iters  # every start ran
+    monkeypatch.setattr(landscape, "variability_of", lambda obs, **kw: SimpleNamespace(coords=starts[:, :1]))
+    _, z_first = fit_landscape(stack, truth.A, truth.shifts_A, TrainConfig(landscape_nodes=8), map_box=32,
+                               map_pixel_size_A=stack.pixel_size_A, device=TEST_DEVICE)
+    assert _corr(z_first, truth.state) < 0.5  # a random start alone does not find the motion
+
+
 def test_the_maps_along_z_are_the_states_in_the_images_units(five_states):
     """The map at each end of z is the nearer end state's (better than the far one's), band-limited at the
     landscape's resolution, on the run's grid, at the scale of a reconstruction from the same images."""
