@@ -225,7 +225,8 @@ def read_star(path, datadir=None, require_images: bool = False, *, pixel_size_A:
     pixel_size_A: used when given; otherwise from the optics (rlnImagePixelSize, else
     1e4*rlnDetectorPixelSize/rlnMagnification), else the stacks' header, else 1.0 A with a warning.
     ids are the rlnImageName values as written; where a stack is missing, `image_names` are `NNNNNN@path` with
-    the path made absolute where the stack was found (None when all are found: the image source names them); `passthrough` is a `RelionTables`; `source_rows` index its particles.
+    the path made absolute where the stack was found (None when all are found: the image source names them);
+    `passthrough` is a `RelionTables`; `source_rows` index its particles.
     Optics groups differing in pixel size or box: InputError with `require_images`, else a warning.
     """
     path = Path(path)
