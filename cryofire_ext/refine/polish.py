@@ -69,8 +69,9 @@ def polish(read: Reader, n: int, A: torch.Tensor, shifts_px: torch.Tensor, label
     arbitrary cuts of it, and one of them can gather the particles that sit half-turned in the other's frame;
     rounds against one map bring them into the frame the landscape is fitted in (the class rounds before them
     give the rest sharper poses than one map does from the model's). Without class rounds the given classes are
-    not registered into one frame first: registering maps of different conformations offsets one class's poses
-    against the other's, an error that follows the state (benchmarks/results/landscape_continuous_refinement.json).
+    not registered into one frame first (with the registration the same pose errors gave a landscape that missed
+    the motion, landscape_continuous_refinement.json; that landscape started from one variability component only,
+    `landscape.STARTS`, so the registration's part in it is not settled).
 
     Returns (A, shifts_px, labels) refined; the inputs when there are too few particles per map
     (fewer than `MIN_PARTICLES_PER_CLASS`). Deterministic.
