@@ -277,7 +277,7 @@ def read_star(path, datadir=None, require_images: bool = False, *, pixel_size_A:
     where_each = pd.Series([found.get(s, s) for s in uniq_stacks], dtype=object).iloc[stack_of].to_numpy()
     images = image_names = None  # with the stacks found, the image source names each image (paths, indices)
     if missing:
-        # numpy string ops: pandas 3's arrow strings cannot add an empty object column (a zero-row STAR)
+        # numpy string ops build the str array directly (no per-name Python string objects)
         image_names = np.char.add(np.char.add(np.char.zfill(np.asarray(number).astype(str), 6), "@"),
                                   np.asarray(where_each, dtype=str))
         name, tried = first_tried
