@@ -18,7 +18,11 @@ from cryofire_ext.simulate import simulate
 from cryofire_ext.train.data import StackStats, TrainingImages
 from cryofire_ext.recon.classmaps import reconstruct_classes
 from cryofire_ext.refine.classify import classify
-from cryofire_ext.refine.search import WarmMap, search, shift_grid
+from cryofire_ext.ctf import evaluate_ctf
+from cryofire_ext.poses import axis_angle_matrix
+from cryofire_ext.recon.lattice import Lattice
+from cryofire_ext.refine import search as search_module
+from cryofire_ext.refine.search import WarmMap, refine_local, search, shift_grid
 from cryofire_ext.refine.warmstart import build_warm_map_online, refine_warm_map
 from cryofire_ext.train.candidates import class_codes
 
@@ -55,6 +59,31 @@ def test_search_against_true_class_maps_finds_pose_shift_and_state(two_states):
     A_g, _, _ = search(warm, images, ctf, refine=False)
     assert np.median(geodesic_deg(A_g.double().numpy(), ds.A)) > np.median(err) + 2.0
 
+
+
+def test_local_refinement_climbs_back_to_the_pose_in_blocks_of_any_size(two_states, monkeypatch):
+    """Poses 10 deg and 0.7 px off climb back against the map made at the true poses (to its floor here, about
+    4 deg: the map of 250 images at 32 px; the search test's bound); the answer is the same whether the images are
+    refined together or a few at a time (the blocks that bound the working set change nothing)."""
+    ds, images, ctf, apix = two_states
+    A, t, state = _truth(ds)
+    sel = state == 0
+    V = reconstruct_classes(images, ctf, A, t, state, 2, apix)[0]
+    lat = Lattice(32, apix, "cpu")
+    Y, C = lat.observe(images[sel]), evaluate_ctf(ctf[sel].double(), lat.freqs).float()
+    gen = torch.Generator().manual_seed(5)
+    axes = torch.nn.functional.normalize(torch.randn(int(sel.sum()), 3, generator=gen), dim=-1)
+    A0 = axis_angle_matrix(axes * np.deg2rad(10.0)) @ A[sel]
+    t0 = t[sel] + 0.5
+    together = refine_local(V, Y, C, lat, A0, t0, 1.0)
+    monkeypatch.setattr(search_module, "REFINE_POINTS", 7 * 17 * lat.k.shape[0])  # blocks of 7 images
+    in_blocks = refine_local(V, Y, C, lat, A0, t0, 1.0)
+    for a, b in zip(together, in_blocks):
+        assert torch.equal(a, b)
+    before = geodesic_deg(A0.double().numpy(), ds.A[sel.numpy()])
+    after = geodesic_deg(together[0].double().numpy(), ds.A[sel.numpy()])
+    assert np.median(before) > 9.9 and np.median(after) < 5.0
+    assert np.median(np.linalg.norm(together[1].numpy() - t[sel].numpy(), axis=1)) < 0.05
 
 def test_classify_at_true_poses_splits_the_states_from_a_random_start(two_states):
     ds, images, ctf, apix = two_states

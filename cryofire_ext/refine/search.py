@@ -216,20 +216,35 @@ REFINE_SHIFT_STEPS = (0.5, 0.25)
 #: a rotation step of `s` rad is scored on lattice radii up to `REFINE_REACH_PX / s` pixels, where the
 #: step moves a point by at most this many pixels (finer shells only add noise to that comparison)
 REFINE_REACH_PX = 1.0
+#: `refine_local` works through the images in blocks of at most this many slice points (images x candidate
+#: poses x lattice points): its working set (the candidates' coordinates, slices and scores) is then bounded
+#: whatever number of images a caller hands it
+REFINE_POINTS = 1 << 21
 
 
 def refine_local(V: torch.Tensor, Y: torch.Tensor, C: torch.Tensor, lat: "Lattice", A: torch.Tensor,
                  t: torch.Tensor, pitch_px: float, n_dir: int = 16):
     """Hill-climb each image's pose `A` `(n, 3, 3)` and shift `t` `(n, 2)` px against the map `V`
     `(G, G, G)` (any grid over the same frequencies as `lat`'s, e.g. oversampled): observed `Y` `(n, m)`, CTF `C`
-    `(n, m)` on `lat`; shift steps are fractions of `pitch_px`. Deterministic. Returns
-    (A, t, score `(n,)` the log-likelihood at them)."""
+    `(n, m)` on `lat`; shift steps are fractions of `pitch_px`. Each image is refined on its own, in blocks of
+    `REFINE_POINTS`; the search directions are drawn once per call, so the answer does not depend on the block
+    size. Deterministic. Returns (A, t, score `(n,)` the log-likelihood at them)."""
     gen = torch.Generator().manual_seed(99)
+    axes = [Fn.normalize(torch.randn(n_dir, 3, generator=gen), dim=-1).to(A.device) for _ in REFINE_STEPS_RAD]
+    block = max(1, REFINE_POINTS // ((1 + n_dir) * lat.k.shape[0]))
+    if A.shape[0] <= block:
+        return _refine_block(V, Y, C, lat, A, t, pitch_px, axes)
+    parts = [_refine_block(V, Y[s:s + block], C[s:s + block], lat, A[s:s + block], t[s:s + block], pitch_px, axes)
+             for s in range(0, A.shape[0], block)]
+    return tuple(torch.cat(p) for p in zip(*parts))
+
+
+def _refine_block(V, Y, C, lat, A, t, pitch_px, axes):
+    """`refine_local` of one block of images, along the search directions `axes` (one `(n_dir, 3)` per step)."""
     ar = torch.arange(A.shape[0], device=A.device)
     box = lat.box
-    for step in REFINE_STEPS_RAD:
-        axes = Fn.normalize(torch.randn(n_dir, 3, generator=gen), dim=-1).to(A.device)
-        cand = torch.cat((A[:, None], axis_angle_matrix(axes * step)[None] @ A[:, None]), dim=1)  # (n, 1+n_dir, 3, 3)
+    for step, dirs in zip(REFINE_STEPS_RAD, axes):
+        cand = torch.cat((A[:, None], axis_angle_matrix(dirs * step)[None] @ A[:, None]), dim=1)  # (n, 1+n_dir, 3, 3)
         m = lat.r <= resolved_radius(step, box, REFINE_REACH_PX) + 1e-6  # coarse steps: coarse shells
         k = lat.k[m]
         S = slices(V, torch.einsum("mi,ncij->ncmj", k, cand))
