@@ -60,7 +60,6 @@ def test_search_against_true_class_maps_finds_pose_shift_and_state(two_states):
     assert np.median(geodesic_deg(A_g.double().numpy(), ds.A)) > np.median(err) + 2.0
 
 
-
 def test_local_refinement_climbs_back_to_the_pose_in_blocks_of_any_size(two_states, monkeypatch):
     """Poses 10 deg and 0.7 px off climb back against the map made at the true poses (to its floor here, about
     4 deg: the map of 250 images at 32 px; the search test's bound); the answer is the same whether the images are
@@ -84,6 +83,7 @@ def test_local_refinement_climbs_back_to_the_pose_in_blocks_of_any_size(two_stat
     after = geodesic_deg(together[0].double().numpy(), ds.A[sel.numpy()])
     assert np.median(before) > 9.9 and np.median(after) < 5.0
     assert np.median(np.linalg.norm(together[1].numpy() - t[sel].numpy(), axis=1)) < 0.05
+
 
 def test_classify_at_true_poses_splits_the_states_from_a_random_start(two_states):
     ds, images, ctf, apix = two_states
