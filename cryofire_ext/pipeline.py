@@ -4,8 +4,8 @@ warm start (`refine.warmstart`: ab initio maps, classes) -> training (`train.tra
 poses, shifts and z, with the warm start's searched poses as targets and candidates) -> the model pass
 (`predict.model_pass`) -> per-particle refinement of pose, shift and class against the particles' own class maps
 (`refine.polish`, settings in `RefineConfig`) -> `Predictions` (with each particle's class) -> with `z_mode`
-"continuous", where the refinement ends with rounds against one map of all particles and gives no classes, the
-landscape (`landscape`: z as a continuous coordinate at the refined poses) -> the references
+"continuous", where the refinement ends with rounds against one map of all particles and decides the classes
+again at their poses, the landscape (`landscape`: z as a continuous coordinate at the refined poses) -> the references
 (`refine.references`: the final class maps, saved in the run, with each particle's pose confidence and class
 probability).
 
@@ -181,8 +181,8 @@ def _with_landscape_z(preds: Predictions, z: np.ndarray, lm: landscape.Landscape
 def _refine(tm: TrainedModel, stack: ParticleStack, preds: Predictions, refine: RefineConfig) -> Predictions:
     """`refine.polish` on the model's predictions, starting from their classes. A run whose z is a continuous
     landscape (`z_mode` "continuous") refines every particle `landscape_pose_rounds` more rounds against one map of
-    all particles and gives them all class 0: its conformations are positions along the landscape, not classes
-    (`polish`'s `one_map_rounds`)."""
+    all particles, then decides the classes again at those poses (`polish`'s `one_map_rounds`): z is the
+    position along the landscape, and the classes stay beside it as discrete states."""
     codes = class_targets(tm.warm, tm.model.zdim, "cpu")
     K = 1 if codes is None else len(codes)
     one_map_rounds = tm.config.landscape_pose_rounds if tm.config.z_mode == "continuous" else 0

@@ -185,9 +185,11 @@ def test_the_training_job_exports_the_landscape_z(continuous_run):
     preds = Predictions.load(run / "predictions.npz")
     assert preds.meta["z"] == "landscape"
     assert len(np.unique(preds.z[:, 0])) > len(preds) // 2  # continuous: not one code per class or node
-    # the refinement posed every particle against one map of all of them: one class, no class maps
-    assert not preds.class_id.any()
-    assert load_references(run / "references.pt").n_classes == 1
+    # the refinement posed every particle against one map of all of them, then decided the classes at those
+    # poses (test_polish checks they are the states): the warm start's two classes stay beside z, each with its
+    # reference and map
+    assert load_references(run / "references.pt").n_classes == preds.n_classes == 2
+    assert len(list((run / "maps").glob("class_*.mrc"))) == len(np.unique(preds.class_id)) == 2
     lm = load_landscape(run / "landscape.pt")
     from integrations.job import load_particles
 
@@ -198,7 +200,6 @@ def test_the_training_job_exports_the_landscape_z(continuous_run):
     with mrcfile.open(run / "maps" / "mean_z.mrc") as mrc:  # the landscape's map, on the run's grid
         assert mrc.data.shape == (32, 32, 32) and np.isfinite(mrc.data).all()
         assert float(mrc.voxel_size.x) == pytest.approx(stack.pixel_size_A, rel=1e-4)
-    assert not list((run / "maps").glob("class_*.mrc"))
 
 
 def test_predict_gives_new_particles_their_z_at_their_poses(continuous_run, tmp_path):

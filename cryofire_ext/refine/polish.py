@@ -13,7 +13,7 @@ then classification, then refinement per class, as in RELION or cryoSPARC practi
 against the class maps, each first turned into one frame (`frames.class_frames`). With a global grid, every
 round first searches every particle over it, coarse to fine (`global_research`), for the particles the model or
 the class maps put too far from their pose for local steps. Before a continuous landscape, more rounds against
-one map of all particles follow (`one_map_rounds`) and there are no classes. The class maps are filtered by their
+one map of all particles follow (`one_map_rounds`) and the classes are decided again at their poses. The class maps are filtered by their
 half-set FSC
 (`recon.classmaps.class_maps_fsc`, as RELION's gold-standard refinement weights its references) and reconstructed
 on a 2x oversampled Fourier grid (`recon.classmaps.RECONSTRUCT_PAD`); what each of these choices gained is in
@@ -65,10 +65,12 @@ def polish(read: Reader, n: int, A: torch.Tensor, shifts_px: torch.Tensor, label
     the model or the last round's maps put far from their pose, which local steps cannot reach.
 
     `one_map_rounds` (a continuous landscape follows, `pipeline._refine`): that many more rounds against one map of
-    all particles after the class rounds, and the returned labels are all 0. Class maps of a continuum are
-    arbitrary cuts of it, and one of them can gather the particles that sit half-turned in the other's frame;
-    rounds against one map bring them into the frame the landscape is fitted in (the class rounds before them
-    give the rest sharper poses than one map does from the model's). Without class rounds the given classes are
+    all particles after the class rounds, then the classes are decided once more at the poses they gave
+    (`classify.classify_at_poses`, from the class rounds' labels). Class maps of a continuum are arbitrary cuts
+    of it, and one of them can gather the particles that sit half-turned in the other's frame; rounds against
+    one map bring them into the frame the landscape is fitted in (the class rounds before them give the rest
+    sharper poses than one map does from the model's), and the classes decided after them are classes of
+    conformations at those poses, not of frames. Without class rounds the given classes are
     not registered into one frame first (with the registration the same pose errors gave a landscape that missed
     the motion, landscape_continuous_refinement.json; that landscape started from one variability component only,
     `landscape.STARTS`, so the registration's part in it is not settled).
@@ -82,7 +84,7 @@ def polish(read: Reader, n: int, A: torch.Tensor, shifts_px: torch.Tensor, label
         if total > 0:
             log.info("pose refinement skipped: %d particles for %d map(s) (it needs %d per map)", n, maps,
                      MIN_PARTICLES_PER_CLASS)
-        return A, shifts_px, torch.zeros_like(labels) if one_map_rounds else labels
+        return A, shifts_px, labels
     device = A.device
     A, shifts_px, labels = A.float().clone(), shifts_px.float().clone(), labels.long().clone()
     for r in range(total):
@@ -136,7 +138,9 @@ def polish(read: Reader, n: int, A: torch.Tensor, shifts_px: torch.Tensor, label
                  ", ".join(f"{fsc_resolution_A(f, box, pixel_size_A):.1f}" for f in fsc),
                  f"global search took {replaced} pose(s), " if global_grid is not None else "", moved,
                  time.perf_counter() - t0)
-    return A, shifts_px, torch.zeros_like(labels) if one_map_rounds else labels
+    if one_map_rounds and n_classes > 1:  # the classes again, at the poses the one-map rounds gave
+        labels = classify_at_poses(read, n, A, shifts_px, labels, n_classes, box, pixel_size_A, chunk=chunk)
+    return A, shifts_px, labels
 
 
 def global_research(V: torch.Tensor, img: torch.Tensor, ctf: torch.Tensor, Y: torch.Tensor, C: torch.Tensor,

@@ -58,9 +58,9 @@ class TrainConfig(ConfigFile):
     particle's z becomes its position along a curve of `landscape_nodes` maps through the particles' main
     motion, fitted at the refined poses on images Fourier-cropped to `landscape_resolution_A`, in
     `landscape_iters` rounds. The refinement before it adds `landscape_pose_rounds` rounds against one map of all
-    particles after its class rounds, and gives every particle one class (`pipeline._refine`): conformations are
-    positions along the landscape, which `cryofire analyze` clusters. `z_mode="classes"`: z is the class code,
-    the refinement's classes are the answer.
+    particles after its class rounds, then decides the classes again at those poses (`pipeline._refine`): z is
+    the position along the landscape (which `cryofire analyze` clusters) and the classes stay beside it.
+    `z_mode="classes"`: z is the class code, the refinement's classes are the answer.
 
     The refinement after training has its own config (`refine.config.RefineConfig`), saved apart.
 
