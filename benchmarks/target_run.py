@@ -33,7 +33,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from convergence import score_checkpoints  # noqa: E402
 
 from cryofire_ext.phantom import phantom_maps  # noqa: E402
+from cryofire_ext.run_layout import CONFIG  # noqa: E402
 from cryofire_ext.simulate import simulate  # noqa: E402
+from cryofire_ext.train.config import TrainConfig  # noqa: E402
 from integrations.job import DEMO_CONFIG, DemoSettings, export_run, run_demo, score_run  # noqa: E402
 from integrations.simulated import with_absolute_names  # noqa: E402
 
@@ -102,9 +104,12 @@ class LogTimes(logging.Handler):
 
 def export_only(out_dir: Path, ds, n_states: int) -> dict:
     """`run_demo`'s metrics for the run trained in `out_dir/run` on the SimulatedDataset `ds` (the one
-    `run_demo` made, seed 0), without training: the final pass, export and scoring (`wall_s` is theirs alone)."""
+    `run_demo` made, seed 0), without training: what the training job runs after training (the final pass and
+    refinement, the landscape when the run's config asks for one, the references, export), then the scoring
+    (`wall_s` is theirs alone)."""
     t0 = time.monotonic()
-    job = export_run(out_dir / "run", with_absolute_names(ds, out_dir / "data"), force=True)
+    run = out_dir / "run"
+    job = export_run(run, with_absolute_names(ds, out_dir / "data"), force=True, fit=TrainConfig.load(run / CONFIG))
     m = score_run(job, ds)
     m.update({"wall_s": time.monotonic() - t0, "wall_s_covers": "final pass, pose refinement, export",
               "run_dir": str(job.out_dir)})
