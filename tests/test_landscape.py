@@ -233,6 +233,26 @@ def test_predict_names_a_corrupt_landscape_and_writes_nothing(continuous_run, tm
     assert not (out / "predictions.npz").exists()
 
 
+def test_references_of_fewer_classes_than_the_refinement_gives_no_confidences(continuous_run, tmp_path, capsys):
+    """A continuous run of an earlier release has one reference (its particles all in class 0); predicting its
+    training particles again now refines them into two classes: the job still runs, without pose confidences,
+    and says how to rebuild the references."""
+    import dataclasses
+    import shutil
+
+    run, _ = continuous_run
+    old = tmp_path / "run"
+    shutil.copytree(run, old)
+    refs = load_references(old / "references.pt")
+    dataclasses.replace(refs, V=refs.V[:1], fsc=refs.fsc[:1]).save(old / "references.pt")
+    out = tmp_path / "pred"
+    assert main(["predict", str(old), str(run.parent / "data" / "particles.star"), "-o", str(out)]) == 0
+    preds = Predictions.load(out / "predictions.npz")
+    assert preds.n_classes == 2 and preds.pose_confidence is None
+    said = " ".join(capsys.readouterr().err.split())
+    assert "1 class map(s)" in said and "--resume" in said
+
+
 def test_resuming_with_class_z_drops_the_landscape(continuous_run, tmp_path):
     import shutil
 
