@@ -5,9 +5,9 @@ poses, shifts and z, with the warm start's searched poses as targets and candida
 (`predict.model_pass`) -> per-particle refinement of pose, shift and class against the particles' own class maps
 (`refine.polish`, settings in `RefineConfig`) -> `Predictions` (with each particle's class) -> with `z_mode`
 "continuous", where the refinement ends with rounds against one map of all particles and decides the classes
-again at their poses, the landscape (`landscape`: z as a continuous coordinate at the refined poses) -> the references
-(`refine.references`: the final class maps, saved in the run, with each particle's pose confidence and class
-probability).
+again at their poses, the landscape (`landscape`: z as a continuous coordinate at the refined poses) -> the
+references (`refine.references`: the final class maps, saved in the run, with each particle's pose confidence
+and class probability).
 
 Training is `train.trainer.train`, then `fit_landscape` and `fit_references` on the training particles' inferred
 poses. `infer` (a trained run over any particles) aligns particles the run was not trained on to its references

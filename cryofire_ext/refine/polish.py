@@ -13,8 +13,8 @@ then classification, then refinement per class, as in RELION or cryoSPARC practi
 against the class maps, each first turned into one frame (`frames.class_frames`). With a global grid, every
 round first searches every particle over it, coarse to fine (`global_research`), for the particles the model or
 the class maps put too far from their pose for local steps. Before a continuous landscape, more rounds against
-one map of all particles follow (`one_map_rounds`) and the classes are decided again at their poses. The class maps are filtered by their
-half-set FSC
+one map of all particles follow (`one_map_rounds`) and the classes are decided again at their poses. The class
+maps are filtered by their half-set FSC
 (`recon.classmaps.class_maps_fsc`, as RELION's gold-standard refinement weights its references) and reconstructed
 on a 2x oversampled Fourier grid (`recon.classmaps.RECONSTRUCT_PAD`); what each of these choices gained is in
 CHANGELOG.md and benchmarks/results.
