@@ -65,9 +65,9 @@ def infer(run: "TrainedModel | str | Path", stack: ParticleStack, refine: Refine
             preds = _refine(tm, stack, preds, refine)
         preds.meta["inference"] = "refine"
         if tm.references is not None and preds.n_classes > tm.references.n_classes:
-            log.warning("%s holds %d class map(s) but the refinement gave %d classes (references of an earlier "
-                        "release, before continuous runs kept their classes): no pose confidences; `cryofire train "
-                        "%s --resume` rebuilds the references", tm.run_dir / run_layout.REFERENCES,
+            log.warning("%s holds %d class map(s) but the refinement gave %d classes (references built from other "
+                        "classes, e.g. by a continuous run of an earlier release): no pose confidences; `cryofire "
+                        "train %s --resume` rebuilds the references", tm.run_dir / run_layout.REFERENCES,
                         tm.references.n_classes, preds.n_classes, tm.run_dir)
         elif tm.references is not None:
             preds = _confidences(tm, TrainingImages(stack, tm.box, tm.stats), preds)
